@@ -1,0 +1,64 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod conformance;
+
+use std::path::Path;
+
+use eventsink::Event;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A typed payload, to check that structs survive every sink unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    pub order_id: u64,
+    pub customer: String,
+    pub lines: Vec<OrderLine>,
+    pub note: Option<String>,
+}
+
+/// One line of [`OrderPlaced`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderLine {
+    pub sku: String,
+    pub quantity: u32,
+    pub price_cents: i64,
+}
+
+/// An order with a few lines and characters that need escaping.
+pub fn order(order_id: u64) -> OrderPlaced {
+    OrderPlaced {
+        order_id,
+        customer: "Zoë \"the tester\" <zoe@example.com>".into(),
+        lines: vec![
+            OrderLine {
+                sku: "A-1".into(),
+                quantity: 2,
+                price_cents: 1250,
+            },
+            OrderLine {
+                sku: "B-2".into(),
+                quantity: 1,
+                price_cents: -300,
+            },
+        ],
+        note: None,
+    }
+}
+
+/// Reads back every `*.json` event file in `dir`, sorted by id.
+pub fn read_event_files<P: DeserializeOwned>(dir: &Path) -> Vec<Event<P>> {
+    let mut events: Vec<Event<P>> = std::fs::read_dir(dir)
+        .expect("read event directory")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .map(|path| {
+            let bytes = std::fs::read(&path).expect("read event file");
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("{} is not an event: {e}", path.display()))
+        })
+        .collect();
+    events.sort_by(|a, b| a.id.cmp(&b.id));
+    events
+}
