@@ -1,1 +1,38 @@
-fn main() {}
+//! Throughput benchmarks, each beside its raw baseline in the same run.
+//!
+//! ```text
+//! cargo bench --bench throughput                    # every scenario, full size
+//! cargo bench --bench throughput -- --quick         # every scenario, < 60 s in total
+//! cargo bench --bench throughput -- --quick fs      # scenarios whose name contains "fs"
+//! ```
+//!
+//! Absolute numbers on a shared 2-core machine are noise; the ratio of ours
+//! to the baseline, measured in the same process, is the result. Each
+//! scenario ends with one line:
+//! `BENCH {"scenario":"...","ours":N,"baseline":N,"ratio":R,"unit":"..."}`.
+
+#[path = "scenarios/core.rs"]
+mod core_scenarios;
+#[path = "scenarios/harness.rs"]
+mod harness;
+
+use harness::{Options, Scenario};
+
+fn scenarios() -> Vec<Scenario> {
+    core_scenarios::all()
+}
+
+fn main() {
+    let options = Options::from_args();
+    let selected: Vec<_> = scenarios()
+        .into_iter()
+        .filter(|s| options.selects(s.name))
+        .collect();
+    if selected.is_empty() {
+        eprintln!("no scenario matches {:?}", options.filters);
+        std::process::exit(2);
+    }
+    for scenario in selected {
+        (scenario.run)(&options);
+    }
+}

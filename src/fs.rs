@@ -185,13 +185,12 @@ impl<P: Serialize> Service<Event<P>> for FsSink {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture(State::Failed(Some(e))),
         };
-        let dir = Arc::clone(&self.dir);
-        let fsync = self.fsync;
-        let task = {
-            let dir = Arc::clone(&dir);
-            tokio::task::spawn_blocking(move || write_atomically(&dir, &name, &body, fsync))
-        };
-        ResponseFuture(State::Writing { task, dir })
+        ResponseFuture(State::Start(Some(PendingWrite {
+            dir: Arc::clone(&self.dir),
+            name,
+            body,
+            fsync: self.fsync,
+        })))
     }
 }
 
@@ -232,6 +231,7 @@ pub struct ResponseFuture(State);
 
 #[derive(Debug)]
 enum State {
+    Start(Option<PendingWrite>),
     Failed(Option<Error>),
     Writing {
         task: JoinHandle<Result<(), Error>>,
@@ -239,15 +239,54 @@ enum State {
     },
 }
 
+/// One file to write.
+#[derive(Debug)]
+struct PendingWrite {
+    dir: Arc<Path>,
+    name: String,
+    body: Vec<u8>,
+    fsync: bool,
+}
+
+impl PendingWrite {
+    fn run(&self) -> Result<(), Error> {
+        write_atomically(&self.dir, &self.name, &self.body, self.fsync)
+    }
+
+    /// Runs the write off the async threads: in place on a multi-thread
+    /// runtime, whose scheduler hands this thread's other tasks to another
+    /// worker meanwhile ([`tokio::task::block_in_place`]; no round trip to
+    /// another thread), and on the blocking pool elsewhere.
+    fn start(self) -> State {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            return State::Failed(tokio::task::block_in_place(|| self.run()).err());
+        }
+        let dir = Arc::clone(&self.dir);
+        State::Writing {
+            task: tokio::task::spawn_blocking(move || self.run()),
+            dir,
+        }
+    }
+}
+
 impl Future for ResponseFuture {
     type Output = Result<(), Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let State::Start(write) = &mut self.0 {
+            // `Start` is left on the first poll and never re-entered: `None`
+            // only if the future is polled again after completing, a misuse.
+            let write = write
+                .take()
+                .expect("FsSink ResponseFuture polled after completion");
+            self.0 = write.start();
+        }
         match &mut self.0 {
-            State::Failed(error) => match error.take() {
-                Some(error) => Poll::Ready(Err(error)),
-                None => panic!("FsSink ResponseFuture polled after completion"),
-            },
+            State::Start(_) => unreachable!("the write was started above"),
+            // `Failed(None)` is the end state of a successful in-place write.
+            State::Failed(error) => Poll::Ready(error.take().map_or(Ok(()), Err)),
             // The write task only ends without a result if it panicked or
             // the runtime is shutting down; report it as a failed write.
             State::Writing { task, dir } => Pin::new(task).poll(cx).map(|joined| {

@@ -80,3 +80,8 @@ pub use noop::NoopSink;
 pub use recording::{RecordingSink, WaitTimedOut};
 pub use retry::RetryPolicy;
 pub use sink::{BoxSink, Publish, Sink, SinkExt};
+
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -44,9 +44,9 @@ pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// `Retry-After`. 30 s, as Vector's `RETRY_MAX_DURATION_SECS`.
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Attempts in all, the first one included. 5 attempts wait about 1 + 2 + 4
-/// + 8 s between them: as long as a publisher on a request path should be
-/// held; longer outages belong to a durable queue.
+/// Attempts in all, the first one included. 5 attempts wait up to 2, 4, 8
+/// and 16 s between them: about as long as a publisher on a request path
+/// should be held; longer outages belong to a durable queue.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 /// Retries transient failures of a sink with capped, jittered exponential
@@ -209,14 +209,14 @@ impl RetryPolicy {
         if classify_dyn(error) == ErrorKind::Permanent || self.retries + 1 >= self.max_attempts {
             return None;
         }
-        if let Some(budget) = &self.budget {
-            if !budget.withdraw() {
-                tracing::debug!(
-                    event.id = id,
-                    "retry budget exhausted; not retrying: {error}"
-                );
-                return None;
-            }
+        if let Some(budget) = &self.budget
+            && !budget.withdraw()
+        {
+            tracing::debug!(
+                event.id = id,
+                "retry budget exhausted; not retrying: {error}"
+            );
+            return None;
         }
         let delay = match retry_after_dyn(error) {
             Some(asked) => asked.min(self.max_backoff),
