@@ -21,6 +21,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The boxed error type of tower layers (`Timeout`, `Buffer`, ...).
+///
+/// ```
+/// use eventsink::{BoxError, Error, ErrorKind};
+///
+/// let boxed: BoxError = Error::Simulated { kind: ErrorKind::Transient, retry_after: None }.into();
+/// assert!(boxed.is::<Error>());
+/// ```
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Whether a failed delivery can succeed when tried again later.

@@ -45,6 +45,12 @@ use crate::{Error, Event};
 /// Longest `kind` or `id` accepted, in bytes: two of them plus the time and
 /// the separators stay under the 255-byte file-name limit of common file
 /// systems.
+///
+/// ```
+/// use eventsink::{Event, FsSink, fs::MAX_NAME_PART_BYTES};
+/// let long = "k".repeat(MAX_NAME_PART_BYTES + 1);
+/// assert!(FsSink::file_name(&Event::new(long, ())).is_err());
+/// ```
 pub const MAX_NAME_PART_BYTES: usize = 100;
 
 /// Characters refused in a `kind` or `id`: path separators, and characters
@@ -223,8 +229,20 @@ fn write_new(path: &Path, body: &[u8], fsync: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// The future of [`FsSink`]'s `call`: the write running on the blocking
-/// thread pool.
+/// The future of [`FsSink`]'s `call`: the file write, run off the async
+/// threads.
+///
+/// ```
+/// use eventsink::{Event, FsSink, fs::ResponseFuture};
+/// use tower::Service;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::Error> {
+/// # let tmp = tempfile::tempdir().unwrap();
+/// let mut sink = FsSink::new(tmp.path())?;
+/// let writing: ResponseFuture = sink.call(Event::new("ping", ()));
+/// writing.await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture(State);

@@ -344,6 +344,15 @@ impl<P> fmt::Debug for RecordingSink<P> {
 
 /// [`RecordingSink::wait_for`] gave up: fewer events than wanted arrived in
 /// time.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// let recorder: eventsink::RecordingSink = eventsink::RecordingSink::new();
+/// let err = recorder.wait_for(1, Duration::from_millis(1)).await.unwrap_err();
+/// assert_eq!((err.wanted, err.recorded), (1, 0));
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaitTimedOut {
     /// How many events the caller waited for.

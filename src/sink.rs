@@ -96,10 +96,35 @@ impl<S, P> SinkExt<P> for S where S: Sink<P> + ?Sized {}
 /// together (configuration chooses webhook or file at run time).
 ///
 /// Build one with [`SinkExt::boxed_sink`].
+///
+/// ```
+/// use eventsink::{BoxSink, Event, FsSink, NoopSink, SinkExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// # let tmp = tempfile::tempdir()?;
+/// let write_files = true; // from configuration
+/// let mut sink: BoxSink = if write_files {
+///     FsSink::new(tmp.path())?.boxed_sink()
+/// } else {
+///     NoopSink::new().boxed_sink()
+/// };
+/// sink.publish(Event::new("app.started", serde_json::Value::Null)).await?;
+/// # Ok(()) }
+/// ```
 pub type BoxSink<P = serde_json::Value> = tower::util::BoxCloneSyncService<Event<P>, (), BoxError>;
 
 pin_project! {
     /// The future of [`SinkExt::publish`]: readiness, then the call.
+    ///
+    /// ```
+    /// use eventsink::{Event, NoopSink, Publish, SinkExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut sink = NoopSink::new();
+    /// let publishing: Publish<'_, NoopSink, ()> = sink.publish(Event::new("ping", ()));
+    /// publishing.await.unwrap();
+    /// # }
+    /// ```
     #[must_use = "futures do nothing unless polled"]
     pub struct Publish<'a, S, P>
     where
