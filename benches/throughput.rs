@@ -15,11 +15,27 @@
 mod core_scenarios;
 #[path = "scenarios/harness.rs"]
 mod harness;
+#[cfg(feature = "queue")]
+#[path = "scenarios/queue.rs"]
+mod queue_scenarios;
+#[cfg(feature = "verify")]
+#[path = "scenarios/verify.rs"]
+mod verify_scenarios;
+#[cfg(feature = "webhook")]
+#[path = "scenarios/webhook.rs"]
+mod webhook_scenarios;
 
 use harness::{Options, Scenario};
 
 fn scenarios() -> Vec<Scenario> {
-    core_scenarios::all()
+    let mut all = core_scenarios::all();
+    #[cfg(feature = "webhook")]
+    all.extend(webhook_scenarios::all());
+    #[cfg(feature = "queue")]
+    all.extend(queue_scenarios::all());
+    #[cfg(feature = "verify")]
+    all.extend(verify_scenarios::all());
+    all
 }
 
 fn main() {

@@ -69,9 +69,17 @@ pub mod error;
 pub mod event;
 pub mod fs;
 pub mod noop;
+#[cfg(feature = "queue")]
+pub mod queue;
 pub mod recording;
 pub mod retry;
+#[cfg(feature = "signing")]
+pub mod signature;
 pub mod sink;
+#[cfg(feature = "verify")]
+pub mod verify;
+#[cfg(feature = "webhook")]
+pub mod webhook;
 
 pub use error::{BoxError, Error, ErrorKind, classify};
 pub use event::Event;

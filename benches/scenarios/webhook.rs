@@ -1,0 +1,7 @@
+//! Scenarios of the webhook feature.
+
+use crate::harness::Scenario;
+
+pub fn all() -> Vec<Scenario> {
+    Vec::new()
+}

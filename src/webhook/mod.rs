@@ -1,0 +1,1 @@
+//! Signed HTTP delivery of events (work in progress).
