@@ -100,6 +100,48 @@ pub enum Error {
         /// The operating system's error.
         source: io::Error,
     },
+    /// An HTTP receiver answered with a status outside 2xx. Its kind follows
+    /// the status: 3xx, 408, 425, 429 and most 5xx are transient, other 4xx
+    /// permanent (a sink may let users override that).
+    Http {
+        /// The destination, without credentials or query string.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// Whether retrying can help, decided from the status.
+        kind: ErrorKind,
+        /// The receiver's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+        /// The first bytes of the response body, with control characters
+        /// replaced, safe to log.
+        body: String,
+    },
+    /// No answer came back: the connection was refused or reset, the name
+    /// did not resolve, or the attempt timed out. Transient.
+    Transport {
+        /// The destination, without credentials or query string.
+        url: String,
+        /// Whether the attempt ran out of time.
+        timed_out: bool,
+        /// The HTTP client's error.
+        source: BoxError,
+    },
+    /// The serialised event is larger than the sink accepts; nothing was
+    /// sent. Permanent.
+    TooLarge {
+        /// The body's size in bytes.
+        size: usize,
+        /// The sink's limit in bytes.
+        limit: usize,
+    },
+    /// The egress policy refused the destination's address; nothing was
+    /// sent. Permanent.
+    Refused {
+        /// The destination, without credentials or query string.
+        url: String,
+        /// Which address was refused and why.
+        reason: String,
+    },
     /// A failure injected by
     /// [`RecordingSink::fail_next`](crate::RecordingSink::fail_next), for
     /// tests of retries and queues.
@@ -122,9 +164,13 @@ impl Error {
     /// ```
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Serialize(_) | Error::InvalidEvent { .. } => ErrorKind::Permanent,
+            Error::Serialize(_)
+            | Error::InvalidEvent { .. }
+            | Error::TooLarge { .. }
+            | Error::Refused { .. } => ErrorKind::Permanent,
             Error::Io { source, .. } => io_kind(source),
-            Error::Simulated { kind, .. } => *kind,
+            Error::Transport { .. } => ErrorKind::Transient,
+            Error::Http { kind, .. } | Error::Simulated { kind, .. } => *kind,
         }
     }
 
@@ -141,7 +187,7 @@ impl Error {
     /// ```
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Simulated { retry_after, .. } => *retry_after,
+            Error::Http { retry_after, .. } | Error::Simulated { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -183,6 +229,42 @@ impl fmt::Display for Error {
                  is writable and has free space",
                 path.display()
             )?,
+            Error::Http {
+                url, status, body, ..
+            } => {
+                write!(
+                    f,
+                    "webhook {url} answered HTTP {status}: {}",
+                    status_advice(*status)
+                )?;
+                if !body.is_empty() {
+                    write!(f, "; response body: {body}")?;
+                }
+            }
+            Error::Transport {
+                url,
+                timed_out: true,
+                ..
+            } => write!(
+                f,
+                "webhook {url} did not answer in time; the receiver is slow or unreachable"
+            )?,
+            Error::Transport { url, source, .. } => write!(
+                f,
+                "webhook {url} could not be reached ({}); check the URL and that the \
+                 receiver is up",
+                chain_text(&**source)
+            )?,
+            Error::TooLarge { size, limit } => write!(
+                f,
+                "the event is {size} bytes as JSON, over the sink's limit of {limit} bytes; \
+                 send a smaller payload (a reference the receiver can fetch) or raise the limit"
+            )?,
+            Error::Refused { url, reason } => write!(
+                f,
+                "the egress policy refused webhook {url}: {reason}; allow the address \
+                 explicitly if it is trusted"
+            )?,
             Error::Simulated { kind, .. } => write!(
                 f,
                 "simulated {} failure requested with RecordingSink::fail_next",
@@ -201,7 +283,12 @@ impl StdError for Error {
         match self {
             Error::Serialize(e) => Some(e),
             Error::Io { source, .. } => Some(source),
-            Error::InvalidEvent { .. } | Error::Simulated { .. } => None,
+            Error::Transport { source, .. } => Some(&**source),
+            Error::InvalidEvent { .. }
+            | Error::Simulated { .. }
+            | Error::Http { .. }
+            | Error::TooLarge { .. }
+            | Error::Refused { .. } => None,
         }
     }
 }
@@ -256,6 +343,28 @@ pub(crate) fn classify_dyn(err: &(dyn StdError + 'static)) -> ErrorKind {
 /// The `Retry-After` hint carried anywhere in a boxed error's chain.
 pub(crate) fn retry_after_dyn(err: &(dyn StdError + 'static)) -> Option<Duration> {
     Error::find(err).and_then(Error::retry_after)
+}
+
+/// What an HTTP status usually means for the sender, in a few words.
+fn status_advice(status: u16) -> &'static str {
+    match status {
+        300..=399 => "a redirect, which webhooks never follow; configure the final URL",
+        401 | 403 => "the receiver refused our credentials; check its secret and configuration",
+        404 => "no endpoint at this URL; check the URL",
+        410 => "the endpoint was removed; stop sending to it",
+        408 | 425 => "the receiver gave up waiting; it may accept a later attempt",
+        413 => "the event is too large for the receiver",
+        429 => "the receiver is throttling us; slow down",
+        400..=499 => "the receiver rejected the request",
+        501 | 505 => "the receiver does not support this request",
+        _ => "the receiver failed; a later attempt may succeed",
+    }
+}
+
+/// An error and its sources, joined with ": ".
+fn chain_text(err: &(dyn StdError + 'static)) -> String {
+    let parts: Vec<String> = chain(err).map(ToString::to_string).collect();
+    parts.join(": ")
 }
 
 fn is_tower_transient(e: &(dyn StdError + 'static)) -> bool {

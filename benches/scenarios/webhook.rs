@@ -1,7 +1,124 @@
-//! Scenarios of the webhook feature.
+//! Scenarios of the webhook sink: one publisher and 64 concurrent
+//! publishers, each against a bare reqwest POST loop of the same body on the
+//! same client settings, to an HTTP/1.1 receiver on loopback that reads the
+//! body and answers 204.
 
-use crate::harness::Scenario;
+use std::net::SocketAddr;
+
+use eventsink::signature::Secret;
+use eventsink::webhook::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, WebhookSink};
+use eventsink::{Event, SinkExt};
+use serde_json::json;
+
+use crate::harness::{Options, Scenario, alternate, per_second, report, runtime};
 
 pub fn all() -> Vec<Scenario> {
-    Vec::new()
+    vec![
+        Scenario {
+            name: "webhook_c1",
+            run: webhook_c1,
+        },
+        Scenario {
+            name: "webhook_c64",
+            run: webhook_c64,
+        },
+    ]
+}
+
+fn webhook_c1(options: &Options) {
+    run("webhook_c1", 1, options.size(2_000, 10_000));
+}
+
+fn webhook_c64(options: &Options) {
+    run("webhook_c64", 64, options.size(100, 500));
+}
+
+fn run(name: &str, publishers: usize, per_publisher: usize) {
+    let rt = runtime();
+    let addr = rt.block_on(start_receiver());
+    let url = format!("http://{addr}/hook");
+    let total = publishers * per_publisher;
+    let (ours, baseline) = alternate(
+        || rt.block_on(sink_round(&url, publishers, per_publisher, total)),
+        || rt.block_on(reqwest_round(&url, publishers, per_publisher, total)),
+    );
+    report(
+        name,
+        ours,
+        baseline,
+        ours / baseline,
+        "events/s",
+        "bare reqwest POST loop",
+    );
+}
+
+async fn start_receiver() -> SocketAddr {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            std::hint::black_box(body);
+            axum::http::StatusCode::NO_CONTENT
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("receiver") });
+    addr
+}
+
+fn event(publisher: usize) -> Event {
+    Event::new(
+        "bench.webhook",
+        json!({"publisher": publisher, "order_id": 7, "total_cents": 1250, "note": "x".repeat(200)}),
+    )
+}
+
+async fn sink_round(url: &str, publishers: usize, per_publisher: usize, total: usize) -> f64 {
+    let sink = WebhookSink::builder(url)
+        .secret(Secret::generate().expect("secret"))
+        .build()
+        .expect("sink");
+    let started = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for publisher in 0..publishers {
+        let (mut sink, event) = (sink.clone(), event(publisher));
+        tasks.spawn(async move {
+            for _ in 0..per_publisher {
+                sink.publish(event.clone()).await.expect("delivered");
+            }
+        });
+    }
+    tasks.join_all().await;
+    per_second(total, started.elapsed())
+}
+
+async fn reqwest_round(url: &str, publishers: usize, per_publisher: usize, total: usize) -> f64 {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+        .build()
+        .expect("client");
+    let started = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for publisher in 0..publishers {
+        let body = serde_json::to_vec(&event(publisher)).expect("body");
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.spawn(async move {
+            for _ in 0..per_publisher {
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .timeout(DEFAULT_TIMEOUT)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("sent");
+                assert_eq!(response.status(), 204);
+            }
+        });
+    }
+    tasks.join_all().await;
+    per_second(total, started.elapsed())
 }

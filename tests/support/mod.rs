@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod conformance;
+pub mod queue;
+pub mod receiver;
 
 use std::path::Path;
 
