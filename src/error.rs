@@ -353,6 +353,7 @@ fn status_advice(status: u16) -> &'static str {
         404 => "no endpoint at this URL; check the URL",
         410 => "the endpoint was removed; stop sending to it",
         408 | 425 => "the receiver gave up waiting; it may accept a later attempt",
+        409 => "the receiver is handling another delivery of this event; retry later",
         413 => "the event is too large for the receiver",
         429 => "the receiver is throttling us; slow down",
         400..=499 => "the receiver rejected the request",

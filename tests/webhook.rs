@@ -272,6 +272,7 @@ async fn statuses_are_classified_and_carry_the_response_body() {
         (401, Some(ErrorKind::Permanent)),
         (404, Some(ErrorKind::Permanent)),
         (408, Some(ErrorKind::Transient)),
+        (409, Some(ErrorKind::Transient)),
         (410, Some(ErrorKind::Permanent)),
         (422, Some(ErrorKind::Permanent)),
         (425, Some(ErrorKind::Transient)),

@@ -21,8 +21,10 @@ pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 ///
 /// - 3xx: transient. Redirects are never followed; a moved endpoint may be
 ///   fixed by its owner.
-/// - 408, 425, 429: transient (the receiver timed out, is not ready, or
-///   throttles).
+/// - 408, 409, 425, 429: transient (the receiver timed out, is busy with
+///   another delivery of the same event — what
+///   [`VerifyWebhookLayer`](crate::verify::VerifyWebhookLayer)'s replay
+///   guard answers —, is not ready, or throttles).
 /// - 500, 502, 503, 504 and other 5xx: transient, except 501 and 505, which
 ///   say the request itself is not supported.
 /// - Other 4xx, 410 included: permanent.
@@ -35,7 +37,7 @@ pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 /// ```
 pub fn status_kind(status: u16) -> ErrorKind {
     match status {
-        300..=399 | 408 | 425 | 429 => ErrorKind::Transient,
+        300..=399 | 408 | 409 | 425 | 429 => ErrorKind::Transient,
         501 | 505 => ErrorKind::Permanent,
         500..=599 => ErrorKind::Transient,
         _ => ErrorKind::Permanent,
@@ -93,11 +95,11 @@ mod tests {
     #[test]
     fn every_status_class() {
         for s in [
-            300, 301, 302, 307, 308, 408, 425, 429, 500, 502, 503, 504, 507,
+            300, 301, 302, 307, 308, 408, 409, 425, 429, 500, 502, 503, 504, 507,
         ] {
             assert_eq!(status_kind(s), ErrorKind::Transient, "{s}");
         }
-        for s in [400, 401, 403, 404, 405, 409, 410, 413, 415, 422, 501, 505] {
+        for s in [400, 401, 403, 404, 405, 410, 413, 415, 422, 501, 505] {
             assert_eq!(status_kind(s), ErrorKind::Permanent, "{s}");
         }
     }

@@ -12,7 +12,7 @@
 //!
 //! The signature is computed inside each call, over the exact bytes sent, so
 //! every retry carries a fresh timestamp. Redirects are never followed. Every
-//! answer is classified: 2xx is success; 3xx, 408, 425, 429 and 5xx (but
+//! answer is classified: 2xx is success; 3xx, 408, 409, 425, 429 and 5xx (but
 //! 501 and 505) are transient; other 4xx are permanent; connection errors
 //! and timeouts are transient. A `Retry-After` is carried on the error for
 //! [`RetryPolicy`](crate::RetryPolicy) and the queue to honour.

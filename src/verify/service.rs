@@ -1,0 +1,295 @@
+//! [`VerifyWebhook`]: the service that [`VerifyWebhookLayer`] wraps around
+//! a handler.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use tower::{Layer, Service};
+
+use super::check::{Config, Rejection, plain_text};
+use super::replay::{BoxFuture, Claim, ReplayGuard};
+use super::{ResponseBody, VerifyWebhookLayer};
+use crate::BoxError;
+
+/// Verifies webhook requests before they reach the inner service `S`.
+///
+/// Built by [`VerifyWebhookLayer`]; see the [module docs](super) for what it
+/// checks and answers. The inner service receives the request with the
+/// *same bytes* as a [`Full<Bytes>`] body and a
+/// [`VerifiedWebhook`](super::VerifiedWebhook) extension.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use eventsink::signature::Secret;
+/// use eventsink::verify::{VerifiedWebhook, VerifyWebhook, VerifyWebhookLayer};
+/// use tower::Layer;
+///
+/// let handler = tower::service_fn(|req: Request<Full<Bytes>>| async move {
+///     let id = req.extensions().get::<VerifiedWebhook>().map(|w| w.id.clone());
+///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(id.unwrap_or_default()))))
+/// });
+/// let mut service: VerifyWebhook<_> = VerifyWebhookLayer::new(Secret::generate()?).layer(handler);
+/// let _inner = service.get_mut();
+/// # Ok::<(), eventsink::signature::SecretError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct VerifyWebhook<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> VerifyWebhook<S> {
+    /// Wraps `inner` with `layer`'s configuration; the same as
+    /// `layer.layer(inner)`.
+    ///
+    /// ```
+    /// use eventsink::verify::{VerifyWebhook, VerifyWebhookLayer};
+    /// let layer = VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
+    /// let service = VerifyWebhook::new(tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// }), &layer);
+    /// # let _ = service;
+    /// # Ok::<(), eventsink::signature::SecretError>(())
+    /// ```
+    pub fn new(inner: S, layer: &VerifyWebhookLayer) -> Self {
+        VerifyWebhook {
+            inner,
+            config: Arc::clone(&layer.config),
+        }
+    }
+
+    /// The inner service.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// let layer = eventsink::verify::VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
+    /// let service = layer.layer(7_u8);
+    /// assert_eq!(*service.get_ref(), 7);
+    /// # Ok::<(), eventsink::signature::SecretError>(())
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// let layer = eventsink::verify::VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
+    /// let mut service = layer.layer(7_u8);
+    /// *service.get_mut() = 8;
+    /// assert_eq!(service.into_inner(), 8);
+    /// # Ok::<(), eventsink::signature::SecretError>(())
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    ///
+    /// ```
+    /// use tower::Layer;
+    /// let layer = eventsink::verify::VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
+    /// assert_eq!(layer.layer("inner").into_inner(), "inner");
+    /// # Ok::<(), eventsink::signature::SecretError>(())
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Layer<S> for VerifyWebhookLayer {
+    type Service = VerifyWebhook<S>;
+
+    fn layer(&self, inner: S) -> VerifyWebhook<S> {
+        VerifyWebhook::new(inner, self)
+    }
+}
+
+impl<S, B, ResBody> Service<Request<B>> for VerifyWebhook<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    /// Boxed: the body is read asynchronously and the replay guard is asked
+    /// before and after the inner call.
+    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // Call the service that was polled ready; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = Arc::clone(&self.config);
+        Box::pin(handle(config, inner, request))
+    }
+}
+
+async fn handle<S, B, ResBody>(
+    config: Arc<Config>,
+    mut inner: S,
+    request: Request<B>,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResBody>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let verified = match read_and_verify(&config, &parts.headers, body).await {
+        Ok(verified) => verified,
+        Err(rejection) => return Ok(reject(&rejection, None)),
+    };
+    let (bytes, verified) = verified;
+
+    let claim = match &config.replay {
+        None => None,
+        Some(replay) => match replay.guard.claim(&verified.id, replay.in_flight_ttl).await {
+            Ok(Claim::Claimed) => Some(ClaimGuard {
+                guard: Arc::clone(&replay.guard),
+                id: verified.id.clone(),
+                ttl: replay.ttl,
+                armed: true,
+            }),
+            Ok(Claim::AlreadyHandled) => {
+                tracing::debug!(webhook.id = %verified.id, "webhook already handled");
+                return Ok(plain_text(StatusCode::OK, "already handled").map(ResponseBody::local));
+            }
+            Ok(Claim::InFlight) => return Ok(reject(&Rejection::InFlight, Some(&verified.id))),
+            Err(error) => {
+                tracing::warn!(webhook.id = %verified.id, %error, "webhook replay guard failed");
+                return Ok(reject(
+                    &Rejection::ReplayGuardUnavailable,
+                    Some(&verified.id),
+                ));
+            }
+        },
+    };
+
+    let mut request = Request::from_parts(parts, Full::new(bytes));
+    request.extensions_mut().insert(verified);
+    let result = inner.call(request).await;
+    if let Some(claim) = claim {
+        let handled = matches!(&result, Ok(response) if response.status().is_success());
+        if handled {
+            claim.complete().await;
+        } else {
+            claim.release().await;
+        }
+    }
+    result.map(|response| response.map(ResponseBody::inner))
+}
+
+type Verified = (Bytes, super::VerifiedWebhook);
+
+/// Headers, then the size-limited body, then the signature.
+async fn read_and_verify<B>(
+    config: &Config,
+    headers: &http::HeaderMap,
+    body: B,
+) -> Result<Verified, Rejection>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let plan = config.plan(headers)?;
+    let too_large = Rejection::BodyTooLarge {
+        limit: config.max_body,
+    };
+    // A declared length over the limit is refused before reading a byte.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let limit = u64::try_from(config.max_body).unwrap_or(u64::MAX);
+    if declared.is_some_and(|len| len > limit) || body.size_hint().lower() > limit {
+        return Err(too_large);
+    }
+    // `Limited` stops reading as soon as the body passes the limit, so an
+    // oversized body is never buffered whole.
+    let bytes = match Limited::new(body, config.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<LengthLimitError>() => return Err(too_large),
+        Err(_) => return Err(Rejection::BodyUnreadable),
+    };
+    let verified = config.finish(plan, &bytes)?;
+    Ok((bytes, verified))
+}
+
+fn reject<B>(rejection: &Rejection, id: Option<&str>) -> Response<ResponseBody<B>> {
+    tracing::debug!(
+        status = rejection.status().as_u16(),
+        reason = %rejection,
+        webhook.id = id.unwrap_or(""),
+        "webhook rejected"
+    );
+    rejection
+        .clone()
+        .into_http_response()
+        .map(ResponseBody::local)
+}
+
+/// An in-flight claim. Dropped without [`complete`](ClaimGuard::complete)
+/// or [`release`](ClaimGuard::release) (the request future was cancelled,
+/// the handler panicked), it releases the id on a spawned task, so the
+/// sender's retry is not answered 409 until the TTL ends.
+struct ClaimGuard {
+    guard: Arc<dyn ReplayGuard>,
+    id: String,
+    ttl: Duration,
+    armed: bool,
+}
+
+impl ClaimGuard {
+    async fn complete(mut self) {
+        self.armed = false;
+        if let Err(error) = self.guard.complete(&self.id, self.ttl).await {
+            tracing::warn!(webhook.id = %self.id, %error, "could not record the handled webhook id");
+            // Do not leave the id in flight: the next delivery gets handled.
+            self.armed = true;
+        }
+    }
+
+    async fn release(mut self) {
+        self.armed = false;
+        if let Err(error) = self.guard.release(&self.id).await {
+            tracing::warn!(webhook.id = %self.id, %error, "could not release the webhook id");
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(webhook.id = %self.id, "no tokio runtime to release the webhook id; it stays in flight until its TTL ends");
+            return;
+        };
+        let guard = Arc::clone(&self.guard);
+        let id = std::mem::take(&mut self.id);
+        runtime.spawn(async move {
+            if let Err(error) = guard.release(&id).await {
+                tracing::warn!(webhook.id = %id, %error, "could not release the webhook id");
+            }
+        });
+    }
+}
