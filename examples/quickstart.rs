@@ -1,15 +1,35 @@
-//! Publishes a few events through the recommended stack into a directory,
-//! then lists what was written.
+//! The main job, end to end on the embedded default; no server needed.
 //!
-//! Run with `cargo run --example quickstart`; no server is needed.
+//! Events are published into a durable SQLite queue; a worker delivers them
+//! as signed webhooks to a receiver (in this process) that is down for its
+//! first requests; the queue retries on its schedule until every event has
+//! reached the receiver's handler, verified, exactly once.
+//!
+//! Run with `cargo run --example quickstart`.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use eventsink::{BoxError, Event, FsSink, RetryPolicy, SinkExt};
-use serde::Serialize;
-use tower::ServiceBuilder;
+use axum::Extension;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use eventsink::queue::{RetrySchedule, SqliteQueue, ThroughTaskQueue};
+use eventsink::signature::Secret;
+use eventsink::verify::{MemoryReplayGuard, VerifiedWebhook, VerifyWebhookLayer};
+use eventsink::{BoxError, Event, SinkExt, WebhookSink};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tower::Layer;
 
-#[derive(Serialize)]
+/// Events the example publishes.
+const EVENTS: u64 = 5;
+/// Requests the receiver refuses with 503 before it "comes back up".
+const DOWN_FOR: usize = 3;
+/// How long the example waits for every event before giving up.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize, Deserialize)]
 struct OrderPlaced {
     order_id: u64,
     total_cents: u64,
@@ -17,41 +37,103 @@ struct OrderPlaced {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let dir = std::env::temp_dir().join("eventsink-quickstart");
-    let sink = ServiceBuilder::new()
-        .buffer(64)
-        .retry(RetryPolicy::default())
-        .timeout(Duration::from_secs(15))
-        .service(FsSink::new(&dir)?);
+    let dir = tempfile::Builder::new()
+        .prefix("eventsink-quickstart-")
+        .tempdir()?;
+    let secret = Secret::generate()?;
+    let receiver = Receiver::start(secret.clone()).await?;
 
-    let events: Vec<_> = (1..=5)
-        .map(|order_id| {
-            let total_cents = 1250 * order_id;
-            Event::new(
-                "order.placed",
-                OrderPlaced {
-                    order_id,
-                    total_cents,
-                },
-            )
-        })
-        .collect();
+    // The sender: a signed webhook behind a durable queue in its own file.
+    let webhook = WebhookSink::builder(&receiver.url).secret(secret).build()?;
+    let queue = SqliteQueue::open(dir.path().join("queue.db"), "quickstart").await?;
+    let mut sink = ThroughTaskQueue::new(queue).layer(webhook);
+    let schedule = RetrySchedule::exponential(Duration::from_secs(1), Duration::from_secs(4), 10);
+    let worker = sink.worker().schedule(schedule).spawn();
 
-    // One clone of the stack per publishing task, as an application would.
-    let mut publishers = tokio::task::JoinSet::new();
-    for event in events.clone() {
-        let mut sink = sink.clone();
-        publishers.spawn(async move { sink.publish(event).await });
-    }
-    while let Some(published) = publishers.join_next().await {
-        published??;
+    let started = Instant::now();
+    for order_id in 1..=EVENTS {
+        let event = Event::new(
+            "order.placed",
+            OrderPlaced {
+                order_id,
+                total_cents: 1250 * order_id,
+            },
+        );
+        sink.publish(event.clone()).await?; // returns once SQLite has the job
+        println!("queued    {} {} (order {order_id})", event.kind, event.id);
     }
 
-    println!("published {} events into {}:", events.len(), dir.display());
-    for event in &events {
-        println!("  {}", FsSink::file_name(event)?);
+    let mut arrived = receiver.arrived;
+    for _ in 0..EVENTS {
+        let event = tokio::time::timeout(PATIENCE, arrived.recv())
+            .await
+            .map_err(|_| "timed out waiting for deliveries")?
+            .ok_or("the receiver stopped")?;
+        let order: &OrderPlaced = &event.payload;
+        println!(
+            "delivered {} {} (order {}, {} cents) after {:?}",
+            event.kind,
+            event.id,
+            order.order_id,
+            order.total_cents,
+            started.elapsed()
+        );
     }
-    let last = FsSink::file_name(&events[events.len() - 1])?;
-    println!("\n{last}:\n{}", std::fs::read_to_string(dir.join(&last))?);
+    worker.shutdown().await;
+
+    let requests = receiver.requests.load(Ordering::SeqCst);
+    println!(
+        "\n{EVENTS} events delivered through {} ({requests} requests: the receiver refused the first \
+         {DOWN_FOR} with 503, the queue retried them on its schedule; every request was signed and verified)",
+        dir.path().join("queue.db").display()
+    );
     Ok(())
+}
+
+/// A receiver in this process: axum with `VerifyWebhookLayer` in front of
+/// a handler that answers 503 to its first [`DOWN_FOR`] requests.
+struct Receiver {
+    url: String,
+    requests: Arc<AtomicUsize>,
+    arrived: mpsc::UnboundedReceiver<Event<OrderPlaced>>,
+}
+
+impl Receiver {
+    async fn start(secret: Secret) -> Result<Self, BoxError> {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (tx, arrived) = mpsc::unbounded_channel();
+        let handler = {
+            let requests = Arc::clone(&requests);
+            move |Extension(webhook): Extension<VerifiedWebhook>, body: Bytes| {
+                let (requests, tx) = (Arc::clone(&requests), tx.clone());
+                async move {
+                    if requests.fetch_add(1, Ordering::SeqCst) < DOWN_FOR {
+                        println!("receiver  down: 503 for {}", webhook.id);
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    match serde_json::from_slice::<Event<OrderPlaced>>(&body) {
+                        Ok(event) => {
+                            let _ = tx.send(event);
+                            StatusCode::NO_CONTENT
+                        }
+                        Err(_) => StatusCode::BAD_REQUEST,
+                    }
+                }
+            }
+        };
+        let verify = VerifyWebhookLayer::builder(secret)
+            .replay_guard(MemoryReplayGuard::new())
+            .build();
+        let app = axum::Router::new()
+            .route("/hooks", axum::routing::post(handler))
+            .route_layer(verify);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hooks", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Receiver {
+            url,
+            requests,
+            arrived,
+        })
+    }
 }

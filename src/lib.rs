@@ -2,9 +2,26 @@
 //!
 //! An [`Event`] (`kind`, `id`, `created_at`, `payload`) is published to a
 //! *sink*: nowhere ([`NoopSink`]), into memory for tests ([`RecordingSink`]),
-//! or into files for local development ([`FsSink`]). Every sink is a
+//! into files for local development ([`FsSink`]), or to an HTTP endpoint as a
+//! signed webhook ([`webhook::WebhookSink`]). Every sink is a
 //! [`tower::Service`], so tower's retry, timeout, buffer, rate and concurrency
 //! layers compose around it, and it fits axum and hyper stacks.
+//! [`queue::ThroughTaskQueue`] puts a sink behind a durable job queue (apalis:
+//! in memory, SQLite, Postgres, Redis), so a receiver that is down for an
+//! hour still gets every event, and [`verify::VerifyWebhookLayer`] is the
+//! receiving half that checks what [`webhook::WebhookSink`] sends.
+//!
+//! # Features
+//!
+//! | feature | what it enables |
+//! | --- | --- |
+//! | `webhook` (default) | [`webhook::WebhookSink`], signed HTTP delivery over reqwest (rustls) |
+//! | `verify` (default) | [`verify::VerifyWebhookLayer`], the receiver-side checks |
+//! | `axum` | [`verify::Verified`], an axum extractor of verified events |
+//! | `sqlite` (default) | [`queue`] with its SQLite backend, the embedded default |
+//! | `postgres` | [`queue`]'s Postgres backend |
+//! | `redis` | [`queue`]'s Redis backend, and a Redis replay guard for [`verify`] |
+//! | `queue` | [`queue`] with only the in-memory backend (implied by the three above) |
 //!
 //! # The recommended stack
 //!
@@ -88,6 +105,10 @@ pub use noop::NoopSink;
 pub use recording::{RecordingSink, WaitTimedOut};
 pub use retry::RetryPolicy;
 pub use sink::{BoxSink, Publish, Sink, SinkExt};
+#[cfg(feature = "verify")]
+pub use verify::VerifyWebhookLayer;
+#[cfg(feature = "webhook")]
+pub use webhook::WebhookSink;
 
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(doctest)]

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tower::ServiceBuilder;
 
 use crate::harness::{
-    Options, Scenario, alternate, peak_rss_mib, per_second, report, reset_peak_rss, runtime, timed,
+    Options, Scenario, paired, peak_rss_mib, per_second, report, reset_peak_rss, runtime, timed,
 };
 
 /// Concurrent publishers in the stack scenarios.
@@ -49,18 +49,18 @@ fn small_event() -> Event {
 /// 64 publishers through buffer + retry + timeout over `NoopSink`, against
 /// the same publishers doing an mpsc send plus a oneshot reply to one task.
 fn noop_stack(options: &Options) {
-    let per_publisher = options.size(2_000, 20_000);
+    let per_publisher = options.size(1_000, 10_000);
     let total = PUBLISHERS * per_publisher;
     let rt = runtime();
-    let (ours, baseline) = alternate(
+    let m = paired(
         || rt.block_on(stack_round(per_publisher, total)),
         || rt.block_on(channel_round(per_publisher, total)),
     );
     report(
         "noop_stack",
-        ours,
-        baseline,
-        ours / baseline,
+        m.ours,
+        m.baseline,
+        m.ratio,
         "events/s",
         "mpsc send + oneshot reply",
     );
@@ -119,14 +119,14 @@ async fn channel_round(per_publisher: usize, total: usize) -> f64 {
 /// `FsSink` against a raw loop doing the same serialise, write-temp and
 /// rename with `std::fs`, in the same directory.
 fn fs(options: &Options) {
-    let count = options.size(1_500, 10_000);
+    let count = options.size(500, 5_000);
     let rt = runtime();
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().to_path_buf();
     let events: Vec<_> = (0..count)
         .map(|n| Event::new("bench.fs", json!({"n": n, "text": "x".repeat(200)})))
         .collect();
-    let (ours, baseline) = alternate(
+    let m = paired(
         || {
             clear(&dir);
             let mut sink = FsSink::new(&dir).expect("fs sink");
@@ -151,9 +151,9 @@ fn fs(options: &Options) {
     );
     report(
         "fs",
-        ours,
-        baseline,
-        ours / baseline,
+        m.ours,
+        m.baseline,
+        m.ratio,
         "events/s",
         "std::fs write temp + rename loop",
     );
@@ -269,7 +269,7 @@ fn event_clone(options: &Options) {
         created_at: event.created_at,
         payload,
     };
-    let (ours, baseline) = alternate(
+    let m = paired(
         || {
             let (_, elapsed) = timed(|| {
                 for _ in 0..clones {
@@ -289,9 +289,9 @@ fn event_clone(options: &Options) {
     );
     report(
         "event_clone",
-        ours,
-        baseline,
-        ours / baseline,
+        m.ours,
+        m.baseline,
+        m.ratio,
         "clones/s",
         "same event held by value",
     );

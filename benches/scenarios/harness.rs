@@ -65,6 +65,35 @@ pub fn alternate(mut ours: impl FnMut() -> f64, mut baseline: impl FnMut() -> f6
     (median(a), median(b))
 }
 
+/// Rounds of [`paired`] measurements.
+const PAIRED_ROUNDS: usize = 7;
+
+/// Medians of a paired measurement.
+pub struct Paired {
+    pub ours: f64,
+    pub baseline: f64,
+    /// The median of the per-round ratios ours / baseline.
+    pub ratio: f64,
+}
+
+/// Runs `ours` then `baseline` back to back, [`PAIRED_ROUNDS`] times; the
+/// ratio is the median of the rounds' ratios, so that load from other
+/// processes, which drifts between rounds, cancels out within each pair.
+pub fn paired(mut ours: impl FnMut() -> f64, mut baseline: impl FnMut() -> f64) -> Paired {
+    let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..PAIRED_ROUNDS {
+        let (x, y) = (ours(), baseline());
+        a.push(x);
+        b.push(y);
+        r.push(x / y);
+    }
+    Paired {
+        ours: median(a),
+        baseline: median(b),
+        ratio: median(r),
+    }
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]

@@ -11,7 +11,7 @@ use http::{HeaderMap, Request};
 use http_body_util::Full;
 use tower::{Layer, ServiceExt};
 
-use crate::harness::{Options, Scenario, alternate, per_second, report, runtime, timed};
+use crate::harness::{Options, Scenario, paired, per_second, report, runtime, timed};
 
 /// Size of the webhook body: 1 KiB of event JSON.
 const BODY_BYTES: usize = 1024;
@@ -62,7 +62,7 @@ fn event_body() -> Bytes {
 /// size-limited body read, HMAC-SHA256 over 1 KiB, extension) against the
 /// same handler without the layer, both called in process with `oneshot`.
 fn verify_scenario(options: &Options) {
-    let count = options.size(30_000, 300_000);
+    let count = options.size(20_000, 200_000);
     let rt = runtime();
     let secret: Secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
         .parse()
@@ -91,7 +91,7 @@ fn verify_scenario(options: &Options) {
     let ours = layer.layer(tower::service_fn(handler));
     let baseline = tower::service_fn(handler);
 
-    let (ours_rate, baseline_rate) = alternate(
+    let m = paired(
         || {
             let (_, elapsed) = timed(|| {
                 rt.block_on(async {
@@ -135,14 +135,14 @@ fn verify_scenario(options: &Options) {
     });
     println!(
         "verify: the layer adds {:.2} µs per request; the HMAC-SHA256 check alone takes {:.2} µs",
-        1e6 / ours_rate - 1e6 / baseline_rate,
+        1e6 / m.ours - 1e6 / m.baseline,
         elapsed.as_secs_f64() * 1e6 / count as f64,
     );
     report(
         "verify",
-        ours_rate,
-        baseline_rate,
-        ours_rate / baseline_rate,
+        m.ours,
+        m.baseline,
+        m.ratio,
         "requests/s",
         "same handler without the layer",
     );

@@ -10,7 +10,7 @@ use eventsink::webhook::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, WebhookSink};
 use eventsink::{Event, SinkExt};
 use serde_json::json;
 
-use crate::harness::{Options, Scenario, alternate, per_second, report, runtime};
+use crate::harness::{Options, Scenario, paired, per_second, report, runtime};
 
 pub fn all() -> Vec<Scenario> {
     vec![
@@ -26,11 +26,11 @@ pub fn all() -> Vec<Scenario> {
 }
 
 fn webhook_c1(options: &Options) {
-    run("webhook_c1", 1, options.size(2_000, 10_000));
+    run("webhook_c1", 1, options.size(1_000, 5_000));
 }
 
 fn webhook_c64(options: &Options) {
-    run("webhook_c64", 64, options.size(100, 500));
+    run("webhook_c64", 64, options.size(50, 250));
 }
 
 fn run(name: &str, publishers: usize, per_publisher: usize) {
@@ -38,15 +38,15 @@ fn run(name: &str, publishers: usize, per_publisher: usize) {
     let addr = rt.block_on(start_receiver());
     let url = format!("http://{addr}/hook");
     let total = publishers * per_publisher;
-    let (ours, baseline) = alternate(
+    let m = paired(
         || rt.block_on(sink_round(&url, publishers, per_publisher, total)),
         || rt.block_on(reqwest_round(&url, publishers, per_publisher, total)),
     );
     report(
         name,
-        ours,
-        baseline,
-        ours / baseline,
+        m.ours,
+        m.baseline,
+        m.ratio,
         "events/s",
         "bare reqwest POST loop",
     );
