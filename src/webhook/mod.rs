@@ -85,6 +85,11 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// The `user-agent` header: `eventsink/<version>`.
 pub const USER_AGENT_VALUE: &str = concat!("eventsink/", env!("CARGO_PKG_VERSION"));
 
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+const GO_SIGNATURE: HeaderName = HeaderName::from_static("signature");
+
 /// How much of a successful answer's body is read (and discarded) so that
 /// the connection can be reused: 64 KiB.
 const MAX_DRAINED_BODY_BYTES: usize = 64 * 1024;
@@ -158,6 +163,8 @@ struct Config {
     host: String,
     secrets: Vec<Secret>,
     signing: Signing,
+    /// The custom headers plus `content-type` and `user-agent`: the start
+    /// of every request's headers.
     headers: HeaderMap,
     timeout: Duration,
     max_body_bytes: usize,
@@ -470,6 +477,8 @@ fn check_ip_literal(url: &Url, egress: &EgressPolicy) -> Result<(), BuildError> 
 
 fn static_headers(pairs: &[(String, String)]) -> Result<HeaderMap, BuildError> {
     let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
     for (name, value) in pairs {
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| BuildError::InvalidHeader { name: name.clone() })?;
@@ -640,10 +649,10 @@ impl<P: Serialize> Service<Event<P>> for WebhookSink {
             }
         };
         let attempt = Attempt {
-            client: self.client.clone(),
             config: Arc::clone(&self.config),
         };
-        Box::pin(attempt.send(request).instrument(span))
+        let sending = self.client.execute(request);
+        Box::pin(attempt.send(sending).instrument(span))
     }
 }
 
@@ -652,10 +661,11 @@ impl WebhookSink {
     fn request<P: Serialize>(&self, event: &Event<P>) -> Result<Request, Error> {
         let c = &self.config;
         let now = Utc::now().trunc_subsecs(0);
-        let body = if c.signing.go_format() {
-            serde_json::to_vec(&GoBody::new(event, now))
+        let mut body = Vec::with_capacity(512);
+        if c.signing.go_format() {
+            serde_json::to_writer(&mut body, &GoBody::new(event, now))
         } else {
-            serde_json::to_vec(event)
+            serde_json::to_writer(&mut body, event)
         }
         .map_err(Error::Serialize)?;
         if body.len() > c.max_body_bytes {
@@ -665,22 +675,18 @@ impl WebhookSink {
             });
         }
         let mut headers = c.headers.clone();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         if c.signing.standard_headers() {
             let id = header_safe_id(&event.id)?;
-            headers.insert("webhook-id", id);
-            headers.insert("webhook-timestamp", HeaderValue::from(now.timestamp()));
+            headers.insert(WEBHOOK_ID, id);
+            headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(now.timestamp()));
             if !c.secrets.is_empty() {
                 let signatures = signature::sign(&c.secrets, &event.id, now.timestamp(), &body);
-                headers.insert("webhook-signature", to_header_value(signatures));
+                headers.insert(WEBHOOK_SIGNATURE, to_header_value(signatures));
             }
         }
         if let (true, Some(first)) = (c.signing.go_format(), c.secrets.first()) {
-            headers.insert(
-                "signature",
-                to_header_value(signature::sign_go(first, &body)),
-            );
+            let signature = signature::sign_go(first, &body);
+            headers.insert(GO_SIGNATURE, to_header_value(signature));
         }
         let mut request = Request::new(Method::POST, c.url.clone());
         *request.headers_mut() = headers;
@@ -732,14 +738,16 @@ impl<'a, P> GoBody<'a, P> {
 
 /// What one attempt needs, owned by its future.
 struct Attempt {
-    client: Client,
     config: Arc<Config>,
 }
 
 impl Attempt {
-    async fn send(self, request: Request) -> Result<(), Error> {
+    async fn send(
+        self,
+        sending: impl Future<Output = Result<Response, reqwest::Error>>,
+    ) -> Result<(), Error> {
         let started = Instant::now();
-        let outcome = self.client.execute(request).await;
+        let outcome = sending.await;
         let span = tracing::Span::current();
         let result = match outcome {
             Ok(response) => {
