@@ -118,7 +118,10 @@ async fn a_reader_never_sees_a_partial_file() {
         let (dir, done) = (dir.clone(), Arc::clone(&done));
         std::thread::spawn(move || {
             let mut files_read = 0usize;
-            while !done.load(Ordering::Acquire) {
+            loop {
+                // One more whole pass after the writer finished, so the
+                // final file is always read.
+                let finished = done.load(Ordering::Acquire);
                 for entry in std::fs::read_dir(&dir).unwrap() {
                     let path = entry.unwrap().path();
                     if path.extension().is_none_or(|e| e != "json") {
@@ -128,6 +131,9 @@ async fn a_reader_never_sees_a_partial_file() {
                     serde_json::from_slice::<Event>(&bytes)
                         .unwrap_or_else(|e| panic!("partial file {}: {e}", path.display()));
                     files_read += 1;
+                }
+                if finished {
+                    break;
                 }
             }
             files_read
