@@ -182,11 +182,16 @@ impl<P> RecordingSink<P> {
         timeout: Duration,
     ) -> Result<Vec<Event<P>>, WaitTimedOut> {
         let mut recorded = self.shared.recorded.subscribe();
-        let reached = tokio::time::timeout(timeout, recorded.wait_for(|&count| count >= n)).await;
+        // Drop the watch guard (a read lock) before taking the state lock:
+        // `call` takes them in the other order.
+        let reached = tokio::time::timeout(timeout, async {
+            recorded.wait_for(|&count| count >= n).await.is_ok()
+        })
+        .await;
+        // The sender lives in `shared`, which we hold, so the channel cannot
+        // close: `Ok(true)` is the only success.
         match reached {
-            // The sender lives in `shared`, which we hold, so `wait_for`
-            // cannot see a closed channel: `Ok(Ok(_))` is the only success.
-            Ok(Ok(_)) => Ok(self.events()),
+            Ok(true) => Ok(self.events()),
             _ => Err(WaitTimedOut {
                 wanted: n,
                 recorded: self.lock().events.len(),

@@ -63,6 +63,39 @@ async fn wait_for_wakes_when_events_arrive_from_another_task() {
     publisher.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_while_events_keep_arriving_does_not_deadlock() {
+    let _watchdog = support::Watchdog::new(
+        Duration::from_secs(60),
+        "RecordingSink::wait_for deadlocked",
+    );
+    const EVENTS: usize = 20_000;
+    let recorder = RecordingSink::new();
+    let mut publishers = tokio::task::JoinSet::new();
+    for task in 0..2 {
+        let mut sink = recorder.clone();
+        publishers.spawn(async move {
+            for n in 0..EVENTS / 2 {
+                sink.publish(Event::new("a", json!([task, n])))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    for target in (1..=EVENTS).step_by(97) {
+        recorder.wait_for(target, ARRIVAL_TIMEOUT).await.unwrap();
+    }
+    publishers.join_all().await;
+    assert_eq!(
+        recorder
+            .wait_for(EVENTS, ARRIVAL_TIMEOUT)
+            .await
+            .unwrap()
+            .len(),
+        EVENTS
+    );
+}
+
 #[tokio::test]
 async fn failures_are_counted_as_calls_and_not_recorded() {
     let mut recorder = RecordingSink::new();

@@ -11,6 +11,26 @@ use eventsink::Event;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+/// Ends the test process if it is still alive after `limit`: a deadlocked
+/// test then fails with `message` instead of hanging CI. Dropping it
+/// disarms it.
+pub struct Watchdog {
+    _disarm: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    pub fn new(limit: std::time::Duration, message: &'static str) -> Self {
+        let (disarm, armed) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = armed.recv_timeout(limit) {
+                eprintln!("watchdog: {message} (still running after {limit:?})");
+                std::process::exit(101);
+            }
+        });
+        Watchdog { _disarm: disarm }
+    }
+}
+
 /// A typed payload, to check that structs survive every sink unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderPlaced {
