@@ -2,9 +2,6 @@
 
 use std::time::{Duration, Instant};
 
-/// Rounds of each side; the median is reported.
-const ROUNDS: usize = 3;
-
 /// What the command line asked for.
 pub struct Options {
     /// Smaller workloads, so that every scenario together stays under 60 s.
@@ -53,18 +50,6 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64()
 }
 
-/// Runs `ours` and `baseline` alternately [`ROUNDS`] times each and returns
-/// the median throughput of each side (units per second).
-pub fn alternate(mut ours: impl FnMut() -> f64, mut baseline: impl FnMut() -> f64) -> (f64, f64) {
-    let mut a = Vec::with_capacity(ROUNDS);
-    let mut b = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        a.push(ours());
-        b.push(baseline());
-    }
-    (median(a), median(b))
-}
-
 /// Rounds of [`paired`] measurements.
 const PAIRED_ROUNDS: usize = 7;
 
@@ -79,9 +64,18 @@ pub struct Paired {
 /// Runs `ours` then `baseline` back to back, [`PAIRED_ROUNDS`] times; the
 /// ratio is the median of the rounds' ratios, so that load from other
 /// processes, which drifts between rounds, cancels out within each pair.
-pub fn paired(mut ours: impl FnMut() -> f64, mut baseline: impl FnMut() -> f64) -> Paired {
+pub fn paired(ours: impl FnMut() -> f64, baseline: impl FnMut() -> f64) -> Paired {
+    paired_rounds(PAIRED_ROUNDS, ours, baseline)
+}
+
+/// [`paired`] with `rounds` rounds, for scenarios whose rounds are long.
+pub fn paired_rounds(
+    rounds: usize,
+    mut ours: impl FnMut() -> f64,
+    mut baseline: impl FnMut() -> f64,
+) -> Paired {
     let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..PAIRED_ROUNDS {
+    for _ in 0..rounds.max(1) {
         let (x, y) = (ours(), baseline());
         a.push(x);
         b.push(y);

@@ -1,0 +1,511 @@
+//! Scenarios of the queue feature, per backend (SQLite always; Postgres and
+//! Redis when `EVENTSINK_POSTGRES_URL` / `EVENTSINK_REDIS_URL` are set):
+//!
+//! - `queue_publish_<backend>`: events/s of 64 concurrent publishers through
+//!   `ThroughTaskQueue` (group commit) against the same publishers each
+//!   calling apalis' `push` on a cloned storage;
+//! - `queue_e2e_<backend>`: events/s from the first publish until the last
+//!   event reached the sink through the worker, against an apalis worker
+//!   with a no-op handler draining the same number of pushed jobs;
+//! - `queue_latency_<backend>`: median ms from `publish` returning to the
+//!   sink being called, events published one at a time into an idle
+//!   worker, against a 20 ms budget.
+
+use crate::harness::Scenario;
+
+pub fn all() -> Vec<Scenario> {
+    #[cfg(all(feature = "sqlite", feature = "postgres", feature = "redis"))]
+    return backends::all();
+    #[cfg(not(all(feature = "sqlite", feature = "postgres", feature = "redis")))]
+    {
+        println!("queue scenarios need the sqlite, postgres and redis features");
+        Vec::new()
+    }
+}
+
+#[cfg(all(feature = "sqlite", feature = "postgres", feature = "redis"))]
+mod backends {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use apalis::prelude::WorkerBuilderExt;
+    use apalis_core::backend::TaskSink;
+    use apalis_core::backend::ext::BackendExt;
+    use apalis_core::error::{BoxDynError, WorkerError};
+    use apalis_core::task::Task;
+    use apalis_core::worker::builder::WorkerBuilder;
+    use eventsink::queue::{
+        DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, PostgresQueue, RedisQueue, SqliteQueue,
+        ThroughTaskQueue,
+    };
+    use eventsink::{Event, NoopSink, SinkExt};
+    use serde_json::json;
+    use tokio::sync::{mpsc, watch};
+    use tower::Layer;
+
+    use crate::harness::{Options, Scenario, paired_rounds, per_second, report, runtime};
+
+    /// Concurrent publishers in the publish and e2e scenarios.
+    const PUBLISHERS: usize = 64;
+    /// The latency budget of `queue_latency_*`.
+    const LATENCY_BUDGET_MS: f64 = 20.0;
+
+    pub(crate) fn all() -> Vec<Scenario> {
+        vec![
+            Scenario {
+                name: "queue_publish_sqlite",
+                run: |o| publish(o, Kind::Sqlite),
+            },
+            Scenario {
+                name: "queue_publish_postgres",
+                run: |o| publish(o, Kind::Postgres),
+            },
+            Scenario {
+                name: "queue_publish_redis",
+                run: |o| publish(o, Kind::Redis),
+            },
+            Scenario {
+                name: "queue_e2e_sqlite",
+                run: |o| e2e(o, Kind::Sqlite),
+            },
+            Scenario {
+                name: "queue_e2e_postgres",
+                run: |o| e2e(o, Kind::Postgres),
+            },
+            Scenario {
+                name: "queue_e2e_redis",
+                run: |o| e2e(o, Kind::Redis),
+            },
+            Scenario {
+                name: "queue_latency_sqlite",
+                run: |o| latency(o, Kind::Sqlite),
+            },
+            Scenario {
+                name: "queue_latency_postgres",
+                run: |o| latency(o, Kind::Postgres),
+            },
+            Scenario {
+                name: "queue_latency_redis",
+                run: |o| latency(o, Kind::Redis),
+            },
+        ]
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Sqlite,
+        Postgres,
+        Redis,
+    }
+
+    impl Kind {
+        fn label(self) -> &'static str {
+            match self {
+                Kind::Sqlite => "sqlite",
+                Kind::Postgres => "postgres",
+                Kind::Redis => "redis",
+            }
+        }
+
+        /// Where the backend is, or `None` (said on stdout) when its variable
+        /// is unset.
+        fn location(self, scenario: &str) -> Option<String> {
+            let var = match self {
+                Kind::Sqlite => return Some(String::new()),
+                Kind::Postgres => "EVENTSINK_POSTGRES_URL",
+                Kind::Redis => "EVENTSINK_REDIS_URL",
+            };
+            match std::env::var(var) {
+                Ok(url) if !url.is_empty() => Some(url),
+                _ => {
+                    println!("{scenario}: not run, {var} is not set");
+                    None
+                }
+            }
+        }
+    }
+
+    fn name(what: &str) -> String {
+        format!("bench-{what}-{}", uuid::Uuid::now_v7().simple())
+    }
+
+    fn event(n: usize) -> Event {
+        Event::new("bench.queue", json!({"order_id": n, "total_cents": 1250}))
+    }
+
+    /// A backend for one round: the queue, and what the baseline needs.
+    struct Round {
+        kind: Kind,
+        location: String,
+        _dir: tempfile::TempDir,
+        queue: String,
+    }
+
+    impl Round {
+        fn new(kind: Kind, location: &str, what: &str) -> Self {
+            Round {
+                kind,
+                location: location.to_owned(),
+                _dir: tempfile::tempdir().expect("temp dir"),
+                queue: name(what),
+            }
+        }
+
+        fn sqlite_path(&self) -> std::path::PathBuf {
+            self._dir.path().join("bench.db")
+        }
+
+        async fn cleanup(&self) {
+            match self.kind {
+                Kind::Sqlite => {}
+                Kind::Postgres => {
+                    if let Ok(pool) = sqlx::PgPool::connect(&self.location).await {
+                        let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+                            .bind(&self.queue)
+                            .execute(&pool)
+                            .await;
+                        let _ = sqlx::query("DELETE FROM apalis.workers WHERE worker_type = $1")
+                            .bind(&self.queue)
+                            .execute(&pool)
+                            .await;
+                    }
+                }
+                Kind::Redis => {
+                    if let Ok(client) = redis::Client::open(self.location.as_str())
+                        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                    {
+                        let keys: Vec<String> = redis::cmd("KEYS")
+                            .arg(format!("*{}*", self.queue))
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap_or_default();
+                        if !keys.is_empty() {
+                            let _: Result<(), _> =
+                                redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+                        }
+                        let _: Result<(), _> = redis::cmd("ZREM")
+                            .arg("core:apalis:queues:list")
+                            .arg(format!("{}:workers", self.queue))
+                            .query_async(&mut conn)
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `f` with our queue of the round's backend.
+    macro_rules! with_queue {
+        ($round:expr, |$q:ident| $body:expr) => {
+            match $round.kind {
+                Kind::Sqlite => {
+                    let $q: SqliteQueue = SqliteQueue::open($round.sqlite_path(), &$round.queue)
+                        .await
+                        .expect("sqlite queue");
+                    $body
+                }
+                Kind::Postgres => {
+                    let $q: PostgresQueue = PostgresQueue::connect(&$round.location, &$round.queue)
+                        .await
+                        .expect("postgres queue");
+                    $body
+                }
+                Kind::Redis => {
+                    let $q: RedisQueue = RedisQueue::connect(&$round.location, &$round.queue)
+                        .await
+                        .expect("redis queue");
+                    $body
+                }
+            }
+        };
+    }
+
+    /// Runs `f` with a raw apalis storage of the round's backend (jobs are
+    /// plain events, no idempotency key), on the same database as our queue.
+    macro_rules! with_raw_storage {
+        ($round:expr, |$s:ident| $body:expr) => {
+            match $round.kind {
+                Kind::Sqlite => {
+                    // Our queue's pool: WAL, synchronous=NORMAL, migrated.
+                    let ours: SqliteQueue = SqliteQueue::open($round.sqlite_path(), &$round.queue)
+                        .await
+                        .expect("sqlite queue");
+                    let config = apalis_sqlite::Config::default().queue(&$round.queue);
+                    let $s =
+                        apalis_sqlite::SqliteStorage::<Event>::new(ours.pool()).with_config(config);
+                    $body
+                }
+                Kind::Postgres => {
+                    let ours: PostgresQueue =
+                        PostgresQueue::connect(&$round.location, &$round.queue)
+                            .await
+                            .expect("postgres queue");
+                    let config = apalis_postgres::Config::default().queue(&$round.queue);
+                    let $s = apalis_postgres::PostgresStorage::<Event>::new(ours.pool())
+                        .with_config(config);
+                    $body
+                }
+                Kind::Redis => {
+                    let conn = apalis_redis::connect($round.location.as_str())
+                        .await
+                        .expect("redis");
+                    let config = apalis_redis::Config::default().queue(&$round.queue);
+                    let $s = apalis_redis::RedisStorage::<Event>::new(conn).with_config(config);
+                    $body
+                }
+            }
+        };
+    }
+
+    // ---------------------------------------------------------------- publish
+
+    fn publish(options: &Options, kind: Kind) {
+        let scenario = format!("queue_publish_{}", kind.label());
+        let Some(location) = kind.location(&scenario) else {
+            return;
+        };
+        let per_publisher = options.size(20, 150);
+        let rt = runtime();
+        let m = paired_rounds(
+            3,
+            || rt.block_on(publish_ours(kind, &location, per_publisher)),
+            || rt.block_on(publish_raw(kind, &location, per_publisher)),
+        );
+        report(
+            &scenario,
+            m.ours,
+            m.baseline,
+            m.ratio,
+            "events/s",
+            "64 publishers calling apalis push on cloned storages",
+        );
+    }
+
+    async fn publish_ours(kind: Kind, location: &str, per_publisher: usize) -> f64 {
+        let round = Round::new(kind, location, "publish");
+        let rate = with_queue!(round, |queue| {
+            let sink = ThroughTaskQueue::new(queue).layer(NoopSink::new());
+            let started = tokio::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for p in 0..PUBLISHERS {
+                let mut sink = sink.clone();
+                tasks.spawn(async move {
+                    for n in 0..per_publisher {
+                        sink.publish(event(p * per_publisher + n))
+                            .await
+                            .expect("publish");
+                    }
+                });
+            }
+            tasks.join_all().await;
+            per_second(PUBLISHERS * per_publisher, started.elapsed())
+        });
+        round.cleanup().await;
+        rate
+    }
+
+    async fn publish_raw(kind: Kind, location: &str, per_publisher: usize) -> f64 {
+        let round = Round::new(kind, location, "publish-raw");
+        let rate = with_raw_storage!(round, |storage| {
+            let started = tokio::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for p in 0..PUBLISHERS {
+                let mut storage = storage.clone();
+                tasks.spawn(async move {
+                    for n in 0..per_publisher {
+                        storage
+                            .push(event(p * per_publisher + n))
+                            .await
+                            .expect("apalis push");
+                    }
+                });
+            }
+            tasks.join_all().await;
+            per_second(PUBLISHERS * per_publisher, started.elapsed())
+        });
+        round.cleanup().await;
+        rate
+    }
+
+    // ---------------------------------------------------------------- e2e
+
+    fn e2e(options: &Options, kind: Kind) {
+        let scenario = format!("queue_e2e_{}", kind.label());
+        let Some(location) = kind.location(&scenario) else {
+            return;
+        };
+        let events = options.size(1_000, 10_000);
+        let rt = runtime();
+        let m = paired_rounds(
+            3,
+            || rt.block_on(e2e_ours(kind, &location, events)),
+            || rt.block_on(e2e_raw(kind, &location, events)),
+        );
+        report(
+            &scenario,
+            m.ours,
+            m.baseline,
+            m.ratio,
+            "events/s",
+            "apalis worker with a no-op handler draining pushed jobs",
+        );
+    }
+
+    /// Counts calls and says when `target` were made.
+    #[derive(Clone)]
+    struct Counter {
+        seen: Arc<AtomicUsize>,
+        done: Arc<watch::Sender<bool>>,
+        target: usize,
+    }
+
+    impl Counter {
+        fn new(target: usize) -> Self {
+            Counter {
+                seen: Arc::new(AtomicUsize::new(0)),
+                done: Arc::new(watch::channel(false).0),
+                target,
+            }
+        }
+
+        fn hit(&self) {
+            if self.seen.fetch_add(1, Ordering::Relaxed) + 1 >= self.target {
+                self.done.send_replace(true);
+            }
+        }
+
+        async fn wait(&self) {
+            let mut done = self.done.subscribe();
+            let _ = done.wait_for(|&d| d).await;
+        }
+    }
+
+    async fn e2e_ours(kind: Kind, location: &str, events: usize) -> f64 {
+        let round = Round::new(kind, location, "e2e");
+        let rate = with_queue!(round, |queue| {
+            let counter = Counter::new(events);
+            let sink = {
+                let counter = counter.clone();
+                tower::service_fn(move |_: Event| {
+                    counter.hit();
+                    std::future::ready(Ok::<(), eventsink::Error>(()))
+                })
+            };
+            let publisher = ThroughTaskQueue::new(queue).layer(sink);
+            let worker = publisher.worker().spawn();
+            let started = tokio::time::Instant::now();
+            let per_publisher = events / PUBLISHERS;
+            let mut tasks = tokio::task::JoinSet::new();
+            for p in 0..PUBLISHERS {
+                let mut publisher = publisher.clone();
+                let count = if p == 0 {
+                    per_publisher + events % PUBLISHERS
+                } else {
+                    per_publisher
+                };
+                tasks.spawn(async move {
+                    for n in 0..count {
+                        publisher
+                            .publish(event(p * 100_000 + n))
+                            .await
+                            .expect("publish");
+                    }
+                });
+            }
+            tasks.join_all().await;
+            counter.wait().await;
+            let rate = per_second(events, started.elapsed());
+            worker.shutdown().await;
+            rate
+        });
+        round.cleanup().await;
+        rate
+    }
+
+    async fn e2e_raw(kind: Kind, location: &str, events: usize) -> f64 {
+        let round = Round::new(kind, location, "e2e-raw");
+        let rate = with_raw_storage!(round, |storage| {
+            let counter = Counter::new(events);
+            let handler = {
+                let counter = counter.clone();
+                tower::service_fn(move |_: Task<Event>| {
+                    counter.hit();
+                    std::future::ready(Ok::<(), BoxDynError>(()))
+                })
+            };
+            // The worker runs while the jobs are pushed, as ours does: a
+            // Redis backlog above ~8,000 due jobs stops apalis' fetch (one
+            // Lua `unpack` of all of them), which our queue works around.
+            let mut pusher = storage.clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let worker = WorkerBuilder::new(format!("{}-raw", round.queue))
+                .backend(storage.poll_with_interval(DEFAULT_POLL_INTERVAL))
+                .concurrency(DEFAULT_CONCURRENCY)
+                .build(handler);
+            let started = tokio::time::Instant::now();
+            let mut running = tokio::spawn(worker.run_until(async move {
+                let _ = stopped.await;
+                Ok::<(), WorkerError>(())
+            }));
+            let all: Vec<_> = (0..events).map(event).collect();
+            for chunk in all.chunks(1_000) {
+                pusher.push_bulk(chunk.to_vec()).await.expect("push_bulk");
+            }
+            tokio::select! {
+                () = counter.wait() => {}
+                ended = &mut running => panic!("the apalis worker ended early: {ended:?}"),
+            }
+            let rate = per_second(events, started.elapsed());
+            let _ = stop.send(());
+            let _ = running.await;
+            rate
+        });
+        round.cleanup().await;
+        rate
+    }
+
+    // ---------------------------------------------------------------- latency
+
+    fn latency(options: &Options, kind: Kind) {
+        let scenario = format!("queue_latency_{}", kind.label());
+        let Some(location) = kind.location(&scenario) else {
+            return;
+        };
+        let events = options.size(60, 200);
+        let rt = runtime();
+        let median = rt.block_on(latency_round(kind, &location, events));
+        report(
+            &scenario,
+            median,
+            LATENCY_BUDGET_MS,
+            median / LATENCY_BUDGET_MS,
+            "ms median",
+            "budget",
+        );
+    }
+
+    async fn latency_round(kind: Kind, location: &str, events: usize) -> f64 {
+        let round = Round::new(kind, location, "latency");
+        let median = with_queue!(round, |queue| {
+            let (called, mut calls) = mpsc::unbounded_channel();
+            let sink = tower::service_fn(move |_: Event| {
+                let _ = called.send(tokio::time::Instant::now());
+                std::future::ready(Ok::<(), eventsink::Error>(()))
+            });
+            let mut publisher = ThroughTaskQueue::new(queue).layer(sink);
+            let worker = publisher.worker().spawn();
+            let mut latencies = Vec::with_capacity(events);
+            for n in 0..events {
+                publisher.publish(event(n)).await.expect("publish");
+                let returned = tokio::time::Instant::now();
+                let at = calls.recv().await.expect("the sink was called");
+                latencies.push(at.saturating_duration_since(returned).as_secs_f64() * 1000.0);
+            }
+            worker.shutdown().await;
+            latencies.sort_by(f64::total_cmp);
+            latencies[latencies.len() / 2]
+        });
+        round.cleanup().await;
+        median
+    }
+}

@@ -1,0 +1,231 @@
+//! [`QueueBackend`]: what the publishing service, the worker and the
+//! dead-letter API need from a backend. Implemented by the four backends of
+//! this crate only (the operations live in a private supertrait).
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::QueuedEvent;
+use super::dead_letter::DeadLetter;
+use super::error::QueueError;
+use super::worker::{Deliver, RunOptions};
+use crate::BoxError;
+
+/// A queue backend: [`MemoryQueue`](super::MemoryQueue), and with their
+/// features `SqliteQueue`, `PostgresQueue` and `RedisQueue`. Sealed: the
+/// guarantees of the module docs rest on each backend's details.
+///
+/// ```
+/// use eventsink::queue::{MemoryQueue, QueueBackend};
+///
+/// fn queue_name<B: QueueBackend<serde_json::Value>>(backend: &B) -> &str {
+///     QueueBackend::name(backend)
+/// }
+/// assert_eq!(queue_name(&MemoryQueue::new("orders")), "orders");
+/// ```
+pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'static {
+    /// The queue's name.
+    ///
+    /// ```
+    /// use eventsink::queue::{MemoryQueue, QueueBackend};
+    /// assert_eq!(QueueBackend::<()>::name(&MemoryQueue::<()>::new("q")), "q");
+    /// ```
+    fn name(&self) -> &str {
+        self.queue_name()
+    }
+
+    /// Deletes this queue's completed jobs that finished at least
+    /// `older_than` ago; how many. The [`Worker`](super::Worker) does this
+    /// hourly (its `retention`); call it yourself if you turned that off.
+    /// Completed jobs hold the idempotency keys, so this also ends the
+    /// window in which publishing the same event again is ignored (except
+    /// on Redis, whose keys expire on their own). The memory backend keeps
+    /// no completed jobs (0).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventsink::queue::{MemoryQueue, QueueBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+    /// let queue: MemoryQueue = MemoryQueue::new("q");
+    /// assert_eq!(queue.remove_completed(Duration::from_secs(3600)).await?, 0);
+    /// # Ok(()) }
+    /// ```
+    fn remove_completed(
+        &self,
+        older_than: Duration,
+    ) -> BoxFuture<'static, Result<u64, QueueError>> {
+        self.delete_completed(older_than)
+    }
+}
+
+impl<P, T> QueueBackend<P> for T where T: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'static {}
+
+pub(crate) mod ops {
+    use super::*;
+
+    /// The operations behind [`QueueBackend`]. Every future is `'static`
+    /// (it owns a clone of the pool or connection).
+    pub trait Ops<P> {
+        /// The queue's name.
+        fn queue_name(&self) -> &str;
+
+        /// Stores jobs, each due after its delay, in one backend call.
+        /// A duplicate idempotency key is either skipped silently or
+        /// reported as [`QueueError::AlreadyQueued`] (Postgres).
+        fn push(
+            &self,
+            jobs: Vec<(QueuedEvent<P>, Duration)>,
+        ) -> BoxFuture<'static, Result<(), QueueError>>;
+
+        /// How many group-commit batches may be written at once: 1 where
+        /// writers only queue behind each other (SQLite, memory).
+        fn parallel_batches(&self) -> usize {
+            1
+        }
+
+        /// Stores a dead letter, replacing one of the same event.
+        fn bury(&self, dead: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>>;
+
+        /// Dead letters, oldest first.
+        fn dead_page(
+            &self,
+            offset: u64,
+            limit: u64,
+        ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
+
+        /// One dead letter by event id.
+        fn dead_get(
+            &self,
+            id: &str,
+        ) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>>;
+
+        /// Deletes one dead letter; whether it existed.
+        fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>>;
+
+        /// Deletes every dead letter of the queue; how many.
+        fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
+
+        /// How many dead letters the queue has.
+        fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
+
+        /// Deletes this queue's completed jobs older than `age`; how many.
+        fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>>;
+
+        /// Hands back the jobs a finished (or abandoned) worker run still
+        /// holds, so that others need not wait for its lease to expire. Its
+        /// deliveries have ended: at worst a delivered job whose completion
+        /// was not written runs again (at-least-once).
+        fn release_worker(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        /// Runs one apalis worker named `name` until `stop` resolves (then
+        /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
+        fn run_worker(
+            &self,
+            name: String,
+            deliver: Deliver<P, Self>,
+            options: &RunOptions,
+            stop: BoxFuture<'static, ()>,
+        ) -> BoxFuture<'static, Result<(), BoxError>>
+        where
+            Self: Sized;
+    }
+}
+
+/// The first whole Unix second at least `delay` from now: the durable
+/// backends store due times in seconds, and rounding down would run a
+/// 250 ms retry at once. (apalis' `run_after` rounds down, and panics on a
+/// clock before 1970.)
+pub(crate) fn due_second(delay: Duration) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let due = now.saturating_add(delay);
+    due.as_secs() + u64::from(due.subsec_nanos() > 0)
+}
+
+/// Pushes `jobs` through any apalis storage in one `push_all` (one
+/// transaction on the SQL backends, one script call on Redis), each with its
+/// idempotency key and due time, never earlier than its delay (the durable
+/// backends keep whole seconds, so up to a second later).
+pub(crate) async fn push_tasks<St, K, P>(
+    storage: &St,
+    jobs: Vec<(QueuedEvent<P>, Duration)>,
+) -> Result<(), apalis_core::backend::TaskSinkError<St::Error>>
+where
+    St: apalis_core::backend::TaskSink<QueuedEvent<P>, K> + Clone + Send,
+    P: Send + Sync,
+{
+    use apalis_core::task::builder::TaskBuilder;
+    let tasks: Vec<_> = jobs
+        .into_iter()
+        .map(|(job, delay)| {
+            let key = job.idempotency_key();
+            let builder = TaskBuilder::new(job).idempotency_key(key);
+            if delay.is_zero() {
+                builder.build()
+            } else {
+                builder.run_at_timestamp(due_second(delay)).build()
+            }
+        })
+        .collect();
+    let mut storage = storage.clone();
+    storage.push_all(futures::stream::iter(tasks)).await
+}
+
+/// A push failure as a [`QueueError`]: an encoding failure is permanent
+/// (the payload's `Serialize`), anything else the backend's.
+pub(crate) fn push_error<E>(
+    queue: &std::sync::Arc<str>,
+    err: apalis_core::backend::TaskSinkError<E>,
+) -> QueueError
+where
+    E: Into<BoxError>,
+{
+    use apalis_core::backend::TaskSinkError;
+    match err {
+        TaskSinkError::CodecError(source) => match source.downcast::<serde_json::Error>() {
+            Ok(json) => QueueError::Encode {
+                queue: std::sync::Arc::clone(queue),
+                source: crate::Error::Serialize(*json),
+            },
+            Err(other) => QueueError::backend(queue, "encoding a job", other),
+        },
+        TaskSinkError::PushError(e) => QueueError::backend(queue, "pushing jobs", e),
+        TaskSinkError::SendError(e) => QueueError::backend(queue, "pushing jobs", e),
+        _ => QueueError::backend(queue, "pushing jobs", "an unknown apalis push error"),
+    }
+}
+
+/// Wakes this process's idle workers of a queue when this process pushed a
+/// job due now, so they need not wait for their next poll. Jobs pushed by
+/// other processes are found by polling (or Postgres' `NOTIFY`).
+#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[derive(Debug, Clone)]
+pub(crate) struct LocalWake(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+#[cfg(any(feature = "sqlite", feature = "redis"))]
+impl LocalWake {
+    pub(crate) fn new() -> Self {
+        LocalWake(std::sync::Arc::new(tokio::sync::watch::channel(0).0))
+    }
+
+    pub(crate) fn notify(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// One item per notification (several quick ones may merge into one).
+    pub(crate) fn stream(
+        &self,
+    ) -> std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send + Sync>> {
+        let rx = self.0.subscribe();
+        Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some(((), rx))
+        }))
+    }
+}

@@ -1,0 +1,220 @@
+//! [`MemoryQueue`]: the in-process backend, for tests and demos. Nothing
+//! survives the process.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use apalis::prelude::WorkerBuilderExt;
+use apalis_core::backend::dequeue::VecDequeBackend;
+use apalis_core::error::WorkerError;
+use apalis_core::worker::builder::WorkerBuilder;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::QueuedEvent;
+use super::backend::{ops::Ops, push_error, push_tasks};
+use super::dead_letter::{DeadLetter, DeadLetters};
+use super::error::QueueError;
+use super::worker::{Deliver, RunOptions};
+use crate::BoxError;
+
+/// An in-memory queue on apalis' `VecDequeBackend` (cloneable and safe with
+/// concurrent publishers, unlike `MemoryStorage`). For tests and demos:
+/// queued jobs, scheduled retries and dead letters live in this process
+/// only. A duplicate is recognised only while its job waits.
+///
+/// ```
+/// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
+/// use eventsink::{Event, RecordingSink, SinkExt};
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// let recorder = RecordingSink::new();
+/// let mut sink = ThroughTaskQueue::new(MemoryQueue::new("demo")).layer(recorder.clone());
+/// let worker = sink.worker().spawn();
+/// sink.publish(Event::new("ping", serde_json::json!({}))).await?;
+/// recorder.wait_for(1, std::time::Duration::from_secs(5)).await?;
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct MemoryQueue<P = serde_json::Value> {
+    name: Arc<str>,
+    storage: VecDequeBackend<QueuedEvent<P>>,
+    dead: Arc<Mutex<Vec<DeadLetter<P>>>>,
+}
+
+impl<P> Clone for MemoryQueue<P> {
+    fn clone(&self) -> Self {
+        MemoryQueue {
+            name: Arc::clone(&self.name),
+            storage: self.storage.clone(),
+            dead: Arc::clone(&self.dead),
+        }
+    }
+}
+
+impl<P> fmt::Debug for MemoryQueue<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryQueue")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P> MemoryQueue<P> {
+    /// An empty queue called `name`.
+    ///
+    /// ```
+    /// let queue: eventsink::queue::MemoryQueue = eventsink::queue::MemoryQueue::new("demo");
+    /// assert_eq!(queue.name(), "demo");
+    /// ```
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        MemoryQueue {
+            name: name.into(),
+            storage: VecDequeBackend::new(),
+            dead: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The queue's name.
+    ///
+    /// ```
+    /// assert_eq!(eventsink::queue::MemoryQueue::<()>::new("q").name(), "q");
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queue's dead letters.
+    ///
+    /// ```
+    /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
+    /// # let _ = dead;
+    /// ```
+    pub fn dead_letters(&self) -> DeadLetters<Self, P>
+    where
+        P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        DeadLetters::new(self.clone())
+    }
+
+    fn dead(&self) -> MutexGuard<'_, Vec<DeadLetter<P>>> {
+        // Each update is a single push, retain or clear: a panic elsewhere
+        // cannot leave the list half changed.
+        self.dead.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<P> Ops<P> for MemoryQueue<P>
+where
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn queue_name(&self) -> &str {
+        &self.name
+    }
+
+    fn push(
+        &self,
+        jobs: Vec<(QueuedEvent<P>, Duration)>,
+    ) -> BoxFuture<'static, Result<(), QueueError>> {
+        // VecDequeBackend ignores due times: hold delayed jobs in a timer
+        // task (in memory, like everything here).
+        let (now, later): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, d)| d.is_zero());
+        if !later.is_empty() {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return Box::pin(async { Err(QueueError::NoRuntime) });
+            };
+            for (job, delay) in later {
+                let (storage, name) = (self.storage.clone(), Arc::clone(&self.name));
+                runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Err(e) = push_tasks(&storage, vec![(job, Duration::ZERO)]).await {
+                        tracing::error!(queue = %name, error = %e, "memory queue lost a retry");
+                    }
+                });
+            }
+        }
+        let (storage, name) = (self.storage.clone(), Arc::clone(&self.name));
+        Box::pin(async move {
+            push_tasks(&storage, now)
+                .await
+                .map_err(|e| push_error(&name, e))
+        })
+    }
+
+    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+        let mut dead = self.dead();
+        dead.retain(|d| d.event.id != letter.event.id);
+        dead.push(letter);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn dead_page(
+        &self,
+        offset: u64,
+        limit: u64,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+        let page = self
+            .dead()
+            .iter()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .cloned()
+            .collect();
+        Box::pin(async { Ok(page) })
+    }
+
+    fn dead_get(&self, id: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+        let found = self.dead().iter().find(|d| &*d.event.id == id).cloned();
+        Box::pin(async { Ok(found) })
+    }
+
+    fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+        let mut dead = self.dead();
+        let before = dead.len();
+        dead.retain(|d| &*d.event.id != id);
+        let removed = dead.len() < before;
+        Box::pin(async move { Ok(removed) })
+    }
+
+    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let mut dead = self.dead();
+        let n = dead.len() as u64;
+        dead.clear();
+        Box::pin(async move { Ok(n) })
+    }
+
+    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let n = self.dead().len() as u64;
+        Box::pin(async move { Ok(n) })
+    }
+
+    fn delete_completed(&self, _age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+        // Completed jobs are not kept in memory.
+        Box::pin(async { Ok(0) })
+    }
+
+    fn run_worker(
+        &self,
+        name: String,
+        deliver: Deliver<P, Self>,
+        options: &RunOptions,
+        stop: BoxFuture<'static, ()>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let worker = WorkerBuilder::new(name)
+            .backend(self.storage.clone())
+            .concurrency(options.concurrency)
+            .build(deliver);
+        Box::pin(async move {
+            worker
+                .run_until(async move {
+                    stop.await;
+                    Ok::<(), WorkerError>(())
+                })
+                .await
+                .map_err(Into::into)
+        })
+    }
+}

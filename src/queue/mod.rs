@@ -1,0 +1,571 @@
+//! [`ThroughTaskQueue`]: durable, at-least-once delivery through a job queue
+//! (apalis 1.0) — in memory, SQLite, Postgres or Redis.
+//!
+//! Publishing to a webhook on the request path ties the request to the
+//! receiver's health, and in-process retries die with the process. Put the
+//! sink behind a task queue instead: `publish` returns as soon as the
+//! backend has stored the event as a job, and a [`Worker`] delivers it with
+//! bounded concurrency, a timeout per attempt and a retry schedule that is
+//! written into the backend, so it survives restarts. Concurrent publishes
+//! are written together (group commit), which is what makes a durable
+//! publish cheap on SQLite and Postgres.
+//!
+//! A SQLite setup (the embedded default; needs the `sqlite` feature):
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+//! use eventsink::queue::{SqliteQueue, ThroughTaskQueue};
+//! use eventsink::{Event, RecordingSink, SinkExt};
+//! use tower::Layer;
+//! # let tmp = tempfile::tempdir()?;
+//! # let path = tmp.path().join("events.db");
+//! # let webhook = RecordingSink::new();
+//!
+//! let queue = SqliteQueue::open(&path, "webhooks").await?;  // own file, WAL, migrations
+//! let mut sink = ThroughTaskQueue::new(queue).layer(webhook.clone());
+//! let worker = sink.worker().spawn();                       // delivers in the background
+//!
+//! sink.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
+//! # webhook.wait_for(1, std::time::Duration::from_secs(10)).await?;
+//! worker.shutdown().await;                                  // lets deliveries in flight finish
+//! # Ok(()) }
+//! # #[cfg(not(feature = "sqlite"))] fn main() {}
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **At-least-once.** An event whose `publish` returned `Ok` is stored in
+//!   the backend and is delivered at least once, or ends as a dead letter.
+//!   It may be delivered more than once, so receivers deduplicate by
+//!   [`Event::id`](crate::Event::id) (webhooks carry it as `webhook-id`).
+//! - **Crash.** A worker that dies mid-delivery (kill, power loss) leaves its
+//!   jobs leased to its name; another worker (or the same process restarted)
+//!   takes them over once the lease expires, after
+//!   `heartbeat × missed` ([`DEFAULT_HEARTBEAT_INTERVAL`] ×
+//!   [`DEFAULT_MISSED_HEARTBEATS`] = 15 s; each backend's builder has
+//!   `lease`), and delivers them again. Deliveries that had completed but
+//!   whose completion was not yet written are delivered twice; at most the
+//!   jobs the dead worker held (its concurrency plus one fetch). A worker
+//!   that fails on a backend error is restarted with backoff under a new
+//!   name; one stopped gracefully finishes its deliveries and hands back the
+//!   jobs it had fetched but not started.
+//! - **Retries.** A transient failure (see [`classify`](crate::classify)),
+//!   including an attempt that exceeds its timeout, writes the next attempt
+//!   into the backend as a new job due after the [`RetrySchedule`]'s delay
+//!   (a `Retry-After` from the receiver is honoured within limits). The
+//!   durable backends keep due times in whole seconds: an attempt runs no
+//!   earlier than its delay and up to a second later. A permanent failure,
+//!   or a sink that panics, is not retried.
+//! - **Dead letters.** A permanently failed event, or one out of attempts,
+//!   is kept with its last error and attempt count in the backend: a
+//!   `eventsink_dead_letters` table (SQLite, Postgres), a Redis hash
+//!   (`eventsink:{queue}:dead`), or the process memory (memory backend).
+//!   [`DeadLetters`] lists, shows, replays and purges them.
+//! - **Duplicates.** Each job carries an idempotency key
+//!   (`{queue}:{kind}:{id}`): publishing an event again while it is queued,
+//!   or until completed jobs are removed by retention (SQLite, Postgres;
+//!   [`DEFAULT_RETENTION`]), stores nothing new. Redis remembers keys for
+//!   the same time (`RedisQueueBuilder::dedup_for`); the memory backend only
+//!   while the job waits.
+//!
+//! # What can lose an event
+//!
+//! - The **memory backend** keeps everything in the process: queued jobs,
+//!   scheduled retries and dead letters are gone when it exits.
+//! - **SQLite** with `synchronous=NORMAL` (the default) can lose the last
+//!   transactions on power loss or an OS crash (not on a process crash);
+//!   choose `SqliteQueueBuilder::synchronous_full` if that matters.
+//!   Deleting the file loses everything.
+//! - **Redis** without persistence (AOF with `appendfsync always`) loses
+//!   what it held in memory when it restarts.
+//! - A `publish` that returns an error, or is dropped before it returns,
+//!   may not have stored the event: publish it again (same id).
+//! - [`DeadLetters::purge`] deletes dead letters, and retention deletes
+//!   completed jobs (and with them the idempotency keys).
+//! - If writing a delivery's outcome (the next attempt, or the dead letter)
+//!   fails, the job is left to apalis, which runs it again; after 25 such
+//!   failures in a row (apalis' `max_attempts`) it gives up on the job
+//!   without a dead letter: the job stays `Failed` in the SQL backends, or
+//!   in apalis' own `{queue}:dead` set in Redis.
+//!
+//! apalis' own retry mechanisms are not used: its SQL backends re-run a
+//! failed job at once and Redis ignores `max_attempts`, so the worker
+//! records the outcome of every delivery as completed and schedules retries
+//! and dead letters itself.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tower::{Layer, Service};
+
+use crate::Event;
+
+mod backend;
+mod dead_letter;
+mod error;
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
+mod schedule;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+mod worker;
+
+pub use backend::QueueBackend;
+pub use dead_letter::{DeadLetter, DeadLetters, DeathCause};
+pub use error::QueueError;
+pub use memory::MemoryQueue;
+#[cfg(feature = "postgres")]
+pub use postgres::{POSTGRES_MAX_CONNECTIONS, PostgresQueue, PostgresQueueBuilder};
+#[cfg(feature = "redis")]
+pub use redis::{REDIS_RESPONSE_TIMEOUT, RedisQueue, RedisQueueBuilder};
+pub use schedule::{RetrySchedule, STANDARD_JITTER};
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SQLITE_BUSY_TIMEOUT, SqliteQueue, SqliteQueueBuilder};
+pub use worker::{
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION, Worker,
+    WorkerHandle,
+};
+
+/// Most jobs written in one group commit. 256 keeps one SQLite or Postgres
+/// transaction short (a few milliseconds) while 64 concurrent publishers
+/// still fit in one batch.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+
+/// How often a worker of a durable backend says it is alive. 5 s: with
+/// [`DEFAULT_MISSED_HEARTBEATS`], another worker takes over the jobs of a
+/// dead one after 15 s (apalis' defaults take 60 s, or 300 s on Redis).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Heartbeats a worker may miss before its jobs are given to others. 3, as
+/// the apalis notes recommend: one late beat under load is not a death.
+pub const DEFAULT_MISSED_HEARTBEATS: usize = 3;
+
+/// The job stored in the backend for one delivery attempt of an event.
+///
+/// It is JSON in every durable backend; the field names are part of the
+/// stored format.
+///
+/// ```
+/// use eventsink::{queue::QueuedEvent, Event};
+///
+/// let job = QueuedEvent::new("orders", Event::new("order.placed", 7));
+/// assert_eq!(job.attempt, 1);
+/// assert!(job.key.starts_with("orders:order.placed:"));
+/// ```
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueuedEvent<P = serde_json::Value> {
+    /// The event to deliver.
+    pub event: Event<P>,
+    /// Which attempt this job makes, from 1.
+    pub attempt: u32,
+    /// The idempotency key of the event's first attempt; attempt `n > 1` is
+    /// stored under `{key}#{n}`.
+    pub key: String,
+}
+
+impl<P> QueuedEvent<P> {
+    /// The first attempt of `event` in `queue`, keyed `{queue}:{kind}:{id}`.
+    ///
+    /// ```
+    /// let job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
+    /// assert_eq!(job.key, "q:k:1");
+    /// ```
+    pub fn new(queue: &str, event: Event<P>) -> Self {
+        let key = format!("{queue}:{}:{}", event.kind, event.id);
+        QueuedEvent {
+            event,
+            attempt: 1,
+            key,
+        }
+    }
+
+    /// The idempotency key of this attempt.
+    ///
+    /// ```
+    /// let mut job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
+    /// assert_eq!(job.idempotency_key(), "q:k:1");
+    /// job.attempt = 3;
+    /// assert_eq!(job.idempotency_key(), "q:k:1#3");
+    /// ```
+    pub fn idempotency_key(&self) -> String {
+        if self.attempt <= 1 {
+            self.key.clone()
+        } else {
+            format!("{}#{}", self.key, self.attempt)
+        }
+    }
+
+    pub(crate) fn next_attempt(&self) -> Self {
+        QueuedEvent {
+            event: self.event.clone(),
+            attempt: self.attempt.saturating_add(1),
+            key: self.key.clone(),
+        }
+    }
+}
+
+impl<P> Clone for QueuedEvent<P> {
+    fn clone(&self) -> Self {
+        QueuedEvent {
+            event: self.event.clone(),
+            attempt: self.attempt,
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// A layer that publishes events into a task queue instead of calling the
+/// sink it wraps; a [`Worker`] calls that sink for every queued event.
+///
+/// ```
+/// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
+/// use eventsink::NoopSink;
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let sink = ThroughTaskQueue::new(MemoryQueue::<serde_json::Value>::new("demo")).layer(NoopSink::new());
+/// # let _ = sink;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ThroughTaskQueue<B> {
+    backend: B,
+    max_batch: usize,
+}
+
+impl<B> ThroughTaskQueue<B> {
+    /// A layer publishing into `backend` ([`MemoryQueue`], `SqliteQueue`,
+    /// `PostgresQueue` or `RedisQueue`).
+    ///
+    /// ```
+    /// let layer = eventsink::queue::ThroughTaskQueue::new(eventsink::queue::MemoryQueue::<()>::new("q"));
+    /// # let _ = layer;
+    /// ```
+    pub fn new(backend: B) -> Self {
+        ThroughTaskQueue {
+            backend,
+            max_batch: DEFAULT_MAX_BATCH,
+        }
+    }
+
+    /// Most jobs written together by one group commit
+    /// ([`DEFAULT_MAX_BATCH`]); 1 turns group commit off. 0 counts as 1.
+    ///
+    /// ```
+    /// let layer = eventsink::queue::ThroughTaskQueue::new(eventsink::queue::MemoryQueue::<()>::new("q")).max_batch(1);
+    /// # let _ = layer;
+    /// ```
+    pub fn max_batch(mut self, max: usize) -> Self {
+        self.max_batch = max.max(1);
+        self
+    }
+}
+
+impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
+    type Service = TaskQueue<S, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TaskQueue {
+            inner,
+            backend: self.backend.clone(),
+            committer: Arc::new(Committer {
+                max_batch: self.max_batch,
+                sender: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+/// The publishing service of [`ThroughTaskQueue`]: each event becomes a job
+/// in the backend; `Ok` means the backend has stored it (never that it was
+/// delivered). Cheap to clone; clones share one group commit.
+///
+/// Concurrent publishes are written together: while one batch is being
+/// written, the next collects, and is written as soon as the first is done.
+/// Each publisher still gets its own answer once its batch is stored, and a
+/// batch that fails is retried one job at a time, so one bad job fails only
+/// its own publisher.
+///
+/// ```
+/// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
+/// use eventsink::{Event, RecordingSink, SinkExt};
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// let recorder = RecordingSink::new();
+/// let mut sink = ThroughTaskQueue::new(MemoryQueue::new("demo")).layer(recorder.clone());
+/// let worker = sink.worker().spawn();
+/// sink.publish(Event::new("ping", serde_json::json!(1))).await?;
+/// recorder.wait_for(1, std::time::Duration::from_secs(5)).await?;
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct TaskQueue<S, B> {
+    inner: S,
+    backend: B,
+    committer: Arc<Committer>,
+}
+
+impl<S, B> TaskQueue<S, B> {
+    /// The wrapped sink (the one the worker calls).
+    ///
+    /// ```
+    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
+    /// let sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
+    /// let _inner: &NoopSink = sink.get_ref();
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped sink, mutably.
+    ///
+    /// ```
+    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
+    /// let mut sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
+    /// let _inner: &mut NoopSink = sink.get_mut();
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped sink, consuming the service.
+    ///
+    /// ```
+    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
+    /// let sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
+    /// let _inner: NoopSink = sink.into_inner();
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The queue's backend (for its [`DeadLetters`]).
+    ///
+    /// ```
+    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
+    /// let sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
+    /// assert_eq!(sink.backend().name(), "q");
+    /// ```
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A worker that delivers this queue's events to the wrapped sink;
+    /// configure it, then [`spawn`](Worker::spawn) or
+    /// [`run_until`](Worker::run_until) it.
+    ///
+    /// ```
+    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let sink = ThroughTaskQueue::new(MemoryQueue::<serde_json::Value>::new("q")).layer(NoopSink::new());
+    /// sink.worker().concurrency(4).spawn().shutdown().await;
+    /// # }
+    /// ```
+    pub fn worker<P>(&self) -> Worker<S, B, P>
+    where
+        S: Clone,
+        B: QueueBackend<P>,
+    {
+        Worker::new(self.backend.clone(), self.inner.clone())
+    }
+}
+
+impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
+    fn clone(&self) -> Self {
+        TaskQueue {
+            inner: self.inner.clone(),
+            backend: self.backend.clone(),
+            committer: Arc::clone(&self.committer),
+        }
+    }
+}
+
+impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskQueue<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskQueue")
+            .field("inner", &self.inner)
+            .field("backend", &self.backend)
+            .field("max_batch", &self.committer.max_batch)
+            .finish()
+    }
+}
+
+impl<S, B, P> Service<Event<P>> for TaskQueue<S, B>
+where
+    B: QueueBackend<P>,
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Response = ();
+    type Error = QueueError;
+    /// An async block: hand the job to the group commit, wait for its
+    /// batch to be stored.
+    type Future = BoxFuture<'static, Result<(), QueueError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The inner sink is the worker's, not ours: publishing only needs
+        // the backend, whose backpressure is the group commit's channel.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, event: Event<P>) -> Self::Future {
+        let job = QueuedEvent::new(self.backend.name(), event);
+        let sender = self.committer.sender::<B, P>(&self.backend);
+        Box::pin(async move {
+            let sender = sender?;
+            let (reply, answer) = oneshot::channel();
+            let stopped = || QueueError::Stopped {
+                queue: Arc::clone(&sender.queue),
+            };
+            sender
+                .tx
+                .send(Pending { job, reply })
+                .await
+                .map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        })
+    }
+}
+
+/// The group commit shared by the clones of one [`TaskQueue`].
+struct Committer {
+    max_batch: usize,
+    /// A `BatchSender<P>`, started on the first publish (that is where a
+    /// runtime is known). Type-erased because the service is generic over
+    /// the payload only in its `Service` impl.
+    sender: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+struct BatchSender<P> {
+    tx: mpsc::Sender<Pending<P>>,
+    queue: Arc<str>,
+}
+
+impl<P> Clone for BatchSender<P> {
+    fn clone(&self) -> Self {
+        BatchSender {
+            tx: self.tx.clone(),
+            queue: Arc::clone(&self.queue),
+        }
+    }
+}
+
+/// A job waiting for its batch, and where to send its answer.
+struct Pending<P> {
+    job: QueuedEvent<P>,
+    reply: oneshot::Sender<Result<(), QueueError>>,
+}
+
+impl Committer {
+    fn sender<B, P>(&self, backend: &B) -> Result<BatchSender<P>, QueueError>
+    where
+        B: QueueBackend<P>,
+        P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        // A poisoned lock only means another publisher panicked between
+        // two statements below; the Option is still valid.
+        let mut slot = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = slot
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<BatchSender<P>>())
+            && !sender.tx.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| QueueError::NoRuntime)?;
+        let (tx, rx) = mpsc::channel(self.max_batch.saturating_mul(4));
+        runtime.spawn(commit_batches(backend.clone(), rx, self.max_batch));
+        let sender = BatchSender {
+            tx,
+            queue: backend.name().into(),
+        };
+        *slot = Some(Box::new(sender.clone()));
+        Ok(sender)
+    }
+}
+
+/// The group commit: takes whatever publishes are waiting (up to
+/// `max_batch`), writes them in one backend call, answers each, repeats.
+/// While all of the backend's batch slots are busy, publishes collect into
+/// the next batch. Ends when every publishing service is dropped.
+async fn commit_batches<B, P>(backend: B, mut rx: mpsc::Receiver<Pending<P>>, max_batch: usize)
+where
+    B: QueueBackend<P>,
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        backend.parallel_batches().max(1),
+    ));
+    loop {
+        // The semaphore is never closed, so acquiring only waits.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(max_batch);
+        if rx.recv_many(&mut batch, max_batch).await == 0 {
+            return;
+        }
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let jobs: Vec<_> = batch.iter().map(|p| p.job.clone()).collect();
+            let results = push_each(&backend, jobs).await;
+            for (pending, result) in batch.into_iter().zip(results) {
+                // A publisher that gave up no longer listens; its job is
+                // stored all the same (at-least-once).
+                let _ = pending.reply.send(result);
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Pushes `jobs` due now in one call; if that fails, one at a time, so a
+/// single bad job (a duplicate key in Postgres, a payload that cannot be
+/// encoded) fails only itself. A duplicate counts as stored.
+pub(crate) async fn push_each<B, P>(
+    backend: &B,
+    jobs: Vec<QueuedEvent<P>>,
+) -> Vec<Result<(), QueueError>>
+where
+    B: QueueBackend<P>,
+{
+    let count = jobs.len();
+    let batch: Vec<_> = jobs
+        .iter()
+        .cloned()
+        .map(|job| (job, Duration::ZERO))
+        .collect();
+    match backend.push(batch).await {
+        Ok(()) => return (0..count).map(|_| Ok(())).collect(),
+        Err(e) if count == 1 => return vec![already_queued_is_ok(e)],
+        Err(e) => tracing::debug!(error = %e, count, "batch push failed; pushing one at a time"),
+    }
+    let mut results = Vec::with_capacity(count);
+    for job in jobs {
+        results.push(
+            backend
+                .push(vec![(job, Duration::ZERO)])
+                .await
+                .or_else(already_queued_is_ok),
+        );
+    }
+    results
+}
+
+pub(crate) fn already_queued_is_ok(e: QueueError) -> Result<(), QueueError> {
+    match e {
+        QueueError::AlreadyQueued { .. } => Ok(()),
+        e => Err(e),
+    }
+}

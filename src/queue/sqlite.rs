@@ -1,0 +1,531 @@
+//! [`SqliteQueue`]: the embedded durable backend, one SQLite file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::WorkerBuilderExt;
+use apalis_core::backend::ext::BackendExt;
+use apalis_core::backend::ext::poll_strategy::Strategy;
+use apalis_core::error::WorkerError;
+use apalis_core::worker::builder::WorkerBuilder;
+use apalis_sqlite::{Config, SqliteStorage};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::backend::{LocalWake, ops::Ops, push_error, push_tasks};
+use super::dead_letter::{DeadLetter, DeadLetters};
+use super::error::QueueError;
+use super::worker::{Deliver, RunOptions};
+use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
+use crate::BoxError;
+
+/// How long a connection waits for a lock held by another before failing
+/// with "database is locked". 5 s, the value the apalis notes found to
+/// ride out a busy writer; past it the worker restarts.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections in the queue's pool. 4: SQLite has one writer at a time;
+/// more connections only wait on each other.
+const MAX_CONNECTIONS: u32 = 4;
+
+const DEAD_LETTER_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventsink_dead_letters (
+    queue TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    failed_at INTEGER NOT NULL,
+    letter TEXT NOT NULL,
+    PRIMARY KEY (queue, event_id)
+)";
+
+/// A queue in its own SQLite file (the embedded default; feature `sqlite`).
+///
+/// [`open`](SqliteQueue::open) creates the file if needed, opens its own
+/// pool with WAL, `synchronous=NORMAL` ([`synchronous_full`] for power-loss
+/// durability), a [`SQLITE_BUSY_TIMEOUT`], and runs apalis' migrations
+/// plus the dead-letter table — not apalis' `setup()`, which turns
+/// `synchronous` off on one connection. Use a file of its own: apalis'
+/// `_sqlx_migrations` table would collide with the application's.
+///
+/// Several processes can share the file (one writer at a time). A worker
+/// that dies leaves its jobs to others after `heartbeat × missed`
+/// ([`lease`](SqliteQueueBuilder::lease), 15 s by default).
+///
+/// [`synchronous_full`]: SqliteQueueBuilder::synchronous_full
+///
+/// ```
+/// use eventsink::queue::{SqliteQueue, ThroughTaskQueue};
+/// use eventsink::{Event, RecordingSink, SinkExt};
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// # let tmp = tempfile::tempdir()?;
+/// let queue = SqliteQueue::open(tmp.path().join("queue.db"), "webhooks").await?;
+/// let recorder = RecordingSink::new();
+/// let mut sink = ThroughTaskQueue::new(queue).layer(recorder.clone());
+/// let worker = sink.worker().spawn();
+/// sink.publish(Event::new("ping", serde_json::json!(1))).await?;
+/// recorder.wait_for(1, std::time::Duration::from_secs(10)).await?;
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub struct SqliteQueue<P = serde_json::Value> {
+    name: Arc<str>,
+    wake: LocalWake,
+    pool: SqlitePool,
+    storage: SqliteStorage<QueuedEvent<P>>,
+    config: Config,
+}
+
+impl<P> Clone for SqliteQueue<P> {
+    fn clone(&self) -> Self {
+        SqliteQueue {
+            name: Arc::clone(&self.name),
+            wake: self.wake.clone(),
+            pool: self.pool.clone(),
+            storage: self.storage.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for SqliteQueue<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteQueue")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings of a [`SqliteQueue`] before it is opened.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventsink::queue::SqliteQueue;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+/// # let tmp = tempfile::tempdir().unwrap();
+/// let queue: SqliteQueue = SqliteQueue::builder(tmp.path().join("q.db"), "webhooks")
+///     .synchronous_full(true)
+///     .lease(Duration::from_secs(2), 3)
+///     .open()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SqliteQueueBuilder {
+    path: PathBuf,
+    name: Arc<str>,
+    full: bool,
+    busy_timeout: Duration,
+    heartbeat: Duration,
+    missed: usize,
+}
+
+impl SqliteQueueBuilder {
+    /// `synchronous=FULL` (every commit survives power loss, each costs an
+    /// fsync) instead of `NORMAL` (a crash of the process loses nothing;
+    /// power loss may lose the last commits).
+    ///
+    /// ```
+    /// # let b = eventsink::queue::SqliteQueue::builder("q.db", "q");
+    /// let b = b.synchronous_full(true);
+    /// ```
+    pub fn synchronous_full(mut self, full: bool) -> Self {
+        self.full = full;
+        self
+    }
+
+    /// How long to wait for another connection's lock
+    /// ([`SQLITE_BUSY_TIMEOUT`]).
+    ///
+    /// ```
+    /// # let b = eventsink::queue::SqliteQueue::builder("q.db", "q");
+    /// let b = b.busy_timeout(std::time::Duration::from_secs(10));
+    /// ```
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Worker heartbeat and how many may be missed before another worker
+    /// takes over the jobs of a dead one ([`DEFAULT_HEARTBEAT_INTERVAL`] ×
+    /// [`DEFAULT_MISSED_HEARTBEATS`]).
+    ///
+    /// ```
+    /// # let b = eventsink::queue::SqliteQueue::builder("q.db", "q");
+    /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
+    /// ```
+    pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
+        self.heartbeat = heartbeat;
+        self.missed = missed.max(1);
+        self
+    }
+
+    /// Creates the file if needed, opens the pool and migrates.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if the file cannot be opened or migrated.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::builder(tmp.path().join("q.db"), "q").open().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn open<P>(self) -> Result<SqliteQueue<P>, QueueError> {
+        let name = self.name;
+        let fail = |action| {
+            let name = Arc::clone(&name);
+            move |e: sqlx::Error| QueueError::backend(&name, action, e)
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(&self.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if self.full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(self.busy_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(fail("opening the SQLite file"))?;
+        SqliteStorage::migrations()
+            .run(&pool)
+            .await
+            .map_err(|e| QueueError::backend(&name, "migrating the SQLite file", e))?;
+        sqlx::query(DEAD_LETTER_TABLE)
+            .execute(&pool)
+            .await
+            .map_err(fail("creating the dead-letter table"))?;
+        let config = Config::default()
+            .queue(&*name)
+            .heartbeat_interval(self.heartbeat)
+            .missed_heartbeats(self.missed);
+        let storage = SqliteStorage::new(&pool).with_config(config.clone());
+        Ok(SqliteQueue {
+            name,
+            wake: LocalWake::new(),
+            pool,
+            storage,
+            config,
+        })
+    }
+}
+
+impl SqliteQueue {
+    /// Settings for the queue `name` in the SQLite file at `path`.
+    ///
+    /// ```
+    /// let builder = eventsink::queue::SqliteQueue::builder("queue.db", "webhooks");
+    /// # let _ = builder;
+    /// ```
+    pub fn builder(path: impl AsRef<Path>, name: &str) -> SqliteQueueBuilder {
+        SqliteQueueBuilder {
+            path: path.as_ref().to_path_buf(),
+            name: name.into(),
+            full: false,
+            busy_timeout: SQLITE_BUSY_TIMEOUT,
+            heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
+            missed: DEFAULT_MISSED_HEARTBEATS,
+        }
+    }
+}
+
+impl<P> SqliteQueue<P> {
+    /// Opens (creating if needed) the queue `name` in the SQLite file at
+    /// `path`, with the defaults of [`builder`](SqliteQueue::builder).
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if the file cannot be opened or migrated.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(tmp.path().join("q.db"), "q").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn open(path: impl AsRef<Path>, name: &str) -> Result<Self, QueueError> {
+        SqliteQueue::builder(path, name).open().await
+    }
+
+    /// The queue's name.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(tmp.path().join("q.db"), "q").await?;
+    /// assert_eq!(queue.name(), "q");
+    /// # Ok(()) }
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queue's pool, for inspection.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(tmp.path().join("q.db"), "q").await?;
+    /// assert!(queue.pool().size() >= 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The queue's dead letters.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(tmp.path().join("q.db"), "q").await?;
+    /// assert_eq!(queue.dead_letters().count().await?, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn dead_letters(&self) -> DeadLetters<Self, P>
+    where
+        P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        DeadLetters::new(self.clone())
+    }
+
+    fn fail(&self, action: &'static str) -> impl Fn(sqlx::Error) -> QueueError + use<P> {
+        let name = Arc::clone(&self.name);
+        move |e| QueueError::backend(&name, action, e)
+    }
+}
+
+fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
+    serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
+}
+
+impl<P> Ops<P> for SqliteQueue<P>
+where
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn queue_name(&self) -> &str {
+        &self.name
+    }
+
+    fn push(
+        &self,
+        jobs: Vec<(QueuedEvent<P>, Duration)>,
+    ) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (storage, name, wake) = (
+            self.storage.clone(),
+            Arc::clone(&self.name),
+            self.wake.clone(),
+        );
+        let due_now = jobs.iter().any(|(_, delay)| delay.is_zero());
+        Box::pin(async move {
+            push_tasks(&storage, jobs)
+                .await
+                .map_err(|e| push_error(&name, e))?;
+            if due_now {
+                wake.notify();
+            }
+            Ok(())
+        })
+    }
+
+    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("storing a dead letter"),
+        );
+        Box::pin(async move {
+            let json = serde_json::to_string(&letter)
+                .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
+            sqlx::query(
+                "INSERT OR REPLACE INTO eventsink_dead_letters (queue, event_id, failed_at, letter) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(&*name)
+            .bind(&*letter.event.id)
+            .bind(letter.failed_at.timestamp_micros())
+            .bind(json)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
+            Ok(())
+        })
+    }
+
+    fn dead_page(
+        &self,
+        offset: u64,
+        limit: u64,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("listing dead letters"),
+        );
+        Box::pin(async move {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT letter FROM eventsink_dead_letters WHERE queue = ? \
+                 ORDER BY failed_at, event_id LIMIT ? OFFSET ?",
+            )
+            .bind(&*name)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+            .fetch_all(&pool)
+            .await
+            .map_err(fail)?;
+            rows.iter().map(|(json,)| decode(&name, json)).collect()
+        })
+    }
+
+    fn dead_get(&self, id: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("reading a dead letter"),
+        );
+        let id = id.to_owned();
+        Box::pin(async move {
+            let row: Option<(String,)> = sqlx::query_as(
+                "SELECT letter FROM eventsink_dead_letters WHERE queue = ? AND event_id = ?",
+            )
+            .bind(&*name)
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .map_err(fail)?;
+            row.map(|(json,)| decode(&name, &json)).transpose()
+        })
+    }
+
+    fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("removing a dead letter"),
+        );
+        let id = id.to_owned();
+        Box::pin(async move {
+            let done =
+                sqlx::query("DELETE FROM eventsink_dead_letters WHERE queue = ? AND event_id = ?")
+                    .bind(&*name)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .map_err(fail)?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
+    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("purging dead letters"),
+        );
+        Box::pin(async move {
+            let done = sqlx::query("DELETE FROM eventsink_dead_letters WHERE queue = ?")
+                .bind(&*name)
+                .execute(&pool)
+                .await
+                .map_err(fail)?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("counting dead letters"),
+        );
+        Box::pin(async move {
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM eventsink_dead_letters WHERE queue = ?")
+                    .bind(&*name)
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(fail)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("removing completed jobs"),
+        );
+        Box::pin(async move {
+            let cutoff =
+                chrono::Utc::now().timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+            let done = sqlx::query(
+                "DELETE FROM Jobs WHERE job_type = ? AND status IN ('Done', 'Killed') \
+                 AND done_at IS NOT NULL AND done_at <= ?",
+            )
+            .bind(&*name)
+            .bind(cutoff)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    fn release_worker(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (pool, fail) = (
+            self.pool.clone(),
+            self.fail("releasing a stopped worker's jobs"),
+        );
+        let name = name.to_owned();
+        Box::pin(async move {
+            sqlx::query(
+                "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL WHERE lock_by = ? AND status IN ('Queued', 'Running')",
+            )
+            .bind(name)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
+            Ok(())
+        })
+    }
+
+    fn run_worker(
+        &self,
+        name: String,
+        deliver: Deliver<P, Self>,
+        options: &RunOptions,
+        stop: BoxFuture<'static, ()>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let config = self.config.clone().batch_size(options.concurrency.max(10));
+        let storage = self.storage.clone().with_config(config).poll_with_strategy(
+            Strategy::new()
+                .stream(self.wake.stream())
+                .interval(options.poll_interval),
+        );
+        let worker = WorkerBuilder::new(name)
+            .backend(storage)
+            .concurrency(options.concurrency)
+            .build(deliver);
+        Box::pin(async move {
+            worker
+                .run_until(async move {
+                    stop.await;
+                    Ok::<(), WorkerError>(())
+                })
+                .await
+                .map_err(Into::into)
+        })
+    }
+}

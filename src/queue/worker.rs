@@ -1,0 +1,582 @@
+//! [`Worker`]: delivers queued events to the sink, retries on the
+//! schedule, buries the hopeless, and restarts itself when the backend
+//! fails.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis_core::task::Task;
+use chrono::Utc;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceExt};
+
+use super::backend::QueueBackend;
+use super::dead_letter::{DeadLetter, DeathCause};
+use super::schedule::RetrySchedule;
+use super::{QueuedEvent, already_queued_is_ok};
+use crate::error::{classify_dyn, retry_after_dyn};
+use crate::{BoxError, Event, Sink};
+
+/// Deliveries running at once per worker. 16, as the issue's default: enough
+/// to hide a slow receiver's latency, few enough not to overwhelm it.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// Timeout of one delivery attempt. 15 s, as the Go original; Standard
+/// Webhooks recommends 15–30 s.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often an idle worker asks the backend for due jobs. 20 ms: a new job
+/// starts within about 10 ms on average (the Go original sleeps 1 s when
+/// idle), at the cost of 50 cheap queries a second. Postgres also wakes on
+/// `LISTEN/NOTIFY`.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long completed jobs are kept before the worker deletes them. One
+/// day: the window in which publishing the same event again is recognised
+/// as a duplicate.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// How often the worker applies retention. Hourly: retention is about days.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// First wait before restarting a failed worker; doubles up to
+/// [`MAX_RESTART_BACKOFF`].
+const MIN_RESTART_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest wait between restarts of a failing worker.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Time a stopping worker gets beyond its attempt timeout to finish the
+/// deliveries in flight and write their outcome.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// A worker that has run this long without failing starts its backoff over.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Settings the backend needs to run one apalis worker.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Deliveries at once.
+    pub concurrency: usize,
+    /// Idle polling interval.
+    pub poll_interval: Duration,
+}
+
+/// Delivers the events of a queue to a sink. Build it with
+/// [`TaskQueue::worker`](super::TaskQueue::worker) or [`Worker::new`], then
+/// [`spawn`](Worker::spawn) it (stop it through the [`WorkerHandle`]) or
+/// [`run_until`](Worker::run_until) a shutdown signal.
+///
+/// Each delivery attempt gets a timeout; a transient failure schedules the
+/// next attempt in the backend after the [`RetrySchedule`]'s delay; a
+/// permanent failure or the last attempt's failure stores a dead letter.
+/// When the backend fails (SQLite busy, a Redis timeout, a Postgres
+/// restart) the worker starts again after a backoff, under a new name, so
+/// it never collides with its own stale lease.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventsink::queue::{MemoryQueue, RetrySchedule, Worker};
+/// use eventsink::RecordingSink;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let queue: MemoryQueue = MemoryQueue::new("webhooks");
+/// let worker = Worker::new(queue, RecordingSink::new())
+///     .concurrency(32)
+///     .attempt_timeout(Duration::from_secs(10))
+///     .schedule(RetrySchedule::go_original())
+///     .spawn();
+/// worker.shutdown().await;
+/// # }
+/// ```
+pub struct Worker<S, B, P = serde_json::Value> {
+    backend: B,
+    sink: S,
+    concurrency: usize,
+    attempt_timeout: Duration,
+    poll_interval: Duration,
+    schedule: RetrySchedule,
+    retention: Option<Duration>,
+    _payload: PhantomData<fn() -> P>,
+}
+
+impl<S: fmt::Debug, B: fmt::Debug, P> fmt::Debug for Worker<S, B, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("backend", &self.backend)
+            .field("sink", &self.sink)
+            .field("concurrency", &self.concurrency)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .field("schedule", &self.schedule)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
+    /// A worker delivering the events of `backend` to `sink`, with the
+    /// defaults: [`DEFAULT_CONCURRENCY`], [`DEFAULT_ATTEMPT_TIMEOUT`],
+    /// [`DEFAULT_POLL_INTERVAL`], [`RetrySchedule::standard`],
+    /// [`DEFAULT_RETENTION`].
+    ///
+    /// ```
+    /// let worker = eventsink::queue::Worker::new(
+    ///     eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"),
+    ///     eventsink::NoopSink::new(),
+    /// );
+    /// # let _ = worker;
+    /// ```
+    pub fn new(backend: B, sink: S) -> Self {
+        Worker {
+            backend,
+            sink,
+            concurrency: DEFAULT_CONCURRENCY,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            schedule: RetrySchedule::standard(),
+            retention: Some(DEFAULT_RETENTION),
+            _payload: PhantomData,
+        }
+    }
+
+    /// Deliveries at once ([`DEFAULT_CONCURRENCY`]); 0 counts as 1.
+    ///
+    /// ```
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.concurrency(4);
+    /// ```
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Timeout of each delivery attempt ([`DEFAULT_ATTEMPT_TIMEOUT`]); a
+    /// timed-out attempt is a transient failure.
+    ///
+    /// ```
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.attempt_timeout(std::time::Duration::from_secs(5));
+    /// ```
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// How often an idle worker polls ([`DEFAULT_POLL_INTERVAL`]).
+    ///
+    /// ```
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.poll_interval(std::time::Duration::from_millis(100));
+    /// ```
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The retry schedule ([`RetrySchedule::standard`]).
+    ///
+    /// ```
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.schedule(eventsink::queue::RetrySchedule::go_original());
+    /// ```
+    pub fn schedule(mut self, schedule: RetrySchedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// Delete completed jobs older than this, hourly ([`DEFAULT_RETENTION`]);
+    /// `None` keeps them (for an external clean-up).
+    ///
+    /// ```
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.retention(Some(std::time::Duration::from_secs(7 * 24 * 3600)));
+    /// ```
+    pub fn retention(mut self, keep_for: Option<Duration>) -> Self {
+        self.retention = keep_for;
+        self
+    }
+}
+
+impl<S, B, P> Worker<S, B, P>
+where
+    S: Sink<P, Error: Into<BoxError>, Future: Send> + Clone + Send + 'static,
+    B: QueueBackend<P>,
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Runs the worker on a new tokio task until the handle's
+    /// [`shutdown`](WorkerHandle::shutdown). Call it inside a tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let handle = w.spawn();
+    /// handle.shutdown().await;
+    /// # }
+    /// ```
+    pub fn spawn(self) -> WorkerHandle {
+        let (stop, stopped) = watch::channel(false);
+        let restarts = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(self.supervise(stopped, Arc::clone(&restarts)));
+        WorkerHandle {
+            stop,
+            task,
+            restarts,
+        }
+    }
+
+    /// Runs the worker until `signal` resolves (e.g.
+    /// `tokio::signal::ctrl_c()`), then lets deliveries in flight finish.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// w.run_until(async {}).await;
+    /// # }
+    /// ```
+    pub async fn run_until<F>(self, signal: F)
+    where
+        F: Future + Send,
+    {
+        let (stop, stopped) = watch::channel(false);
+        let supervise = self.supervise(stopped, Arc::new(AtomicU64::new(0)));
+        let signal = async move {
+            signal.await;
+            let _ = stop.send(true);
+        };
+        futures::future::join(supervise, signal).await;
+    }
+
+    async fn supervise(self, stop: watch::Receiver<bool>, restarts: Arc<AtomicU64>) {
+        let queue = self.backend.name().to_owned();
+        let deliver = Deliver {
+            inner: BoxCloneService::new(self.sink.map_err(Into::into)),
+            backend: self.backend.clone(),
+            schedule: Arc::new(self.schedule),
+            timeout: self.attempt_timeout,
+        };
+        let options = RunOptions {
+            concurrency: self.concurrency,
+            poll_interval: self.poll_interval,
+        };
+        let retention = self
+            .retention
+            .map(|age| tokio::spawn(retain(self.backend.clone(), age, stop.clone())));
+        let instance = worker_instance();
+        let mut backoff = MIN_RESTART_BACKOFF;
+        for run in 0u64.. {
+            if *stop.borrow() {
+                break;
+            }
+            // Unique per process, queue, worker and run: a restart never
+            // meets the lease of its own previous run.
+            let name = format!("eventsink-{queue}-{instance}-{run}");
+            let started = tokio::time::Instant::now();
+            // On its own task, so that a panic inside apalis ends this run,
+            // not the supervisor.
+            let mut run = tokio::spawn(self.backend.run_worker(
+                name.clone(),
+                deliver.clone(),
+                &options,
+                stopped(stop.clone()).boxed(),
+            ));
+            let ended = {
+                let ended = std::pin::pin!(&mut run);
+                let stopping = std::pin::pin!(stopped(stop.clone()));
+                match futures::future::select(ended, stopping).await {
+                    futures::future::Either::Left((ended, _)) => Some(ended),
+                    // Stopping: in-flight deliveries get their timeout and
+                    // a margin to finish; then the run is abandoned (its
+                    // jobs are handed back below, or by lease expiry).
+                    futures::future::Either::Right(((), _)) => {
+                        tokio::time::timeout(self.attempt_timeout + SHUTDOWN_MARGIN, &mut run)
+                            .await
+                            .ok()
+                    }
+                }
+            };
+            let result = match ended {
+                Some(Ok(result)) => result,
+                Some(Err(panic)) => Err(format!("the worker panicked: {panic}").into()),
+                None => {
+                    run.abort();
+                    tracing::warn!(worker = %name, "worker did not stop in time; abandoned");
+                    Ok(())
+                }
+            };
+            if let Err(e) = self.backend.release_worker(&name).await {
+                tracing::warn!(worker = %name, error = %e, "could not hand back the worker's jobs");
+            }
+            if *stop.borrow() {
+                if let Err(e) = result {
+                    tracing::warn!(worker = %name, error = %e, "worker failed while stopping");
+                }
+                break;
+            }
+            match result {
+                Ok(()) => tracing::warn!(worker = %name, "worker ended unasked; restarting"),
+                Err(e) => tracing::error!(
+                    worker = %name, error = %e, ?backoff, "worker failed; restarting after backoff"
+                ),
+            }
+            if started.elapsed() >= HEALTHY_RUN {
+                backoff = MIN_RESTART_BACKOFF;
+            }
+            if sleep_or_stop(backoff, &stop).await {
+                break;
+            }
+            restarts.fetch_add(1, Ordering::Relaxed);
+            backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
+        }
+        if let Some(task) = retention {
+            task.abort();
+        }
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&s| s).await;
+}
+
+/// Sleeps for `duration`; `true` if `stop` came first.
+async fn sleep_or_stop(duration: Duration, stop: &watch::Receiver<bool>) -> bool {
+    let sleep = std::pin::pin!(tokio::time::sleep(duration));
+    let stop = std::pin::pin!(stopped(stop.clone()));
+    matches!(
+        futures::future::select(sleep, stop).await,
+        futures::future::Either::Right(_)
+    )
+}
+
+/// `{pid}-{counter}-{random}`: unique among the workers of this process and
+/// very likely among processes sharing a backend.
+fn worker_instance() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{:08x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+async fn retain<B: QueueBackend<P>, P>(backend: B, age: Duration, stop: watch::Receiver<bool>) {
+    loop {
+        match backend.delete_completed(age).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(queue = backend.name(), removed = n, "retention"),
+            Err(e) => tracing::warn!(queue = backend.name(), error = %e, "retention failed"),
+        }
+        if sleep_or_stop(RETENTION_EVERY, &stop).await {
+            return;
+        }
+    }
+}
+
+/// Stops a spawned [`Worker`]. Dropping the handle stops the worker too
+/// (gracefully, in the background): keep it for as long as it should run.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+/// let handle = w.spawn();
+/// handle.shutdown().await; // deliveries in flight finish first
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    restarts: Arc<AtomicU64>,
+}
+
+impl WorkerHandle {
+    /// Stops taking new jobs, waits for deliveries in flight to finish and
+    /// their outcome to be written, hands back the jobs fetched but not
+    /// started, then returns. It waits at most the attempt timeout plus 5 s;
+    /// a worker that has not stopped by then is abandoned, and the jobs it
+    /// held are delivered again by others (at-least-once).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// w.spawn().shutdown().await;
+    /// # }
+    /// ```
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "queue worker task panicked");
+        }
+    }
+
+    /// How many times the worker was restarted after a backend failure.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let handle = w.spawn();
+    /// assert_eq!(handle.restarts(), 0);
+    /// # handle.shutdown().await;
+    /// # }
+    /// ```
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker's task has ended (only after a shutdown or a
+    /// panic: backend failures restart it).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let handle = w.spawn();
+    /// assert!(!handle.is_finished());
+    /// # handle.shutdown().await;
+    /// # }
+    /// ```
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// The apalis job handler: one delivery attempt of a [`QueuedEvent`], then
+/// its consequence (done, next attempt scheduled, or dead letter).
+///
+/// It answers `Ok` whenever the outcome is recorded, so apalis marks the
+/// job done and never applies its own retries (see the module docs). It
+/// answers `Err` only when recording the outcome failed; apalis then runs
+/// the job again.
+pub struct Deliver<P, B> {
+    inner: BoxCloneService<Event<P>, (), BoxError>,
+    backend: B,
+    schedule: Arc<RetrySchedule>,
+    timeout: Duration,
+}
+
+impl<P, B: Clone> Clone for Deliver<P, B> {
+    fn clone(&self) -> Self {
+        Deliver {
+            inner: self.inner.clone(),
+            backend: self.backend.clone(),
+            schedule: Arc::clone(&self.schedule),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<P, B: fmt::Debug> fmt::Debug for Deliver<P, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deliver")
+            .field("backend", &self.backend)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, B> Service<Task<QueuedEvent<P>>> for Deliver<P, B>
+where
+    B: QueueBackend<P>,
+    P: Send + Sync + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    /// An async block: the attempt, then writing its consequence.
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, task: Task<QueuedEvent<P>>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let job = task.args;
+        let backend = self.backend.clone();
+        let schedule = Arc::clone(&self.schedule);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            // `call` itself runs inside `catch_unwind` too: a sink may
+            // panic before it returns its future.
+            let event = job.event.clone();
+            let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(timeout, async move {
+                inner.call(event).await
+            }))
+            .catch_unwind();
+            let (err, transient): (BoxError, bool) = match attempt.await {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(e))) => {
+                    let transient = classify_dyn(&*e).is_transient();
+                    (e, transient)
+                }
+                Ok(Err(elapsed)) => (elapsed.into(), true),
+                // A sink that panics on an event would panic again: a dead
+                // letter, and the worker lives on.
+                Err(panic) => (
+                    format!("the sink panicked: {}", panic_message(&*panic)).into(),
+                    false,
+                ),
+            };
+            let delay = if transient {
+                schedule.delay_after(job.attempt, retry_after_dyn(&*err))
+            } else {
+                None
+            };
+            match delay {
+                Some(delay) => {
+                    tracing::debug!(
+                        event = %job.event.id, attempt = job.attempt, ?delay, error = %err,
+                        "delivery failed; next attempt scheduled"
+                    );
+                    backend
+                        .push(vec![(job.next_attempt(), delay)])
+                        .await
+                        .or_else(already_queued_is_ok)?;
+                }
+                None => {
+                    let cause = if transient {
+                        DeathCause::OutOfAttempts
+                    } else {
+                        DeathCause::Permanent
+                    };
+                    tracing::warn!(
+                        event = %job.event.id, attempt = job.attempt, ?cause, error = %err,
+                        "delivery failed; event is now a dead letter"
+                    );
+                    backend
+                        .bury(DeadLetter {
+                            event: job.event,
+                            attempts: job.attempt,
+                            last_error: err.to_string(),
+                            cause,
+                            failed_at: Utc::now(),
+                            key: job.key,
+                        })
+                        .await?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&'static str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}

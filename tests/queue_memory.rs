@@ -1,0 +1,89 @@
+//! ThroughTaskQueue on the in-memory backend: the shared queue tests, and
+//! what only memory shows.
+#![cfg(feature = "queue")]
+mod support;
+
+use eventsink::queue::MemoryQueue;
+use support::queue::{Backends, Payload, unique_name};
+
+struct Memory;
+
+impl Backends for Memory {
+    type B<P: Payload> = MemoryQueue<P>;
+    const KEEPS_COMPLETED: bool = false;
+
+    async fn make<P: Payload>(&self) -> MemoryQueue<P> {
+        MemoryQueue::new(unique_name("memory"))
+    }
+}
+
+queue_tests!(Some(Memory));
+
+#[tokio::test]
+async fn publishing_outside_a_runtime_is_an_error_not_a_panic() {
+    use eventsink::queue::{QueueError, ThroughTaskQueue};
+    use eventsink::{Event, NoopSink};
+    use tower::{Layer, Service};
+    let mut sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
+    // The call happens on a thread without a runtime; awaiting it elsewhere.
+    let future = std::thread::spawn(move || sink.call(Event::new("k", ())))
+        .join()
+        .unwrap();
+    let err = future.await.unwrap_err();
+    assert!(matches!(err, QueueError::NoRuntime), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_sink_makes_a_dead_letter_and_the_worker_lives_on() {
+    use eventsink::queue::{DeathCause, ThroughTaskQueue};
+    use eventsink::{Event, RecordingSink, SinkExt};
+    use std::time::Duration;
+    use tower::{Layer, Service};
+    let recorder = RecordingSink::new();
+    let sink = {
+        let recorder = recorder.clone();
+        tower::service_fn(move |event: Event| {
+            if event.kind.as_ref() == "test.boom" {
+                panic!("boom on {}", event.id);
+            }
+            recorder.clone().call(event)
+        })
+    };
+    let queue = MemoryQueue::new(unique_name("panic"));
+    let mut publisher = ThroughTaskQueue::new(queue.clone()).layer(sink);
+    let worker = publisher.worker().spawn();
+    let boom = Event::new("test.boom", serde_json::json!(1));
+    publisher.publish(boom.clone()).await.unwrap();
+    let dead = queue.dead_letters();
+    dead.wait_for_count(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let letter = dead.get(&boom.id).await.unwrap().unwrap();
+    assert_eq!(letter.cause, DeathCause::Permanent);
+    assert!(
+        letter.last_error.contains("boom on"),
+        "{}",
+        letter.last_error
+    );
+    publisher
+        .publish(Event::new("test.fine", serde_json::json!(2)))
+        .await
+        .unwrap();
+    recorder.wait_for(1, Duration::from_secs(10)).await.unwrap();
+    assert!(!worker.is_finished());
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_publishing_service_boxes_into_a_box_sink() {
+    use eventsink::queue::ThroughTaskQueue;
+    use eventsink::{BoxSink, Event, NoopSink, SinkExt};
+    use tower::Layer;
+    let queue: MemoryQueue = MemoryQueue::new(unique_name("boxed"));
+    let mut sink: BoxSink = ThroughTaskQueue::new(queue.clone())
+        .layer(NoopSink::new())
+        .boxed_sink();
+    sink.publish(Event::new("test.boxed", serde_json::json!(1)))
+        .await
+        .expect("publish through a BoxSink");
+}

@@ -1,0 +1,86 @@
+//! ThroughTaskQueue on Postgres (`EVENTSINK_POSTGRES_URL`): the shared queue
+//! tests, and duplicate keys inside one batch.
+#![cfg(feature = "postgres")]
+mod support;
+
+use std::sync::Mutex;
+
+use eventsink::queue::{PostgresQueue, ThroughTaskQueue};
+use eventsink::{Event, NoopSink, SinkExt};
+use serde_json::json;
+use support::queue::{Backends, Payload, backend_url, unique_name};
+use tower::Layer;
+
+struct Postgres {
+    url: String,
+    names: Mutex<Vec<String>>,
+}
+
+impl Backends for Postgres {
+    type B<P: Payload> = PostgresQueue<P>;
+
+    async fn make<P: Payload>(&self) -> PostgresQueue<P> {
+        let name = unique_name("pg");
+        self.names.lock().unwrap().push(name.clone());
+        PostgresQueue::builder(&self.url, &name)
+            .connect()
+            .await
+            .expect("connect to Postgres")
+    }
+
+    async fn cleanup(&self) {
+        let names = self.names.lock().unwrap().clone();
+        let Ok(pool) = sqlx::PgPool::connect(&self.url).await else {
+            return;
+        };
+        for name in names {
+            for sql in [
+                "DELETE FROM apalis.jobs WHERE job_type = $1",
+                "DELETE FROM eventsink_dead_letters WHERE queue = $1",
+                "DELETE FROM apalis.workers WHERE worker_type = $1",
+            ] {
+                let _ = sqlx::query(sql).bind(&name).execute(&pool).await;
+            }
+        }
+    }
+}
+
+fn postgres() -> Option<Postgres> {
+    Some(Postgres {
+        url: backend_url("EVENTSINK_POSTGRES_URL")?,
+        names: Mutex::new(Vec::new()),
+    })
+}
+
+queue_tests!(postgres());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_duplicate_in_a_batch_does_not_fail_the_others() {
+    let Some(pg) = postgres() else { return };
+    let queue: PostgresQueue = pg.make().await;
+    let sink = ThroughTaskQueue::new(queue.clone()).layer(NoopSink::new());
+    let dup = Event::new("test.batch", json!("dup"));
+    sink.clone().publish(dup.clone()).await.expect("first copy");
+    // 32 concurrent publishes, one of them the duplicate: one batch.
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..32 {
+        let mut sink = sink.clone();
+        let event = if n == 7 {
+            dup.clone()
+        } else {
+            Event::new("test.batch", json!(n))
+        };
+        tasks.spawn(async move { sink.publish(event).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap()
+            .expect("every publish succeeds, the duplicate too");
+    }
+    let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1")
+        .bind(queue.name())
+        .fetch_one(queue.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 32, "31 new jobs plus the first copy, no second copy");
+    pg.cleanup().await;
+}

@@ -1,0 +1,76 @@
+//! ThroughTaskQueue on Redis (`EVENTSINK_REDIS_URL`): the shared queue tests.
+#![cfg(feature = "redis")]
+mod support;
+
+use std::sync::Mutex;
+
+use eventsink::queue::RedisQueue;
+use support::queue::{Backends, Payload, backend_url, unique_name};
+
+struct Redis {
+    url: String,
+    names: Mutex<Vec<String>>,
+}
+
+impl Backends for Redis {
+    type B<P: Payload> = RedisQueue<P>;
+
+    async fn make<P: Payload>(&self) -> RedisQueue<P> {
+        let name = unique_name("redis");
+        self.names.lock().unwrap().push(name.clone());
+        RedisQueue::connect(&self.url, &name)
+            .await
+            .expect("connect to Redis")
+    }
+
+    async fn cleanup(&self) {
+        let names = self.names.lock().unwrap().clone();
+        support::queue::delete_redis_keys(&self.url, &names).await;
+    }
+}
+
+fn redis() -> Option<Redis> {
+    Some(Redis {
+        url: backend_url("EVENTSINK_REDIS_URL")?,
+        names: Mutex::new(Vec::new()),
+    })
+}
+
+queue_tests!(redis());
+
+/// apalis-redis moves every due job from its scheduled set to the active
+/// list in one Lua `unpack`, which fails above about 8,000 items: a backlog
+/// published while no worker ran must still be delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_lua_unpack_is_delivered() {
+    use std::time::Duration;
+
+    use eventsink::queue::ThroughTaskQueue;
+    use eventsink::{Event, RecordingSink, SinkExt};
+    use tower::Layer;
+
+    const BACKLOG: usize = 16 * 563;
+    let Some(backends) = redis() else { return };
+    let queue: RedisQueue = backends.make().await;
+    let recorder = RecordingSink::new();
+    let sink = ThroughTaskQueue::new(queue).layer(recorder.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..16 {
+        let mut sink = sink.clone();
+        tasks.spawn(async move {
+            for n in 0..BACKLOG / 16 {
+                let event = Event::new("test.backlog", serde_json::json!([p, n]));
+                sink.publish(event).await.expect("publish");
+            }
+        });
+    }
+    tasks.join_all().await;
+    let worker = sink
+        .worker()
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    let got = recorder.wait_for(BACKLOG, Duration::from_secs(60)).await;
+    worker.shutdown().await;
+    backends.cleanup().await;
+    assert_eq!(got.expect("the whole backlog delivered").len(), BACKLOG);
+}

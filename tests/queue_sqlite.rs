@@ -1,0 +1,186 @@
+//! ThroughTaskQueue on SQLite: the shared queue tests against real files,
+//! and the settings the backend promises.
+#![cfg(feature = "sqlite")]
+mod support;
+
+use eventsink::queue::SqliteQueue;
+use support::queue::{Backends, Payload, unique_name};
+use tempfile::TempDir;
+
+struct Sqlite(TempDir);
+
+impl Backends for Sqlite {
+    type B<P: Payload> = SqliteQueue<P>;
+
+    async fn make<P: Payload>(&self) -> SqliteQueue<P> {
+        let name = unique_name("sqlite");
+        let path = self.0.path().join(format!("{name}.db"));
+        SqliteQueue::open(path, &name)
+            .await
+            .expect("open sqlite queue")
+    }
+}
+
+fn sqlite() -> Option<Sqlite> {
+    Some(Sqlite(tempfile::tempdir().expect("temp dir")))
+}
+
+queue_tests!(sqlite());
+
+#[tokio::test]
+async fn opens_with_wal_and_normal_sync_and_can_choose_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let queue: SqliteQueue = SqliteQueue::open(tmp.path().join("a.db"), "a")
+        .await
+        .unwrap();
+    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+        .fetch_one(queue.pool())
+        .await
+        .unwrap();
+    assert_eq!(mode.to_lowercase(), "wal");
+    // Every pooled connection, not just one: 1 = NORMAL, 2 = FULL.
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(queue.pool().acquire().await.unwrap());
+    }
+    for conn in &mut conns {
+        let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(sync, 1);
+    }
+    drop(conns);
+    let full: SqliteQueue = SqliteQueue::builder(tmp.path().join("b.db"), "b")
+        .synchronous_full(true)
+        .open()
+        .await
+        .unwrap();
+    let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+        .fetch_one(full.pool())
+        .await
+        .unwrap();
+    assert_eq!(sync, 2);
+}
+
+#[tokio::test]
+async fn a_file_that_cannot_be_opened_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let err = SqliteQueue::<serde_json::Value>::open(file.join("q.db"), "q")
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("opening the SQLite file"), "{text}");
+}
+
+/// A payload whose `Serialize` fails when asked to.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+struct Fragile {
+    n: u32,
+    broken: bool,
+}
+
+impl serde::Serialize for Fragile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeStruct};
+        if self.broken {
+            return Err(S::Error::custom("this payload refuses to be serialised"));
+        }
+        let mut st = s.serialize_struct("Fragile", 2)?;
+        st.serialize_field("n", &self.n)?;
+        st.serialize_field("broken", &self.broken)?;
+        st.end()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_payload_fails_only_its_own_publish_in_a_batch() {
+    use eventsink::queue::ThroughTaskQueue;
+    use eventsink::{ErrorKind, Event, RecordingSink, SinkExt, classify};
+    use tower::Layer;
+    let tmp = tempfile::tempdir().unwrap();
+    let queue: SqliteQueue<Fragile> = SqliteQueue::open(tmp.path().join("q.db"), "fragile")
+        .await
+        .unwrap();
+    let recorder = RecordingSink::new();
+    let sink = ThroughTaskQueue::new(queue).layer(recorder.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..32 {
+        let mut sink = sink.clone();
+        let event = Event::new("test.fragile", Fragile { n, broken: n == 5 });
+        tasks.spawn(async move { (n, sink.publish(event).await) });
+    }
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (n, result) = done.unwrap();
+        if let Err(e) = result {
+            let boxed: eventsink::BoxError = e.into();
+            assert_eq!(classify(&boxed), ErrorKind::Permanent, "{boxed}");
+            assert!(boxed.to_string().contains("refuses"), "{boxed}");
+            failed.push(n);
+        }
+    }
+    assert_eq!(failed, vec![5], "only the broken event fails");
+    let worker = sink.worker().spawn();
+    let got = recorder
+        .wait_for(31, support::conformance::ARRIVAL_TIMEOUT)
+        .await
+        .expect("the others are delivered");
+    worker.shutdown().await;
+    assert!(got.iter().all(|e| !e.payload.broken));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_restarts_the_worker_instead_of_ending_it() {
+    use eventsink::queue::ThroughTaskQueue;
+    use eventsink::{Event, RecordingSink, SinkExt};
+    use sqlx::Connection;
+    use std::time::Duration;
+    use tower::Layer;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("locked.db");
+    let queue: SqliteQueue = SqliteQueue::builder(&path, "locked")
+        .busy_timeout(Duration::from_millis(50))
+        .open()
+        .await
+        .unwrap();
+    let recorder = RecordingSink::new();
+    let mut sink = ThroughTaskQueue::new(queue).layer(recorder.clone());
+    sink.publish(Event::new("test.locked", serde_json::json!(1)))
+        .await
+        .unwrap();
+    // Another connection holds the write lock: the worker's first writes
+    // fail with "database is locked" after the 50 ms busy timeout.
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let worker = sink
+        .worker()
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    // Signal: the handle's restart count (polled; there is no event for it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while worker.restarts() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never restarted"
+        );
+        assert!(
+            !worker.is_finished(),
+            "the worker ended instead of restarting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    recorder
+        .wait_for(1, support::conformance::ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered once the lock is gone");
+    worker.shutdown().await;
+}

@@ -1,0 +1,505 @@
+//! The queue tests every backend runs: the same bodies, a fresh queue (a
+//! unique name) per test, the real backend.
+#![cfg(feature = "queue")]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use eventsink::queue::{
+    DeathCause, QueueBackend, RetrySchedule, TaskQueue, ThroughTaskQueue, WorkerHandle,
+};
+use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tower::Layer;
+
+use super::OrderPlaced;
+use super::conformance::{self, ARRIVAL_TIMEOUT, Destination};
+
+/// What a queue test needs of its payload type.
+pub trait Payload: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<P: Serialize + DeserializeOwned + Send + Sync + 'static> Payload for P {}
+
+/// Makes fresh, isolated queues of one backend.
+pub trait Backends: Send + Sync + 'static {
+    /// The backend type for payload `P`.
+    type B<P: Payload>: QueueBackend<P>;
+
+    /// A new queue with a unique name.
+    fn make<P: Payload>(&self) -> impl Future<Output = Self::B<P>> + Send;
+
+    /// Whether the backend keeps completed jobs (all but memory).
+    const KEEPS_COMPLETED: bool = true;
+
+    /// Deletes what the test's queues left in a shared backend.
+    fn cleanup(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// The value of a backend's URL variable, or `None` after saying on stdout
+/// that the test was not run and why.
+pub fn backend_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            println!("not run: {var} is not set (.ci/run sets it to the local service)");
+            None
+        }
+    }
+}
+
+/// A unique queue name for one test.
+pub fn unique_name(test: &str) -> String {
+    format!("t-{test}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Retries after 1 ms: schedules of milliseconds in tests. The durable
+/// backends store due times in whole seconds, so there they are "due now".
+pub fn fast_schedule(attempts: u32) -> RetrySchedule {
+    RetrySchedule::fixed((1..attempts).map(|_| Duration::from_millis(1)))
+}
+
+type Sink<B, P> = TaskQueue<RecordingSink<P>, B>;
+
+fn publisher<B: QueueBackend<P> + Clone, P: Payload>(
+    backend: &B,
+    recorder: &RecordingSink<P>,
+) -> Sink<B, P> {
+    ThroughTaskQueue::new(backend.clone()).layer(recorder.clone())
+}
+
+fn spawn_worker<B: QueueBackend<P>, P: Payload>(
+    sink: &Sink<B, P>,
+    schedule: RetrySchedule,
+) -> WorkerHandle {
+    sink.worker()
+        .schedule(schedule)
+        .poll_interval(Duration::from_millis(10))
+        .spawn()
+}
+
+fn ids<P>(events: &[Event<P>]) -> Vec<String> {
+    let mut ids: Vec<_> = events.iter().map(|e| e.id.to_string()).collect();
+    ids.sort();
+    ids
+}
+
+/// Publish → worker → each event delivered exactly once.
+pub async fn delivers_each_event_exactly_once(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let mut sink = publisher(&backend, &recorder);
+    let sent: Vec<_> = (0..50)
+        .map(|n| Event::new("test.once", json!({ "n": n })))
+        .collect();
+    for event in &sent {
+        sink.publish(event.clone()).await.expect("publish");
+    }
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    recorder
+        .wait_for(sent.len(), ARRIVAL_TIMEOUT)
+        .await
+        .expect("all delivered");
+    worker.shutdown().await;
+    let got = recorder.events();
+    assert_eq!(ids(&got), ids(&sent), "each event exactly once");
+    assert_eq!(recorder.calls(), sent.len(), "no extra calls");
+    for event in &sent {
+        let arrived = got.iter().find(|e| e.id == event.id).unwrap();
+        assert_eq!(arrived, event, "event changed on the way");
+    }
+}
+
+/// Transient failures are retried on the schedule, then delivered.
+pub async fn transient_failures_are_retried_then_delivered(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    recorder.fail_next(2, ErrorKind::Transient);
+    let mut sink = publisher(&backend, &recorder);
+    let worker = spawn_worker(&sink, fast_schedule(5));
+    let event = Event::new("test.retry", json!({"x": 1}));
+    sink.publish(event.clone()).await.expect("publish");
+    let got = recorder
+        .wait_for(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered");
+    worker.shutdown().await;
+    assert_eq!(got, vec![event]);
+    assert_eq!(recorder.calls(), 3, "two failures, then the delivery");
+    let dead = backend_dead(&backend).await;
+    assert_eq!(dead, 0, "nothing dead");
+}
+
+async fn backend_dead<B: QueueBackend<P>, P: Payload>(backend: &B) -> u64 {
+    eventsink::queue::DeadLetters::<B, P>::new(backend.clone())
+        .count()
+        .await
+        .expect("count dead letters")
+}
+
+/// A permanent failure goes straight to the dead letters; replay delivers.
+pub async fn permanent_failure_is_a_dead_letter_at_once(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
+    let recorder = RecordingSink::new();
+    recorder.fail_next(1, ErrorKind::Permanent);
+    let mut sink = publisher(&backend, &recorder);
+    let worker = spawn_worker(&sink, fast_schedule(5));
+    let event = Event::new("test.permanent", json!({"x": 2}));
+    sink.publish(event.clone()).await.expect("publish");
+    dead.wait_for_count(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("a dead letter");
+    let letter = dead.get(&event.id).await.expect("get").expect("the letter");
+    assert_eq!(letter.event, event);
+    assert_eq!(letter.attempts, 1);
+    assert_eq!(letter.cause, DeathCause::Permanent);
+    assert!(
+        letter.last_error.contains("permanent"),
+        "{}",
+        letter.last_error
+    );
+    assert_eq!(recorder.calls(), 1, "a permanent failure is not retried");
+    assert!(recorder.events().is_empty());
+
+    assert!(dead.replay(&event.id).await.expect("replay"));
+    let got = recorder
+        .wait_for(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("replayed");
+    worker.shutdown().await;
+    assert_eq!(got, vec![event]);
+    assert_eq!(dead.count().await.expect("count"), 0, "replay removes it");
+}
+
+/// Out of attempts → dead letter; list pages, show, replay all, purge.
+pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
+    let recorder = RecordingSink::new();
+    // 3 events × 2 attempts each.
+    recorder.fail_next(6, ErrorKind::Transient);
+    let mut sink = publisher(&backend, &recorder);
+    let worker = spawn_worker(&sink, fast_schedule(2));
+    let sent: Vec<_> = (0..3)
+        .map(|n| Event::new("test.dead", json!({ "n": n })))
+        .collect();
+    for event in &sent {
+        sink.publish(event.clone()).await.expect("publish");
+    }
+    dead.wait_for_count(3, ARRIVAL_TIMEOUT)
+        .await
+        .expect("three dead letters");
+    assert_eq!(recorder.calls(), 6, "two attempts each");
+
+    let first = dead.list(0, 2).await.expect("page 1");
+    let second = dead.list(2, 2).await.expect("page 2");
+    assert_eq!((first.len(), second.len()), (2, 1));
+    let listed: Vec<_> = first
+        .iter()
+        .chain(&second)
+        .map(|d| d.event.clone())
+        .collect();
+    assert_eq!(
+        ids(&listed),
+        ids(&sent),
+        "pages cover every dead letter once"
+    );
+    for letter in first.iter().chain(&second) {
+        assert_eq!(letter.attempts, 2);
+        assert_eq!(letter.cause, DeathCause::OutOfAttempts);
+    }
+    let shown = dead.get(&sent[1].id).await.expect("get").expect("shown");
+    assert_eq!(shown.event, sent[1]);
+    assert!(dead.get("no-such-id").await.expect("get").is_none());
+
+    assert_eq!(dead.replay_all().await.expect("replay all"), 3);
+    let got = recorder
+        .wait_for(3, ARRIVAL_TIMEOUT)
+        .await
+        .expect("replayed");
+    assert_eq!(ids(&got), ids(&sent));
+
+    // Purge: bury one more, then purge it.
+    recorder.fail_next(1, ErrorKind::Permanent);
+    sink.publish(Event::new("test.dead", json!("last")))
+        .await
+        .expect("publish");
+    dead.wait_for_count(1, ARRIVAL_TIMEOUT).await.expect("dead");
+    worker.shutdown().await;
+    assert_eq!(dead.purge().await.expect("purge"), 1);
+    assert_eq!(dead.count().await.expect("count"), 0);
+}
+
+/// Publishing an event again while it is queued delivers it once.
+pub async fn duplicate_publish_is_delivered_once(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let mut sink = publisher(&backend, &recorder);
+    let twice = Event::new("test.dup", json!({"dup": true}));
+    sink.publish(twice.clone()).await.expect("publish");
+    sink.publish(twice.clone()).await.expect("publish again");
+    // Concurrent duplicates land in one group-commit batch.
+    let mut concurrent = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (mut sink, twice) = (sink.clone(), twice.clone());
+        concurrent.spawn(async move { sink.publish(twice).await });
+    }
+    while let Some(done) = concurrent.join_next().await {
+        done.expect("task").expect("duplicate publish is Ok");
+    }
+    let others: Vec<_> = (0..10)
+        .map(|n| Event::new("test.dup", json!({ "n": n })))
+        .collect();
+    for event in &others {
+        sink.publish(event.clone()).await.expect("publish");
+    }
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    recorder
+        .wait_for(11, ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered");
+    // A marker published after everything else: once it is in, any second
+    // copy would have been fetched too.
+    let marker = Event::new("test.dup.marker", json!(null));
+    sink.publish(marker).await.expect("publish marker");
+    recorder
+        .wait_for(12, ARRIVAL_TIMEOUT)
+        .await
+        .expect("marker");
+    worker.shutdown().await;
+    let got = recorder.events();
+    let copies = got.iter().filter(|e| e.id == twice.id).count();
+    assert_eq!(copies, 1, "the duplicate was delivered {copies} times");
+    assert_eq!(got.len(), 12);
+}
+
+/// Counts completed deliveries, for waiting without
+/// `RecordingSink::wait_for` (which can deadlock against a concurrent
+/// `call`: it holds its watch guard while taking the state lock).
+#[derive(Clone)]
+pub struct Delivered(std::sync::Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Delivered {
+    pub fn new() -> Self {
+        Delivered(std::sync::Arc::new(tokio::sync::watch::channel(0).0))
+    }
+
+    pub fn add(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until at least `n` deliveries completed.
+    pub async fn wait(&self, n: usize) {
+        let mut rx = self.0.subscribe();
+        let reached = tokio::time::timeout(ARRIVAL_TIMEOUT, async {
+            rx.wait_for(|&c| c >= n).await.map(|_| ())
+        })
+        .await;
+        let count = *self.0.borrow();
+        assert!(
+            matches!(reached, Ok(Ok(()))),
+            "waited for {n} deliveries, {count} arrived"
+        );
+    }
+}
+
+/// Stopping the worker mid-load loses nothing: a new worker delivers the
+/// rest. The sink is slow (5 ms), so the stop meets deliveries in flight
+/// and jobs fetched but not started.
+pub async fn shutdown_mid_load_loses_nothing(backends: &impl Backends) {
+    use tower::Service;
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let delivered = Delivered::new();
+    let slow = {
+        let (recorder, delivered) = (recorder.clone(), delivered.clone());
+        tower::service_fn(move |event: Event| {
+            let (mut recorder, delivered) = (recorder.clone(), delivered.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                recorder.call(event).await?;
+                delivered.add();
+                Ok::<(), eventsink::Error>(())
+            }
+        })
+    };
+    let mut sink = ThroughTaskQueue::new(backend.clone()).layer(slow);
+    let sent: Vec<_> = (0..300)
+        .map(|n| Event::new("test.shutdown", json!({ "n": n })))
+        .collect();
+    for event in &sent {
+        sink.publish(event.clone()).await.expect("publish");
+    }
+    // A stop waits at most the attempt timeout plus 5 s for apalis to wind
+    // down; keep that short here.
+    let start = || {
+        sink.worker()
+            .schedule(fast_schedule(3))
+            .attempt_timeout(Duration::from_secs(2))
+            .poll_interval(Duration::from_millis(10))
+            .spawn()
+    };
+    let worker = start();
+    delivered.wait(20).await;
+    worker.shutdown().await;
+    let after_stop = recorder.events().len();
+    assert!(after_stop < sent.len(), "the stop came mid-load");
+    let worker = start();
+    let want: HashSet<_> = sent.iter().map(|e| e.id.clone()).collect();
+    // Duplicates count too; wait until every id is in.
+    let mut total = sent.len();
+    loop {
+        delivered.wait(total).await;
+        let got = recorder.events();
+        let unique: HashSet<_> = got.iter().map(|e| e.id.clone()).collect();
+        if unique == want {
+            break;
+        }
+        total = got.len() + 1;
+    }
+    worker.shutdown().await;
+}
+
+/// Retention deletes completed jobs (the worker's hourly clean-up, here
+/// called directly).
+pub async fn retention_removes_completed_jobs<Bk: Backends>(backends: &Bk) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let mut sink = publisher(&backend, &recorder);
+    for n in 0..3 {
+        sink.publish(Event::new("test.retention", json!(n)))
+            .await
+            .expect("publish");
+    }
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    recorder
+        .wait_for(3, ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered");
+    worker.shutdown().await;
+    let kept = backend
+        .remove_completed(Duration::from_secs(3600))
+        .await
+        .expect("retention");
+    assert_eq!(kept, 0, "jobs completed just now are younger than an hour");
+    let removed = backend
+        .remove_completed(Duration::ZERO)
+        .await
+        .expect("retention");
+    let want = if Bk::KEEPS_COMPLETED { 3 } else { 0 };
+    assert_eq!(removed, want, "completed jobs removed");
+}
+
+/// The publishing service passes the conformance suite, with a worker
+/// draining into a `RecordingSink`.
+pub async fn passes_conformance<Bk: Backends>(backends: &Bk) {
+    let mut json_dests = Vec::new();
+    for _ in 0..3 {
+        json_dests.push(Drained::new(backends.make::<Value>().await));
+    }
+    let typed = Mutex::new(vec![Drained::new(backends.make::<OrderPlaced>().await)]);
+    let json_dests = Mutex::new(json_dests);
+    conformance::run(
+        || json_dests.lock().unwrap().pop().expect("a prepared queue"),
+        || typed.lock().unwrap().pop().expect("a prepared queue"),
+    )
+    .await;
+}
+
+/// A queue with a running worker that delivers into a recorder.
+pub struct Drained<B, P> {
+    sink: Sink<B, P>,
+    recorder: RecordingSink<P>,
+    _worker: WorkerHandle,
+}
+
+impl<B: QueueBackend<P>, P: Payload> Drained<B, P> {
+    fn new(backend: B) -> Self {
+        let recorder = RecordingSink::new();
+        let sink = publisher(&backend, &recorder);
+        let worker = spawn_worker(&sink, fast_schedule(3));
+        Drained {
+            sink,
+            recorder,
+            _worker: worker,
+        }
+    }
+}
+
+impl<B: QueueBackend<P>, P: Payload> Destination<P> for Drained<B, P> {
+    type Sink = Sink<B, P>;
+
+    fn sink(&self) -> Self::Sink {
+        self.sink.clone()
+    }
+
+    async fn arrived(&self, n: usize) -> Option<Vec<Event<P>>> {
+        let mut events = self
+            .recorder
+            .wait_for(n, ARRIVAL_TIMEOUT)
+            .await
+            .expect("events delivered through the queue");
+        events.sort_by(|a, b| a.id.cmp(&b.id));
+        Some(events)
+    }
+}
+
+/// Declares one `#[tokio::test]` per shared test body for a backend.
+#[macro_export]
+macro_rules! queue_tests {
+    ($backends:expr) => {
+        $crate::queue_tests!(@each $backends;
+            delivers_each_event_exactly_once,
+            transient_failures_are_retried_then_delivered,
+            permanent_failure_is_a_dead_letter_at_once,
+            dead_letters_list_show_replay_and_purge,
+            duplicate_publish_is_delivered_once,
+            shutdown_mid_load_loses_nothing,
+            retention_removes_completed_jobs,
+            passes_conformance,
+        );
+    };
+    (@each $backends:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                if let Some(backends) = $backends {
+                    support::queue::$name(&backends).await;
+                    support::queue::Backends::cleanup(&backends).await;
+                }
+            }
+        )*
+    };
+}
+
+/// Deletes every Redis key that mentions one of the queue `names`.
+#[cfg(feature = "redis")]
+pub async fn delete_redis_keys(url: &str, names: &[String]) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    for name in names {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{name}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
+        // apalis-redis lists every queue it has seen.
+        let _: Result<(), _> = redis::cmd("ZREM")
+            .arg("core:apalis:queues:list")
+            .arg(format!("{name}:workers"))
+            .query_async(&mut conn)
+            .await;
+    }
+}
