@@ -102,6 +102,8 @@ pub use error::{BoxError, Error, ErrorKind, classify};
 pub use event::Event;
 pub use fs::FsSink;
 pub use noop::NoopSink;
+#[cfg(feature = "queue")]
+pub use queue::ThroughTaskQueue;
 pub use recording::{RecordingSink, WaitTimedOut};
 pub use retry::RetryPolicy;
 pub use sink::{BoxSink, Publish, Sink, SinkExt};
