@@ -65,9 +65,9 @@
 //! - **Duplicates.** Each job carries an idempotency key
 //!   (`{queue}:{kind}:{id}`): publishing an event again while it is queued,
 //!   or until completed jobs are removed by retention (SQLite, Postgres;
-//!   [`DEFAULT_RETENTION`]), stores nothing new. Redis remembers keys for
-//!   the same time (`RedisQueueBuilder::dedup_for`); the memory backend only
-//!   while the job waits.
+//!   [`DEFAULT_RETENTION`]), stores nothing new. Redis does the same (its
+//!   job ids are derived from the keys); the memory backend only while the
+//!   job waits.
 //!
 //! # What can lose an event
 //!
