@@ -3,9 +3,12 @@
 #![cfg(feature = "sqlite")]
 mod support;
 
-use eventsink::queue::SqliteQueue;
+use eventsink::queue::{SqliteQueue, ThroughTaskQueue};
+use eventsink::{Event, NoopSink, SinkExt};
+use serde_json::json;
 use support::queue::{Backends, Payload, unique_name};
 use tempfile::TempDir;
+use tower::Layer;
 
 struct Sqlite(TempDir);
 
@@ -183,4 +186,67 @@ async fn a_locked_database_restarts_the_worker_instead_of_ending_it() {
         .await
         .expect("delivered once the lock is gone");
     worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_job_published_now_is_due_now() {
+    let tmp = tempfile::tempdir().unwrap();
+    let queue: SqliteQueue = SqliteQueue::open(tmp.path().join("due.db"), "due")
+        .await
+        .unwrap();
+    let mut sink = ThroughTaskQueue::new(queue.clone()).layer(NoopSink::new());
+    sink.publish(Event::new("due.now", json!(1))).await.unwrap();
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (run_at,): (i64,) = sqlx::query_as("SELECT run_at FROM Jobs")
+        .fetch_one(queue.pool())
+        .await
+        .unwrap();
+    // Stored in whole seconds: due in the second it was published, not the
+    // next one (a fetch before then would skip it).
+    assert!(
+        u64::try_from(run_at).unwrap() <= after,
+        "run_at {run_at} is after {after}"
+    );
+}
+
+/// The plans SQLite picks for apalis' statements that lock and acknowledge
+/// jobs by id (the shapes of apalis-sqlite 1.0's `lock.sql` and `ack.sql`):
+/// through the primary key, on every pooled connection. Without planner
+/// statistics SQLite scans all pending jobs, or all jobs the worker ever
+/// ran, for each one, and a backlog drains in quadratic time.
+#[tokio::test]
+async fn jobs_are_locked_and_acknowledged_through_the_primary_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let queue: SqliteQueue = SqliteQueue::open(tmp.path().join("plan.db"), "plan")
+        .await
+        .unwrap();
+    let lock = "EXPLAIN QUERY PLAN UPDATE Jobs SET status = 'Running', lock_by = ?2 \
+        WHERE id IN (SELECT value FROM json_each(?1)) AND (status = 'Queued' \
+        OR status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))";
+    let ack = "EXPLAIN QUERY PLAN WITH j AS (SELECT value ->> 'task_id' AS task_id, \
+        value ->> 'status' AS status FROM json_each(?1)) UPDATE Jobs SET status = j.status \
+        FROM j WHERE Jobs.id = j.task_id AND Jobs.lock_by = ?2";
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(queue.pool().acquire().await.unwrap());
+    }
+    for conn in &mut conns {
+        for statement in [lock, ack] {
+            let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(statement)
+                .bind("[]")
+                .bind("worker")
+                .fetch_all(&mut **conn)
+                .await
+                .unwrap();
+            let plan: Vec<_> = plan.into_iter().map(|row| row.3).collect();
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains("sqlite_autoindex_Jobs_1 (id=?)")),
+                "{statement}\nplan: {plan:#?}"
+            );
+        }
+    }
 }
