@@ -122,10 +122,11 @@ async fn push_jobs<P: Serialize>(
     name: &Arc<str>,
     jobs: &[(QueuedEvent<P>, Duration)],
 ) -> Result<usize, QueueError> {
-    let script = redis::Script::new(PUSH_JOBS);
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(PUSH_JOBS));
     let mut due_now = 0;
     for chunk in jobs.chunks(LUA_CHUNK) {
-        let mut call = script.prepare_invoke();
+        let mut call = SCRIPT.prepare_invoke();
         call.key(config.job_data_hash())
             .key(config.active_jobs_list())
             .key(config.signal_list())
@@ -187,9 +188,9 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// sorted set `eventsink:{queue}:dead:order` for paging). A job's id is
 /// derived from its idempotency key, so a key is remembered as long as its
 /// job: until the worker's retention
-/// ([`DEFAULT_RETENTION`](super::DEFAULT_RETENTION)) removes the
-/// completed job. Redis loses what it holds in memory on a restart unless it persists (AOF, `appendfsync always` for no
-/// loss at all). A worker that dies leaves its jobs to others after
+/// ([`DEFAULT_RETENTION`](super::DEFAULT_RETENTION)) removes the completed
+/// job. Redis loses what it holds in memory on a restart unless it
+/// persists (AOF, `appendfsync always` for no loss at all). A worker that dies leaves its jobs to others after
 /// `heartbeat × missed` ([`lease`](RedisQueueBuilder::lease), 15 s by
 /// default).
 ///
