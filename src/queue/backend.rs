@@ -141,11 +141,36 @@ pub(crate) mod ops {
 /// 250 ms retry at once. (apalis' `run_after` rounds down, and panics on a
 /// clock before 1970.)
 pub(crate) fn due_second(delay: Duration) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let due = now.saturating_add(delay);
+    let due = since_epoch().saturating_add(delay);
     due.as_secs() + u64::from(due.subsec_nanos() > 0)
+}
+
+/// The current whole Unix second, rounded down: a job stored due at it is
+/// due now.
+pub(crate) fn current_second() -> u64 {
+    since_epoch().as_secs()
+}
+
+fn since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The `max_attempts` stored with each job when we write jobs ourselves:
+/// apalis' default. Our worker counts attempts itself.
+pub(crate) const APALIS_MAX_ATTEMPTS: u32 = 25;
+
+/// A job as the JSON bytes apalis' `JsonCodec` stores; a payload that
+/// cannot be encoded is [`QueueError::Encode`].
+pub(crate) fn encode_job<P: serde::Serialize>(
+    queue: &std::sync::Arc<str>,
+    job: &QueuedEvent<P>,
+) -> Result<Vec<u8>, QueueError> {
+    serde_json::to_vec(job).map_err(|e| QueueError::Encode {
+        queue: std::sync::Arc::clone(queue),
+        source: crate::Error::Serialize(e),
+    })
 }
 
 /// Pushes `jobs` through any apalis storage in one `push_all` (one

@@ -18,7 +18,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::backend::{LocalWake, due_second, ops::Ops};
+use super::backend::{
+    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, ops::Ops,
+};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
 use super::worker::{Deliver, RunOptions};
@@ -97,10 +99,6 @@ end
 return #now
 "#;
 
-/// The `max_attempts` stored with each job: apalis' default. Our worker
-/// counts attempts itself (the Redis backend ignores this number).
-const APALIS_MAX_ATTEMPTS: u32 = 25;
-
 /// The apalis job id of an idempotency key: a UUID (version 8) made of the
 /// key's SHA-256, so the same key always gives the same id, and a short one.
 fn job_id(key: &str) -> String {
@@ -134,10 +132,7 @@ async fn push_jobs<P: Serialize>(
             .key(config.scheduled_jobs_set())
             .arg(APALIS_MAX_ATTEMPTS);
         for (job, delay) in chunk {
-            let data = serde_json::to_vec(job).map_err(|e| QueueError::Encode {
-                queue: Arc::clone(name),
-                source: crate::Error::Serialize(e),
-            })?;
+            let data = encode_job(name, job)?;
             let key = job.idempotency_key();
             let due = if delay.is_zero() {
                 0
@@ -158,10 +153,7 @@ async fn push_jobs<P: Serialize>(
 /// chunks, so that apalis' own promotion never meets a backlog it cannot
 /// unpack (a backlog builds up while no worker runs).
 async fn promote_due_jobs(mut conn: ConnectionManager, config: Config) -> Result<(), BoxError> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = current_second();
     let script = redis::Script::new(PROMOTE_DUE);
     loop {
         let moved: u64 = script

@@ -18,7 +18,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::backend::{LocalWake, due_second, ops::Ops};
+use super::backend::{
+    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, ops::Ops,
+};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
 use super::worker::{Deliver, RunOptions};
@@ -80,10 +82,7 @@ async fn insert_jobs<P: Serialize>(
     jobs: &[(QueuedEvent<P>, Duration)],
 ) -> Result<(), QueueError> {
     let fail = |e: sqlx::Error| QueueError::backend(queue, "pushing jobs", e);
-    // A job due now is due this second (rounding up would delay it).
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = current_second();
     let mut tx = pool.begin().await.map_err(fail)?;
     for chunk in jobs.chunks(ROWS_PER_INSERT) {
         let mut insert = sqlx::QueryBuilder::new(
@@ -92,10 +91,7 @@ async fn insert_jobs<P: Serialize>(
         );
         let mut rows = Vec::with_capacity(chunk.len());
         for (job, delay) in chunk {
-            let data = serde_json::to_vec(job).map_err(|e| QueueError::Encode {
-                queue: Arc::clone(queue),
-                source: crate::Error::Serialize(e),
-            })?;
+            let data = encode_job(queue, job)?;
             let due = if delay.is_zero() {
                 now
             } else {
@@ -123,10 +119,6 @@ async fn insert_jobs<P: Serialize>(
     }
     tx.commit().await.map_err(fail)
 }
-
-/// The `max_attempts` stored with each job: apalis' default. Our worker
-/// counts attempts itself.
-const APALIS_MAX_ATTEMPTS: u32 = 25;
 
 /// A queue in its own SQLite file (the embedded default; feature `sqlite`).
 ///
