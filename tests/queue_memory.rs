@@ -58,7 +58,7 @@ async fn a_panicking_sink_makes_a_dead_letter_and_the_worker_lives_on() {
     dead.wait_for_count(1, Duration::from_secs(10))
         .await
         .unwrap();
-    let letter = dead.get(&boom.id).await.unwrap().unwrap();
+    let letter = dead.get(&dead.key_of(&boom)).await.unwrap().unwrap();
     assert_eq!(letter.cause, DeathCause::Permanent);
     assert!(
         letter.last_error.contains("boom on"),

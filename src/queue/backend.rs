@@ -37,12 +37,14 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
     }
 
     /// Deletes this queue's completed jobs that finished at least
-    /// `older_than` ago; how many. The [`Worker`](super::Worker) does this
-    /// hourly (its `retention`); call it yourself if you turned that off.
-    /// Completed jobs hold the idempotency keys, so this also ends the
-    /// window in which publishing the same event again is ignored (except
-    /// on Redis, whose keys expire on their own). The memory backend keeps
-    /// no completed jobs (0).
+    /// `older_than` ago; how many. A job is completed when its outcome is
+    /// recorded: delivered, its next attempt stored, or its dead letter
+    /// written. Jobs that are not (due, scheduled, running, or left failed
+    /// by apalis) are never removed. The [`Worker`](super::Worker) does
+    /// this hourly (its `retention`); call it yourself if you turned that
+    /// off. Completed jobs hold the idempotency keys, so this also ends the
+    /// window in which publishing the same event again is ignored. The
+    /// memory backend keeps no completed jobs (0).
     ///
     /// ```
     /// use std::time::Duration;
@@ -86,24 +88,39 @@ pub(crate) mod ops {
             1
         }
 
-        /// Stores a dead letter, replacing one of the same event.
+        /// Stores a dead letter, replacing the one with the same key.
         fn bury(&self, dead: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>>;
 
-        /// Dead letters, oldest first.
+        /// Dead letters, oldest first (by failure time, then key).
         fn dead_page(
             &self,
             offset: u64,
             limit: u64,
         ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
 
-        /// One dead letter by event id.
+        /// Up to `limit` dead letters that failed at or before `until`
+        /// (Unix microseconds) and come after `after` (failure time in
+        /// microseconds, key) in the order of [`dead_page`](Ops::dead_page).
+        fn dead_after(
+            &self,
+            after: Option<(i64, String)>,
+            until: i64,
+            limit: u64,
+        ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
+
+        /// One dead letter by key.
         fn dead_get(
             &self,
-            id: &str,
+            key: &str,
         ) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>>;
 
-        /// Deletes one dead letter; whether it existed.
-        fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>>;
+        /// Deletes the dead letter with this key if it is still the one of
+        /// chain `chain`; whether it did.
+        fn dead_remove(
+            &self,
+            key: &str,
+            chain: &str,
+        ) -> BoxFuture<'static, Result<bool, QueueError>>;
 
         /// Deletes every dead letter of the queue; how many.
         fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
@@ -111,7 +128,9 @@ pub(crate) mod ops {
         /// How many dead letters the queue has.
         fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
 
-        /// Deletes this queue's completed jobs older than `age`; how many.
+        /// Deletes this queue's jobs that finished with their outcome
+        /// recorded (apalis' `Done`) at least `age` ago; how many. A job
+        /// apalis holds as failed, killed or scheduled is never removed.
         fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>>;
 
         /// Hands back the jobs a finished (or abandoned) worker run still

@@ -21,12 +21,12 @@
 //! sink.publish(Event::new("ping", serde_json::json!(1)).with_id("evt_1")).await?;
 //!
 //! let dead = queue.dead_letters();
-//! let letter = dead.wait_for_count(1, std::time::Duration::from_secs(5)).await?;
-//! assert_eq!(dead.get("evt_1").await?.unwrap().attempts, 1);
-//! assert!(dead.replay("evt_1").await?);               // back into the queue
+//! dead.wait_for_count(1, std::time::Duration::from_secs(5)).await?;
+//! let letter = dead.get("demo:ping:evt_1").await?.unwrap(); // {queue}:{kind}:{id}
+//! assert_eq!(letter.attempts, 1);
+//! assert!(dead.replay(&letter.key).await?);           // back into the queue
 //! recorder.wait_for(1, std::time::Duration::from_secs(5)).await?;
 //! worker.shutdown().await;
-//! # let _ = letter;
 //! # Ok(()) }
 //! ```
 
@@ -79,8 +79,13 @@ pub struct DeadLetter<P = serde_json::Value> {
     pub cause: DeathCause,
     /// When the queue gave up.
     pub failed_at: DateTime<Utc>,
-    /// The idempotency key of the event's job chain.
+    /// The letter's key, `{queue}:{kind}:{id}`: the key of the event's
+    /// jobs ([`QueuedEvent::key`]). A queue keeps one letter per key.
     pub key: String,
+    /// The id of the delivery chain that died (see [`QueuedEvent`]): a
+    /// replay removes the letter only while it is still this chain's.
+    #[serde(default)]
+    pub chain: String,
 }
 
 impl<P> Clone for DeadLetter<P> {
@@ -92,6 +97,7 @@ impl<P> Clone for DeadLetter<P> {
             cause: self.cause,
             failed_at: self.failed_at,
             key: self.key.clone(),
+            chain: self.chain.clone(),
         }
     }
 }
@@ -103,7 +109,8 @@ const REPLAY_PAGE: u64 = super::DEFAULT_MAX_BATCH as u64;
 /// The dead letters of one queue. Get it from the backend
 /// (`queue.dead_letters()`).
 ///
-/// Dead letters are identified by their event's id.
+/// A dead letter is identified by its [`key`](DeadLetter::key),
+/// `{queue}:{kind}:{id}`, the key of the event's jobs.
 ///
 /// ```
 /// use eventsink::queue::MemoryQueue;
@@ -176,36 +183,54 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         self.backend.dead_count().await
     }
 
-    /// The dead letter of the event with this id, if there is one.
+    /// The dead letter with this key (`{queue}:{kind}:{id}`), if there is
+    /// one.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
     /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
-    /// assert!(dead.get("evt_1").await?.is_none());
+    /// assert!(dead.get("q:order.placed:evt_1").await?.is_none());
     /// # Ok(()) }
     /// ```
-    pub async fn get(&self, event_id: &str) -> Result<Option<DeadLetter<P>>, QueueError> {
-        self.backend.dead_get(event_id).await
+    pub async fn get(&self, key: &str) -> Result<Option<DeadLetter<P>>, QueueError> {
+        self.backend.dead_get(key).await
     }
 
-    /// Puts the event back into the queue with a fresh set of attempts and
-    /// removes its dead letter; `false` if there was none.
+    /// The key of `event`'s dead letter in this queue, for
+    /// [`get`](DeadLetters::get) and [`replay`](DeadLetters::replay).
+    ///
+    /// ```
+    /// use eventsink::Event;
+    /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
+    /// let event = Event::new("order.placed", serde_json::json!(1)).with_id("evt_1");
+    /// assert_eq!(dead.key_of(&event), "q:order.placed:evt_1");
+    /// ```
+    pub fn key_of(&self, event: &Event<P>) -> String {
+        format!("{}:{}:{}", self.backend.name(), event.kind, event.id)
+    }
+
+    /// Puts the event back into the queue as a new delivery chain with a
+    /// fresh set of attempts, then removes the letter; `false` if there was
+    /// none. The letter is removed only if it is still the one replayed: if
+    /// the replayed job has already failed again, its new letter stays.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
     /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
-    /// assert!(!dead.replay("evt_1").await?);
+    /// assert!(!dead.replay("q:order.placed:evt_1").await?);
     /// # Ok(()) }
     /// ```
-    pub async fn replay(&self, event_id: &str) -> Result<bool, QueueError> {
-        let Some(letter) = self.get(event_id).await? else {
+    pub async fn replay(&self, key: &str) -> Result<bool, QueueError> {
+        let Some(letter) = self.get(key).await? else {
             return Ok(false);
         };
         self.requeue(vec![letter]).await?;
         Ok(true)
     }
 
-    /// Replays every dead letter; how many.
+    /// Replays every dead letter that existed when it was called, each
+    /// once, oldest first; how many. Letters written meanwhile (by the
+    /// replayed events failing again, say) are left for a later call.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
@@ -214,12 +239,15 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn replay_all(&self) -> Result<u64, QueueError> {
+        let until = Utc::now().timestamp_micros();
+        let mut after = None;
         let mut replayed = 0;
         loop {
-            let page = self.list(0, REPLAY_PAGE).await?;
-            if page.is_empty() {
+            let page = self.backend.dead_after(after, until, REPLAY_PAGE).await?;
+            let Some(last) = page.last() else {
                 return Ok(replayed);
-            }
+            };
+            after = Some((last.failed_at.timestamp_micros(), last.key.clone()));
             replayed += page.len() as u64;
             self.requeue(page).await?;
         }
@@ -264,23 +292,20 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         }
     }
 
+    /// Pushes each letter's event as a new chain, then removes exactly
+    /// the letters replayed (same key and chain): a crash in between
+    /// leaves a letter beside its job (a second replay would deliver
+    /// twice), never neither.
     async fn requeue(&self, letters: Vec<DeadLetter<P>>) -> Result<(), QueueError> {
         let jobs: Vec<_> = letters
             .iter()
-            .map(|letter| {
-                let base = letter.key.split("~replay-").next().unwrap_or(&letter.key);
-                QueuedEvent {
-                    event: letter.event.clone(),
-                    attempt: 1,
-                    key: format!("{base}~replay-{}", uuid::Uuid::now_v7()),
-                }
-            })
+            .map(|letter| QueuedEvent::replay(letter.key.clone(), letter.event.clone()))
             .collect();
         for result in push_each(&self.backend, jobs).await {
             result?;
         }
         for letter in &letters {
-            self.backend.dead_remove(&letter.event.id).await?;
+            self.backend.dead_remove(&letter.key, &letter.chain).await?;
         }
         Ok(())
     }

@@ -146,7 +146,7 @@ where
 
     fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
         let mut dead = self.dead();
-        dead.retain(|d| d.event.id != letter.event.id);
+        dead.retain(|d| d.key != letter.key);
         dead.push(letter);
         Box::pin(async { Ok(()) })
     }
@@ -166,15 +166,34 @@ where
         Box::pin(async { Ok(page) })
     }
 
-    fn dead_get(&self, id: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
-        let found = self.dead().iter().find(|d| &*d.event.id == id).cloned();
+    fn dead_after(
+        &self,
+        after: Option<(i64, String)>,
+        until: i64,
+        limit: u64,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+        let place = |d: &DeadLetter<P>| (d.failed_at.timestamp_micros(), d.key.clone());
+        let mut page: Vec<_> = self
+            .dead()
+            .iter()
+            .filter(|d| d.failed_at.timestamp_micros() <= until)
+            .filter(|d| after.as_ref().is_none_or(|after| place(d) > *after))
+            .cloned()
+            .collect();
+        page.sort_by_key(place);
+        page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Box::pin(async { Ok(page) })
+    }
+
+    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+        let found = self.dead().iter().find(|d| d.key == key).cloned();
         Box::pin(async { Ok(found) })
     }
 
-    fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
         let mut dead = self.dead();
         let before = dead.len();
-        dead.retain(|d| &*d.event.id != id);
+        dead.retain(|d| d.key != key || d.chain != chain);
         let removed = dead.len() < before;
         Box::pin(async move { Ok(removed) })
     }

@@ -165,6 +165,13 @@ pub const DEFAULT_MISSED_HEARTBEATS: usize = 3;
 /// It is JSON in every durable backend; the field names are part of the
 /// stored format.
 ///
+/// Every job of an event shares its [`key`](QueuedEvent::key),
+/// `{queue}:{kind}:{id}`, which is also the key of the event's dead
+/// letter. The attempts that follow one another after failures form a
+/// *delivery chain* with an id of its own: publishing the event again, or
+/// replaying its dead letter, starts a new chain, so the retries of one
+/// chain never meet the stored jobs of another.
+///
 /// ```
 /// use eventsink::{queue::QueuedEvent, Event};
 ///
@@ -176,19 +183,35 @@ pub const DEFAULT_MISSED_HEARTBEATS: usize = 3;
 pub struct QueuedEvent<P = serde_json::Value> {
     /// The event to deliver.
     pub event: Event<P>,
-    /// Which attempt this job makes, from 1.
+    /// Which attempt of its chain this job makes, from 1.
     pub attempt: u32,
-    /// The idempotency key of the event's first attempt; attempt `n > 1` is
-    /// stored under `{key}#{n}`.
+    /// The event's key, `{queue}:{kind}:{id}`: the idempotency key of its
+    /// published first attempt and the key of its dead letter.
     pub key: String,
+    /// The delivery chain's id, new for each publish and each replay. A
+    /// job that runs twice (its acknowledgement was lost) schedules the
+    /// same next attempt, which the backend stores once.
+    #[serde(default = "new_chain")]
+    pub chain: String,
+    /// Whether a replay started the chain (its first attempt is then keyed
+    /// by its chain, like a retry).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
+}
+
+/// A fresh delivery chain id: a UUID v7, 32 hex digits.
+fn new_chain() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
 }
 
 impl<P> QueuedEvent<P> {
-    /// The first attempt of `event` in `queue`, keyed `{queue}:{kind}:{id}`.
+    /// The first attempt of `event` in `queue`, keyed `{queue}:{kind}:{id}`,
+    /// on a new chain.
     ///
     /// ```
     /// let job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
     /// assert_eq!(job.key, "q:k:1");
+    /// assert_eq!(job.chain.len(), 32);
     /// ```
     pub fn new(queue: &str, event: Event<P>) -> Self {
         let key = format!("{queue}:{}:{}", event.kind, event.id);
@@ -196,30 +219,51 @@ impl<P> QueuedEvent<P> {
             event,
             attempt: 1,
             key,
+            chain: new_chain(),
+            replayed: false,
         }
     }
 
-    /// The idempotency key of this attempt.
+    /// The idempotency key of this job: [`key`](QueuedEvent::key) for the
+    /// first attempt of a published event (publishing it again while that
+    /// job is kept stores nothing new), `{key}~{chain}#{attempt}` for every
+    /// other job.
     ///
     /// ```
     /// let mut job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
     /// assert_eq!(job.idempotency_key(), "q:k:1");
     /// job.attempt = 3;
-    /// assert_eq!(job.idempotency_key(), "q:k:1#3");
+    /// job.chain = "c7".into();
+    /// assert_eq!(job.idempotency_key(), "q:k:1~c7#3");
     /// ```
     pub fn idempotency_key(&self) -> String {
-        if self.attempt <= 1 {
+        if self.attempt <= 1 && !self.replayed {
             self.key.clone()
         } else {
-            format!("{}#{}", self.key, self.attempt)
+            format!("{}~{}#{}", self.key, self.chain, self.attempt)
         }
     }
 
+    /// The next attempt of this job's chain.
     pub(crate) fn next_attempt(&self) -> Self {
         QueuedEvent {
             event: self.event.clone(),
             attempt: self.attempt.saturating_add(1),
             key: self.key.clone(),
+            chain: self.chain.clone(),
+            replayed: self.replayed,
+        }
+    }
+
+    /// The first attempt of a new chain for `event`, stored under `key`
+    /// (a replay).
+    pub(crate) fn replay(key: String, event: Event<P>) -> Self {
+        QueuedEvent {
+            event,
+            attempt: 1,
+            key,
+            chain: new_chain(),
+            replayed: true,
         }
     }
 }
@@ -230,6 +274,8 @@ impl<P> Clone for QueuedEvent<P> {
             event: self.event.clone(),
             attempt: self.attempt,
             key: self.key.clone(),
+            chain: self.chain.clone(),
+            replayed: self.replayed,
         }
     }
 }

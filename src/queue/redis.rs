@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::WorkerBuilderExt;
-use apalis_core::backend::Vacuum;
 use apalis_core::backend::ext::BackendExt;
 use apalis_core::backend::ext::poll_strategy::Strategy;
 use apalis_core::error::WorkerError;
@@ -60,6 +59,45 @@ if #ids > 0 then
     redis.call("lpush", KEYS[3], 1)
 end
 return #ids
+"#;
+
+/// Removes dead letter `ARGV[1]` from the hash `KEYS[1]` and the order
+/// `KEYS[2]` only if its chain is still `ARGV[2]` (compare and delete).
+const REMOVE_LETTER: &str = r#"
+local json = redis.call("hget", KEYS[1], ARGV[1])
+if not json or (cjson.decode(json).chain or "") ~= ARGV[2] then
+    return 0
+end
+redis.call("hdel", KEYS[1], ARGV[1])
+redis.call("zrem", KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// Removes the jobs among `ARGV[2..]` (ids from the done set `KEYS[1]`)
+/// whose outcome was recorded (`Done`) at or before `ARGV[1]` (Unix
+/// seconds): their data (`KEYS[2]`), result and meta hash (prefix
+/// `KEYS[3]`) and done-set entry. Ids whose meta hash is gone leave the
+/// done set; any other status is left alone. (apalis' own vacuum also
+/// removes `Failed` jobs, which it is still retrying, and never trims the
+/// done set.)
+const REMOVE_DONE: &str = r#"
+local removed = 0
+local cutoff = tonumber(ARGV[1])
+for i = 2, #ARGV do
+    local id = ARGV[i]
+    local meta = KEYS[3] .. ":" .. id
+    local status = redis.call("hget", meta, "status")
+    if not status then
+        redis.call("srem", KEYS[1], id)
+    elseif status == "Done" and (tonumber(redis.call("hget", meta, "done_at")) or cutoff + 1) <= cutoff then
+        redis.call("hdel", KEYS[2], id)
+        redis.call("hdel", KEYS[3] .. ":result", id)
+        redis.call("del", meta)
+        redis.call("srem", KEYS[1], id)
+        removed = removed + 1
+    end
+end
+return removed
 "#;
 
 /// Jobs moved per `PROMOTE_DUE` or `PUSH_JOBS` call: well under Lua's
@@ -167,6 +205,42 @@ async fn promote_due_jobs(mut conn: ConnectionManager, config: Config) -> Result
         if moved < LUA_CHUNK as u64 {
             return Ok(());
         }
+    }
+}
+
+/// Walks the done set with `SSCAN` and removes, [`LUA_CHUNK`] ids per
+/// script call, the jobs done at least `age` ago.
+async fn remove_done(
+    mut conn: ConnectionManager,
+    config: &Config,
+    age: Duration,
+) -> Result<u64, redis::RedisError> {
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(REMOVE_DONE));
+    let done = config.done_jobs_set();
+    let cutoff = current_second().saturating_sub(age.as_secs());
+    let (mut cursor, mut removed) = (0u64, 0u64);
+    loop {
+        let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(&done)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(LUA_CHUNK)
+            .query_async(&mut conn)
+            .await?;
+        if !ids.is_empty() {
+            let mut call = SCRIPT.prepare_invoke();
+            call.key(&done)
+                .key(config.job_data_hash())
+                .key(config.job_meta_hash())
+                .arg(cutoff)
+                .arg(ids);
+            removed += call.invoke_async::<u64>(&mut conn).await?;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
     }
 }
 
@@ -413,6 +487,30 @@ impl<P> RedisQueue<P> {
     }
 }
 
+/// The letters stored under `keys`, in their order (a key removed
+/// meanwhile is skipped).
+async fn letters_of<P: DeserializeOwned>(
+    conn: &mut ConnectionManager,
+    hash: &str,
+    keys: &[String],
+    name: &Arc<str>,
+) -> Result<Vec<DeadLetter<P>>, QueueError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let letters: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(hash)
+        .arg(keys)
+        .query_async(conn)
+        .await
+        .map_err(|e| QueueError::backend(name, "listing dead letters", e))?;
+    letters
+        .iter()
+        .flatten()
+        .map(|json| decode(name, json))
+        .collect()
+}
+
 fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
     serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
 }
@@ -454,12 +552,11 @@ where
         Box::pin(async move {
             let json = serde_json::to_string(&letter)
                 .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
-            let id = letter.event.id.to_string();
             redis::pipe()
                 .atomic()
-                .hset(&hash, &id, json)
+                .hset(&hash, &letter.key, json)
                 .ignore()
-                .zadd(&order, &id, letter.failed_at.timestamp_micros())
+                .zadd(&order, &letter.key, letter.failed_at.timestamp_micros())
                 .ignore()
                 .query_async::<()>(&mut conn)
                 .await
@@ -480,44 +577,70 @@ where
             }
             let start = isize::try_from(offset).unwrap_or(isize::MAX);
             let stop = isize::try_from(offset.saturating_add(limit - 1)).unwrap_or(isize::MAX);
-            let ids: Vec<String> = conn.zrange(&order, start, stop).await.map_err(&fail)?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let letters: Vec<Option<String>> = redis::cmd("HMGET")
-                .arg(&hash)
-                .arg(&ids)
-                .query_async(&mut conn)
-                .await
-                .map_err(&fail)?;
-            letters
-                .iter()
-                .flatten()
-                .map(|json| decode(&name, json))
-                .collect()
+            let keys: Vec<String> = conn.zrange(&order, start, stop).await.map_err(&fail)?;
+            letters_of(&mut conn, &hash, &keys, &name).await
         })
     }
 
-    fn dead_get(&self, id: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_after(
+        &self,
+        after: Option<(i64, String)>,
+        until: i64,
+        limit: u64,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+        let (mut conn, name, fail) = self.parts("listing dead letters");
+        let (hash, order) = self.keys();
+        Box::pin(async move {
+            let limit = isize::try_from(limit).unwrap_or(isize::MAX);
+            // The set orders equal scores by key: first the rest of the
+            // cursor's score, then the scores after it.
+            let (mut keys, from) = match after {
+                None => (Vec::new(), "-inf".to_owned()),
+                Some((at, key)) => {
+                    let ties: Vec<String> = conn
+                        .zrangebyscore(&order, at, at)
+                        .await
+                        .map_err(&fail)?;
+                    let rest = ties.into_iter().filter(|k| k.as_bytes() > key.as_bytes());
+                    (rest.collect(), format!("({at}"))
+                }
+            };
+            let more = limit.saturating_sub(keys.len() as isize);
+            if more > 0 {
+                let next: Vec<String> = conn
+                    .zrangebyscore_limit(&order, from, until, 0, more)
+                    .await
+                    .map_err(&fail)?;
+                keys.extend(next);
+            }
+            keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            letters_of(&mut conn, &hash, &keys, &name).await
+        })
+    }
+
+    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
         let (mut conn, name, fail) = self.parts("reading a dead letter");
         let (hash, _) = self.keys();
-        let id = id.to_owned();
+        let key = key.to_owned();
         Box::pin(async move {
-            let json: Option<String> = conn.hget(&hash, &id).await.map_err(fail)?;
+            let json: Option<String> = conn.hget(&hash, &key).await.map_err(fail)?;
             json.map(|json| decode(&name, &json)).transpose()
         })
     }
 
-    fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(REMOVE_LETTER));
         let (mut conn, _, fail) = self.parts("removing a dead letter");
         let (hash, order) = self.keys();
-        let id = id.to_owned();
+        let (key, chain) = (key.to_owned(), chain.to_owned());
         Box::pin(async move {
-            let (removed, _): (u64, u64) = redis::pipe()
-                .atomic()
-                .hdel(&hash, &id)
-                .zrem(&order, &id)
-                .query_async(&mut conn)
+            let removed: u64 = SCRIPT
+                .key(hash)
+                .key(order)
+                .arg(key)
+                .arg(chain)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(fail)?;
             Ok(removed > 0)
@@ -547,14 +670,9 @@ where
     }
 
     fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
-        let (mut storage, name) = (self.storage.clone(), Arc::clone(&self.name));
-        Box::pin(async move {
-            storage
-                .vacuum_before(age)
-                .await
-                .map(|n| n as u64)
-                .map_err(|e| QueueError::backend(&name, "removing completed jobs", e))
-        })
+        let (conn, _, fail) = self.parts("removing completed jobs");
+        let config = self.config.clone();
+        Box::pin(async move { remove_done(conn, &config, age).await.map_err(fail) })
     }
 
     fn release_worker(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {

@@ -36,13 +36,44 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// more connections only wait on each other.
 const MAX_CONNECTIONS: u32 = 4;
 
+/// The dead letters, one per `(queue, letter_key)`: the key of the
+/// event's jobs, `{queue}:{kind}:{id}`. `chain` says which delivery chain
+/// wrote the letter, so that a replay removes only the letter it replayed.
 const DEAD_LETTER_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventsink_dead_letters (
     queue TEXT NOT NULL,
+    letter_key TEXT NOT NULL,
+    chain TEXT NOT NULL,
     event_id TEXT NOT NULL,
     failed_at INTEGER NOT NULL,
     letter TEXT NOT NULL,
-    PRIMARY KEY (queue, event_id)
-)";
+    PRIMARY KEY (queue, letter_key)
+);
+CREATE INDEX IF NOT EXISTS eventsink_dead_letters_order
+    ON eventsink_dead_letters (queue, failed_at, letter_key);";
+
+/// Whether the dead-letter table is the first layout (keyed by event id
+/// alone), which [`UPGRADE_DEAD_LETTERS`] converts.
+const OLD_DEAD_LETTERS: &str = "SELECT COUNT(*) FROM pragma_table_info('eventsink_dead_letters') \
+     WHERE name = 'event_id' AND NOT EXISTS \
+     (SELECT 1 FROM pragma_table_info('eventsink_dead_letters') WHERE name = 'letter_key')";
+
+/// Moves letters of the first layout into the current one, keyed
+/// `{queue}:{kind}:{id}`; their chain is unknown (empty).
+const UPGRADE_DEAD_LETTERS: &str = "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
+CREATE TABLE eventsink_dead_letters (
+    queue TEXT NOT NULL,
+    letter_key TEXT NOT NULL,
+    chain TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    failed_at INTEGER NOT NULL,
+    letter TEXT NOT NULL,
+    PRIMARY KEY (queue, letter_key)
+);
+INSERT INTO eventsink_dead_letters (queue, letter_key, chain, event_id, failed_at, letter)
+    SELECT queue, key, '', event_id, failed_at, json_set(letter, '$.key', key, '$.chain', '')
+    FROM (SELECT *, queue || ':' || json_extract(letter, '$.event.kind') || ':' || event_id AS key
+          FROM eventsink_dead_letters_v1);
+DROP TABLE eventsink_dead_letters_v1;";
 
 /// Planner statistics for apalis' `Jobs` table, written at every open:
 /// those of a large table whose `status` and `lock_by` columns tell rows
@@ -118,6 +149,20 @@ async fn insert_jobs<P: Serialize>(
             .map_err(fail)?;
     }
     tx.commit().await.map_err(fail)
+}
+
+/// Creates the dead-letter table, or converts one of the first layout, in
+/// one transaction.
+async fn prepare_dead_letters(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let (old,): (i64,) = sqlx::query_as(OLD_DEAD_LETTERS)
+        .fetch_one(&mut *tx)
+        .await?;
+    if old > 0 {
+        sqlx::raw_sql(UPGRADE_DEAD_LETTERS).execute(&mut *tx).await?;
+    }
+    sqlx::raw_sql(DEAD_LETTER_TABLE).execute(&mut *tx).await?;
+    tx.commit().await
 }
 
 /// A queue in its own SQLite file (the embedded default; feature `sqlite`).
@@ -283,8 +328,7 @@ impl SqliteQueueBuilder {
             .run(&setup)
             .await
             .map_err(|e| QueueError::backend(&name, "migrating the SQLite file", e))?;
-        sqlx::raw_sql(DEAD_LETTER_TABLE)
-            .execute(&setup)
+        prepare_dead_letters(&setup)
             .await
             .map_err(fail("creating the dead-letter table"))?;
         sqlx::raw_sql(JOBS_PLANNER_STATS)
@@ -434,10 +478,12 @@ where
             let json = serde_json::to_string(&letter)
                 .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
             sqlx::query(
-                "INSERT OR REPLACE INTO eventsink_dead_letters (queue, event_id, failed_at, letter) \
-                 VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO eventsink_dead_letters \
+                 (queue, letter_key, chain, event_id, failed_at, letter) VALUES (?, ?, ?, ?, ?, ?)",
             )
             .bind(&*name)
+            .bind(&letter.key)
+            .bind(&letter.chain)
             .bind(&*letter.event.id)
             .bind(letter.failed_at.timestamp_micros())
             .bind(json)
@@ -461,7 +507,7 @@ where
         Box::pin(async move {
             let rows: Vec<(String,)> = sqlx::query_as(
                 "SELECT letter FROM eventsink_dead_letters WHERE queue = ? \
-                 ORDER BY failed_at, event_id LIMIT ? OFFSET ?",
+                 ORDER BY failed_at, letter_key LIMIT ? OFFSET ?",
             )
             .bind(&*name)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -473,19 +519,48 @@ where
         })
     }
 
-    fn dead_get(&self, id: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_after(
+        &self,
+        after: Option<(i64, String)>,
+        until: i64,
+        limit: u64,
+    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+        let (pool, name, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("listing dead letters"),
+        );
+        let (at, key) = after.unwrap_or((i64::MIN, String::new()));
+        Box::pin(async move {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT letter FROM eventsink_dead_letters WHERE queue = ? AND failed_at <= ? \
+                 AND (failed_at, letter_key) > (?, ?) ORDER BY failed_at, letter_key LIMIT ?",
+            )
+            .bind(&*name)
+            .bind(until)
+            .bind(at)
+            .bind(key)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&pool)
+            .await
+            .map_err(fail)?;
+            rows.iter().map(|(json,)| decode(&name, json)).collect()
+        })
+    }
+
+    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
         let (pool, name, fail) = (
             self.pool.clone(),
             Arc::clone(&self.name),
             self.fail("reading a dead letter"),
         );
-        let id = id.to_owned();
+        let key = key.to_owned();
         Box::pin(async move {
             let row: Option<(String,)> = sqlx::query_as(
-                "SELECT letter FROM eventsink_dead_letters WHERE queue = ? AND event_id = ?",
+                "SELECT letter FROM eventsink_dead_letters WHERE queue = ? AND letter_key = ?",
             )
             .bind(&*name)
-            .bind(id)
+            .bind(key)
             .fetch_optional(&pool)
             .await
             .map_err(fail)?;
@@ -493,21 +568,23 @@ where
         })
     }
 
-    fn dead_remove(&self, id: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
         let (pool, name, fail) = (
             self.pool.clone(),
             Arc::clone(&self.name),
             self.fail("removing a dead letter"),
         );
-        let id = id.to_owned();
+        let (key, chain) = (key.to_owned(), chain.to_owned());
         Box::pin(async move {
-            let done =
-                sqlx::query("DELETE FROM eventsink_dead_letters WHERE queue = ? AND event_id = ?")
-                    .bind(&*name)
-                    .bind(id)
-                    .execute(&pool)
-                    .await
-                    .map_err(fail)?;
+            let done = sqlx::query(
+                "DELETE FROM eventsink_dead_letters WHERE queue = ? AND letter_key = ? AND chain = ?",
+            )
+            .bind(&*name)
+            .bind(key)
+            .bind(chain)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
             Ok(done.rows_affected() > 0)
         })
     }
@@ -555,7 +632,7 @@ where
             let cutoff =
                 chrono::Utc::now().timestamp() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
             let done = sqlx::query(
-                "DELETE FROM Jobs WHERE job_type = ? AND status IN ('Done', 'Killed') \
+                "DELETE FROM Jobs WHERE job_type = ? AND status = 'Done' \
                  AND done_at IS NOT NULL AND done_at <= ?",
             )
             .bind(&*name)

@@ -538,6 +538,9 @@ where
                         event = %job.event.id, attempt = job.attempt, ?delay, error = %err,
                         "delivery failed; next attempt scheduled"
                     );
+                    // The key names this chain and attempt: a conflict can
+                    // only be this same job run twice (its acknowledgement
+                    // was lost), whose next attempt is stored already.
                     backend
                         .push(vec![(job.next_attempt(), delay)])
                         .await
@@ -561,6 +564,7 @@ where
                             cause,
                             failed_at: Utc::now(),
                             key: job.key,
+                            chain: job.chain,
                         })
                         .await?;
                 }

@@ -154,7 +154,7 @@ pub async fn permanent_failure_is_a_dead_letter_at_once(backends: &impl Backends
     dead.wait_for_count(1, ARRIVAL_TIMEOUT)
         .await
         .expect("a dead letter");
-    let letter = dead.get(&event.id).await.expect("get").expect("the letter");
+    let letter = dead.get(&dead.key_of(&event)).await.expect("get").expect("the letter");
     assert_eq!(letter.event, event);
     assert_eq!(letter.attempts, 1);
     assert_eq!(letter.cause, DeathCause::Permanent);
@@ -166,7 +166,7 @@ pub async fn permanent_failure_is_a_dead_letter_at_once(backends: &impl Backends
     assert_eq!(recorder.calls(), 1, "a permanent failure is not retried");
     assert!(recorder.events().is_empty());
 
-    assert!(dead.replay(&event.id).await.expect("replay"));
+    assert!(dead.replay(&letter.key).await.expect("replay"));
     let got = recorder
         .wait_for(1, ARRIVAL_TIMEOUT)
         .await
@@ -213,7 +213,7 @@ pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
         assert_eq!(letter.attempts, 2);
         assert_eq!(letter.cause, DeathCause::OutOfAttempts);
     }
-    let shown = dead.get(&sent[1].id).await.expect("get").expect("shown");
+    let shown = dead.get(&dead.key_of(&sent[1])).await.expect("get").expect("shown");
     assert_eq!(shown.event, sent[1]);
     assert!(dead.get("no-such-id").await.expect("get").is_none());
 
@@ -401,6 +401,160 @@ pub async fn retention_removes_completed_jobs<Bk: Backends>(backends: &Bk) {
     assert_eq!(removed, want, "completed jobs removed");
 }
 
+/// A sink that fails every event permanently, counting its calls.
+fn failing_sink(
+    calls: &Delivered,
+) -> impl tower::Service<Event, Response = (), Error = eventsink::Error, Future: Send>
++ Clone
++ Send
++ 'static {
+    let calls = calls.clone();
+    tower::service_fn(move |_event: Event| {
+        let calls = calls.clone();
+        async move {
+            calls.add();
+            Err(eventsink::Error::Simulated {
+                kind: ErrorKind::Permanent,
+                retry_after: None,
+            })
+        }
+    })
+}
+
+/// Replaying the dead letters of a sink that still fails, and fails fast,
+/// replays each letter once and loses none: every event is a dead letter
+/// again afterwards (a replay must never delete the letter that the
+/// replayed job's own failure wrote).
+pub async fn replay_all_racing_fast_failures_loses_nothing(backends: &impl Backends) {
+    const N: usize = 200;
+    let backend = backends.make::<Value>().await;
+    let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
+    let calls = Delivered::new();
+    let mut sink = ThroughTaskQueue::new(backend.clone()).layer(failing_sink(&calls));
+    let sent: Vec<_> = (0..N)
+        .map(|n| Event::new("test.replay", json!({ "n": n })))
+        .collect();
+    for event in &sent {
+        sink.publish(event.clone()).await.expect("publish");
+    }
+    let worker = sink
+        .worker()
+        .schedule(fast_schedule(3))
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    dead.wait_for_count(N as u64, ARRIVAL_TIMEOUT)
+        .await
+        .expect("every event is a dead letter");
+    let before = dead.list(0, N as u64 + 1).await.expect("list");
+    let replayed = tokio::time::timeout(ARRIVAL_TIMEOUT, dead.replay_all())
+        .await
+        .expect("replay_all must end")
+        .expect("replay_all");
+    assert_eq!(replayed, N as u64, "each dead letter is replayed once");
+    calls.wait(2 * N).await;
+    let count = dead
+        .wait_for_count(N as u64, ARRIVAL_TIMEOUT)
+        .await
+        .expect("every replayed event is a dead letter again");
+    worker.shutdown().await;
+    assert_eq!(count, N as u64);
+    let after = dead.list(0, N as u64 + 1).await.expect("list");
+    let want: Vec<_> = sent.iter().map(|e| e.id.to_string()).collect();
+    let mut got: Vec<_> = after.iter().map(|d| d.event.id.to_string()).collect();
+    got.sort();
+    let mut want = want;
+    want.sort();
+    assert_eq!(got, want, "one dead letter per event");
+    for letter in &after {
+        let old = before.iter().find(|d| d.key == letter.key).expect("same key");
+        assert_ne!(old.chain, letter.chain, "the letter is the replay's");
+    }
+    assert_eq!(*calls.0.borrow(), 2 * N, "each event ran once more");
+}
+
+/// Two events of different kinds that share an id are two jobs, and so
+/// two dead letters: one must not overwrite the other.
+pub async fn two_kinds_sharing_an_id_keep_two_dead_letters(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
+    let recorder = RecordingSink::new();
+    recorder.fail_next(2, ErrorKind::Permanent);
+    let mut sink = publisher(&backend, &recorder);
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    let a = Event::new("test.kind.a", json!("a")).with_id("shared-id");
+    let b = Event::new("test.kind.b", json!("b")).with_id("shared-id");
+    sink.publish(a.clone()).await.expect("publish a");
+    sink.publish(b.clone()).await.expect("publish b");
+    dead.wait_for_count(2, ARRIVAL_TIMEOUT)
+        .await
+        .expect("one dead letter per kind");
+    let letters = dead.list(0, 10).await.expect("list");
+    let mut kinds: Vec<_> = letters.iter().map(|d| d.event.kind.to_string()).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["test.kind.a", "test.kind.b"]);
+    for letter in &letters {
+        let shown = dead.get(&letter.key).await.expect("get").expect("shown");
+        assert_eq!(shown.event, letter.event);
+        assert!(dead.replay(&letter.key).await.expect("replay"));
+    }
+    let got = recorder
+        .wait_for(2, ARRIVAL_TIMEOUT)
+        .await
+        .expect("both replayed");
+    worker.shutdown().await;
+    let mut got_kinds: Vec<_> = got.iter().map(|e| e.kind.to_string()).collect();
+    got_kinds.sort();
+    assert_eq!(got_kinds, ["test.kind.a", "test.kind.b"]);
+    assert_eq!(dead.count().await.expect("count"), 0);
+}
+
+/// An event published again after retention removed its first job, while
+/// rows of its first delivery chain's retries are still kept, gets a
+/// chain of its own: its retries never meet the old chain's rows (which
+/// used to make the retry count as "already stored": no job, no letter).
+pub async fn republished_event_never_meets_an_old_chains_retries<Bk: Backends>(backends: &Bk) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    // Chain 1: attempts 1 and 2 fail, attempt 3 waits an hour. Chain 2:
+    // attempt 1 fails, attempt 2 delivers.
+    recorder.fail_next(3, ErrorKind::Transient);
+    let mut sink = publisher(&backend, &recorder);
+    let schedule = RetrySchedule::fixed([Duration::from_secs(3), Duration::from_secs(3600)]);
+    let worker = sink
+        .worker()
+        .schedule(schedule)
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    let event = Event::new("test.chain", json!({"x": 1}));
+    sink.publish(event.clone()).await.expect("publish");
+    let deadline = tokio::time::Instant::now() + ARRIVAL_TIMEOUT;
+    while recorder.calls() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "attempt 2 never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Attempt 1 finished at least 3 s before attempt 2: removing what
+    // finished over 2 s ago removes the first job only, as a retention of
+    // 24 h does while the retries of a 28 h schedule are kept.
+    let removed = backend
+        .remove_completed(Duration::from_secs(2))
+        .await
+        .expect("retention");
+    if Bk::KEEPS_COMPLETED {
+        assert_eq!(removed, 1, "retention removed the first job only");
+    }
+    sink.publish(event.clone()).await.expect("publish again");
+    let got = recorder
+        .wait_for(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("the second chain's retry delivers the event");
+    worker.shutdown().await;
+    assert_eq!(got, vec![event]);
+    assert_eq!(recorder.calls(), 4);
+}
+
 /// The publishing service passes the conformance suite, with a worker
 /// draining into a `RecordingSink`.
 pub async fn passes_conformance<Bk: Backends>(backends: &Bk) {
@@ -468,6 +622,9 @@ macro_rules! queue_tests {
             shutdown_mid_load_loses_nothing,
             retention_removes_completed_jobs,
             passes_conformance,
+            replay_all_racing_fast_failures_loses_nothing,
+            two_kinds_sharing_an_id_keep_two_dead_letters,
+            republished_event_never_meets_an_old_chains_retries,
         );
     };
     (@each $backends:expr; $($name:ident),* $(,)?) => {
