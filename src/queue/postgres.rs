@@ -57,7 +57,8 @@ const OLD_DEAD_LETTERS: &str = "SELECT EXISTS (SELECT 1 FROM information_schema.
 
 /// Moves letters of the first layout into the current one, keyed
 /// `{queue}:{kind}:{id}`; their chain is unknown (empty).
-const UPGRADE_DEAD_LETTERS: &str = "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
+const UPGRADE_DEAD_LETTERS: &str =
+    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
 CREATE TABLE eventsink_dead_letters (
     queue TEXT NOT NULL,
     letter_key TEXT NOT NULL,

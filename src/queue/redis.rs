@@ -597,10 +597,8 @@ where
             let (mut keys, from) = match after {
                 None => (Vec::new(), "-inf".to_owned()),
                 Some((at, key)) => {
-                    let ties: Vec<String> = conn
-                        .zrangebyscore(&order, at, at)
-                        .await
-                        .map_err(&fail)?;
+                    let ties: Vec<String> =
+                        conn.zrangebyscore(&order, at, at).await.map_err(&fail)?;
                     let rest = ties.into_iter().filter(|k| k.as_bytes() > key.as_bytes());
                     (rest.collect(), format!("({at}"))
                 }

@@ -59,7 +59,8 @@ const OLD_DEAD_LETTERS: &str = "SELECT COUNT(*) FROM pragma_table_info('eventsin
 
 /// Moves letters of the first layout into the current one, keyed
 /// `{queue}:{kind}:{id}`; their chain is unknown (empty).
-const UPGRADE_DEAD_LETTERS: &str = "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
+const UPGRADE_DEAD_LETTERS: &str =
+    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
 CREATE TABLE eventsink_dead_letters (
     queue TEXT NOT NULL,
     letter_key TEXT NOT NULL,
@@ -155,11 +156,11 @@ async fn insert_jobs<P: Serialize>(
 /// one transaction.
 async fn prepare_dead_letters(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let (old,): (i64,) = sqlx::query_as(OLD_DEAD_LETTERS)
-        .fetch_one(&mut *tx)
-        .await?;
+    let (old,): (i64,) = sqlx::query_as(OLD_DEAD_LETTERS).fetch_one(&mut *tx).await?;
     if old > 0 {
-        sqlx::raw_sql(UPGRADE_DEAD_LETTERS).execute(&mut *tx).await?;
+        sqlx::raw_sql(UPGRADE_DEAD_LETTERS)
+            .execute(&mut *tx)
+            .await?;
     }
     sqlx::raw_sql(DEAD_LETTER_TABLE).execute(&mut *tx).await?;
     tx.commit().await

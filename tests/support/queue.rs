@@ -154,7 +154,11 @@ pub async fn permanent_failure_is_a_dead_letter_at_once(backends: &impl Backends
     dead.wait_for_count(1, ARRIVAL_TIMEOUT)
         .await
         .expect("a dead letter");
-    let letter = dead.get(&dead.key_of(&event)).await.expect("get").expect("the letter");
+    let letter = dead
+        .get(&dead.key_of(&event))
+        .await
+        .expect("get")
+        .expect("the letter");
     assert_eq!(letter.event, event);
     assert_eq!(letter.attempts, 1);
     assert_eq!(letter.cause, DeathCause::Permanent);
@@ -213,7 +217,11 @@ pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
         assert_eq!(letter.attempts, 2);
         assert_eq!(letter.cause, DeathCause::OutOfAttempts);
     }
-    let shown = dead.get(&dead.key_of(&sent[1])).await.expect("get").expect("shown");
+    let shown = dead
+        .get(&dead.key_of(&sent[1]))
+        .await
+        .expect("get")
+        .expect("shown");
     assert_eq!(shown.event, sent[1]);
     assert!(dead.get("no-such-id").await.expect("get").is_none());
 
@@ -466,7 +474,10 @@ pub async fn replay_all_racing_fast_failures_loses_nothing(backends: &impl Backe
     want.sort();
     assert_eq!(got, want, "one dead letter per event");
     for letter in &after {
-        let old = before.iter().find(|d| d.key == letter.key).expect("same key");
+        let old = before
+            .iter()
+            .find(|d| d.key == letter.key)
+            .expect("same key");
         assert_ne!(old.chain, letter.chain, "the letter is the replay's");
     }
     assert_eq!(*calls.0.borrow(), 2 * N, "each event ran once more");
