@@ -1,8 +1,10 @@
-//! Retention removes only jobs whose outcome is recorded: never one that
-//! apalis still retries or gave up on without a dead letter, on any
-//! backend; and it leaves no completed bookkeeping behind (Redis' done
-//! set). The jobs apalis fails or kills are made by a plain apalis worker,
-//! with no code of this crate, over the jobs this crate wrote.
+//! What becomes of jobs that end: retention removes only jobs whose outcome
+//! is recorded, never one that apalis still retries or gave up on, on any
+//! backend, and it leaves no completed bookkeeping behind (Redis' done
+//! set); a job apalis gave up on becomes a dead letter (the worker's
+//! maintenance) that replays like any other. The jobs apalis fails or
+//! kills are made by a plain apalis worker, with no code of this crate,
+//! over the jobs this crate wrote.
 #![cfg(feature = "sqlite")]
 mod support;
 
@@ -11,9 +13,12 @@ use std::time::Duration;
 use apalis::prelude::{AbortError, BoxDynError, Task, WorkerBuilder};
 use apalis_core::backend::ext::BackendExt;
 use apalis_core::error::WorkerError;
-use eventsink::queue::{QueueBackend, QueuedEvent, SqliteQueue, ThroughTaskQueue};
-use eventsink::{Event, NoopSink, SinkExt};
+use eventsink::queue::{
+    DeadLetters, DeathCause, QueueBackend, QueuedEvent, SqliteQueue, ThroughTaskQueue,
+};
+use eventsink::{Event, NoopSink, RecordingSink, SinkExt};
 use serde_json::{Value, json};
+use support::conformance::ARRIVAL_TIMEOUT;
 use tokio::sync::mpsc;
 use tower::Layer;
 
@@ -55,6 +60,36 @@ async fn publish_one<B: QueueBackend<Value>>(backend: &B) -> Event {
     event
 }
 
+/// A worker of this crate finds the job apalis gave up on, buries it as a
+/// dead letter, and the replayed letter is delivered.
+async fn abandoned_job_is_buried_and_replays<B: QueueBackend<Value>>(queue: &B, event: &Event) {
+    let recorder = RecordingSink::new();
+    let sink = ThroughTaskQueue::new(queue.clone()).layer(recorder.clone());
+    let worker = sink
+        .worker()
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    let dead = DeadLetters::<_, Value>::new(queue.clone());
+    dead.wait_for_count(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("the job apalis gave up on is a dead letter");
+    let letter = dead
+        .get(&dead.key_of(event))
+        .await
+        .expect("get")
+        .expect("the letter");
+    assert_eq!(letter.cause, DeathCause::Abandoned);
+    assert_eq!(letter.event, *event);
+    assert!(dead.replay(&letter.key).await.expect("replay"));
+    let got = recorder
+        .wait_for(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("the replayed event is delivered");
+    worker.shutdown().await;
+    assert_eq!(got, vec![event.clone()]);
+    assert_eq!(dead.count().await.expect("count"), 0);
+}
+
 /// Polls `query` (a `COUNT(*)`) until it answers `want`, for at most the
 /// arrival timeout.
 async fn wait_for_sqlite_count(
@@ -63,7 +98,7 @@ async fn wait_for_sqlite_count(
     name: &str,
     want: i64,
 ) {
-    let deadline = tokio::time::Instant::now() + support::conformance::ARRIVAL_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + ARRIVAL_TIMEOUT;
     loop {
         let (n,): (i64,) = sqlx::query_as(query)
             .bind(name)
@@ -84,13 +119,13 @@ async fn wait_for_sqlite_count(
 const SQLITE_KILLED: &str = "SELECT COUNT(*) FROM Jobs WHERE job_type = ? AND status = 'Killed'";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_retention_keeps_a_job_apalis_killed() {
+async fn sqlite_retention_keeps_a_job_apalis_killed_and_the_worker_buries_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let name = support::queue::unique_name("retain");
     let queue: SqliteQueue = SqliteQueue::open(dir.path().join("q.db"), &name)
         .await
         .expect("open");
-    publish_one(&queue).await;
+    let event = publish_one(&queue).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let storage = apalis_sqlite::SqliteStorage::<QueuedEvent<Value>>::new(queue.pool())
         .with_config(apalis_sqlite::Config::default().queue(&name))
@@ -109,11 +144,12 @@ async fn sqlite_retention_keeps_a_job_apalis_killed() {
         .expect("retention");
     assert_eq!(removed, 0, "a killed job is not delivered: keep it");
     wait_for_sqlite_count(queue.pool(), SQLITE_KILLED, &name, 1).await;
+    abandoned_job_is_buried_and_replays(&queue, &event).await;
 }
 
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_retention_keeps_a_job_apalis_killed() {
+async fn postgres_retention_keeps_a_job_apalis_killed_and_the_worker_buries_it() {
     let Some(url) = support::queue::backend_url("EVENTSINK_POSTGRES_URL") else {
         return;
     };
@@ -122,7 +158,7 @@ async fn postgres_retention_keeps_a_job_apalis_killed() {
         eventsink::queue::PostgresQueue::connect(&url, &name)
             .await
             .expect("connect");
-    publish_one(&queue).await;
+    let event = publish_one(&queue).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let storage = apalis_postgres::PostgresStorage::<QueuedEvent<Value>>::new(queue.pool())
         .with_config(apalis_postgres::Config::default().queue(&name))
@@ -143,7 +179,7 @@ async fn postgres_retention_keeps_a_job_apalis_killed() {
         .expect("count");
         n
     };
-    let deadline = tokio::time::Instant::now() + support::conformance::ARRIVAL_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + ARRIVAL_TIMEOUT;
     while killed().await != 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -157,6 +193,7 @@ async fn postgres_retention_keeps_a_job_apalis_killed() {
         .expect("retention");
     assert_eq!(removed, 0, "a killed job is not delivered: keep it");
     assert_eq!(killed().await, 1);
+    abandoned_job_is_buried_and_replays(&queue, &event).await;
     let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
         .bind(&name)
         .execute(queue.pool())
@@ -166,7 +203,6 @@ async fn postgres_retention_keeps_a_job_apalis_killed() {
 #[cfg(feature = "redis")]
 mod redis_backend {
     use super::*;
-    use eventsink::RecordingSink;
     use eventsink::queue::RedisQueue;
     use redis::AsyncCommands;
 
@@ -228,11 +264,44 @@ mod redis_backend {
             .poll_interval(Duration::from_millis(10))
             .spawn();
         let got = recorder
-            .wait_for(1, support::conformance::ARRIVAL_TIMEOUT)
+            .wait_for(1, ARRIVAL_TIMEOUT)
             .await
             .expect("the retried job is delivered");
         worker.shutdown().await;
         assert_eq!(got, vec![event]);
+        support::queue::delete_redis_keys(&url, &[name]).await;
+    }
+
+    /// A job apalis killed sits in apalis' dead set; the worker buries it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_a_job_apalis_killed_becomes_a_dead_letter() {
+        let Some(url) = support::queue::backend_url("EVENTSINK_REDIS_URL") else {
+            return;
+        };
+        let name = support::queue::unique_name("retain");
+        let (queue, mut conn) = open(&url, &name).await;
+        let event = publish_one(&queue).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let storage = apalis_redis::RedisStorage::<QueuedEvent<Value>>::new(conn.clone())
+            .with_config(config(&name))
+            .poll_with_interval(Duration::from_millis(10));
+        WorkerBuilder::new(format!("plain-apalis-{name}"))
+            .backend(storage)
+            .build(failing_handler(true, tx))
+            .run_until(handled_once(rx))
+            .await
+            .expect("the apalis worker");
+        let dead: u64 = conn
+            .scard(config(&name).dead_jobs_set())
+            .await
+            .expect("scard");
+        assert_eq!(dead, 1, "apalis put the killed job in its dead set");
+        abandoned_job_is_buried_and_replays(&queue, &event).await;
+        let dead: u64 = conn
+            .scard(config(&name).dead_jobs_set())
+            .await
+            .expect("scard");
+        assert_eq!(dead, 0, "the buried job left apalis' dead set");
         support::queue::delete_redis_keys(&url, &[name]).await;
     }
 
@@ -257,7 +326,7 @@ mod redis_backend {
             .poll_interval(Duration::from_millis(10))
             .spawn();
         recorder
-            .wait_for(5, support::conformance::ARRIVAL_TIMEOUT)
+            .wait_for(5, ARRIVAL_TIMEOUT)
             .await
             .expect("delivered");
         worker.shutdown().await;

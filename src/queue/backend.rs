@@ -133,6 +133,13 @@ pub(crate) mod ops {
         /// apalis holds as failed, killed or scheduled is never removed.
         fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>>;
 
+        /// Turns the jobs of this queue that apalis gave up on (killed, or
+        /// failed past its own attempt limit: the worker could not record
+        /// their outcome) into dead letters and marks them done; how many.
+        fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+            Box::pin(async { Ok(0) })
+        }
+
         /// Hands back the jobs a finished (or abandoned) worker run still
         /// holds, so that others need not wait for its lease to expire. Its
         /// deliveries have ended: at worst a delivered job whose completion
@@ -219,6 +226,28 @@ where
         .collect();
     let mut storage = storage.clone();
     storage.push_all(futures::stream::iter(tasks)).await
+}
+
+/// Most abandoned jobs buried per query by `bury_abandoned`.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) const ABANDONED_PAGE: usize = 1_000;
+
+/// A stored job's bytes as the dead letter of a job apalis gave up on;
+/// `None` (with a warning) if they are not a job of this crate.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) fn abandoned_letter<P: serde::de::DeserializeOwned>(
+    queue: &str,
+    bytes: &[u8],
+    runs: i64,
+    last_result: Option<&str>,
+) -> Option<DeadLetter<P>> {
+    match serde_json::from_slice::<QueuedEvent<P>>(bytes) {
+        Ok(job) => Some(DeadLetter::abandoned(job, runs, last_result)),
+        Err(e) => {
+            tracing::warn!(queue, error = %e, "a job apalis gave up on is not an event; left as it is");
+            None
+        }
+    }
 }
 
 /// A push failure as a [`QueueError`]: an encoding failure is permanent

@@ -55,6 +55,11 @@ pub enum DeathCause {
     Permanent,
     /// The last attempt of the retry schedule failed.
     OutOfAttempts,
+    /// apalis gave up on the job (it ran it until its own attempt limit, or
+    /// killed it) because the worker could not record the job's outcome:
+    /// the backend kept failing. The worker's maintenance found the job and
+    /// buried it, so that it is not lost silently.
+    Abandoned,
 }
 
 /// An event the queue gave up on, with why.
@@ -98,6 +103,26 @@ impl<P> Clone for DeadLetter<P> {
             failed_at: self.failed_at,
             key: self.key.clone(),
             chain: self.chain.clone(),
+        }
+    }
+}
+
+impl<P> DeadLetter<P> {
+    /// The letter of a job apalis gave up on after `runs` runs, the last
+    /// of which left `last_result`.
+    pub(crate) fn abandoned(job: QueuedEvent<P>, runs: i64, last_result: Option<&str>) -> Self {
+        DeadLetter {
+            last_error: format!(
+                "apalis gave up on the job after {runs} runs whose outcome could not be \
+                 recorded; last result: {}",
+                last_result.unwrap_or("(none)")
+            ),
+            event: job.event,
+            attempts: job.attempt,
+            cause: DeathCause::Abandoned,
+            failed_at: Utc::now(),
+            key: job.key,
+            chain: job.chain,
         }
     }
 }

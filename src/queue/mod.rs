@@ -61,13 +61,31 @@
 //!   is kept with its last error and attempt count in the backend: a
 //!   `eventsink_dead_letters` table (SQLite, Postgres), a Redis hash
 //!   (`eventsink:{queue}:dead`), or the process memory (memory backend).
-//!   [`DeadLetters`] lists, shows, replays and purges them.
-//! - **Duplicates.** Each job carries an idempotency key
-//!   (`{queue}:{kind}:{id}`): publishing an event again while it is queued,
-//!   or until completed jobs are removed by retention (SQLite, Postgres;
-//!   [`DEFAULT_RETENTION`]), stores nothing new. Redis does the same (its
-//!   job ids are derived from the keys); the memory backend only while the
-//!   job waits.
+//!   A letter has the key of the event's jobs, `{queue}:{kind}:{id}`, so
+//!   two kinds that share an id keep two letters. [`DeadLetters`] lists,
+//!   shows, replays and purges them. A replay stores the event as a new
+//!   delivery chain, then removes the letter only if it is still the one
+//!   it replayed (a replayed event that failed again at once keeps its new
+//!   letter); `replay_all` replays each letter that existed when it was
+//!   called exactly once.
+//! - **Delivery chains.** The attempts of one publish (or one replay) are
+//!   a chain with its own id, and retries are keyed by it
+//!   (`{queue}:{kind}:{id}~{chain}#{attempt}`): the retries of a chain
+//!   never meet the stored jobs of an earlier publish of the same event.
+//! - **Jobs apalis gave up on.** If writing a delivery's outcome (the next
+//!   attempt, or the dead letter) fails, the job is left to apalis, which
+//!   runs it again; after 25 such failures in a row it gives up on it. The
+//!   worker's maintenance (at start, then hourly) buries such jobs as dead
+//!   letters ([`DeathCause::Abandoned`]).
+//! - **Retention** ([`DEFAULT_RETENTION`]) removes only jobs whose outcome
+//!   was recorded (delivered, next attempt stored, or dead letter
+//!   written); never a job that is due, scheduled, running, or that apalis
+//!   still retries or gave up on. On Redis it also trims apalis' done set.
+//! - **Duplicates.** A published event's first job is keyed
+//!   `{queue}:{kind}:{id}`: publishing the event again while that job is
+//!   queued, or until retention removes it once completed, stores nothing
+//!   new. Redis does the same (its job ids are derived from the keys); the
+//!   memory backend only while the job waits.
 //!
 //! # What can lose an event
 //!
@@ -79,15 +97,11 @@
 //!   Deleting the file loses everything.
 //! - **Redis** without persistence (AOF with `appendfsync always`) loses
 //!   what it held in memory when it restarts.
-//! - A `publish` that returns an error, or is dropped before it returns,
-//!   may not have stored the event: publish it again (same id).
-//! - [`DeadLetters::purge`] deletes dead letters, and retention deletes
-//!   completed jobs (and with them the idempotency keys).
-//! - If writing a delivery's outcome (the next attempt, or the dead letter)
-//!   fails, the job is left to apalis, which runs it again; after 25 such
-//!   failures in a row (apalis' `max_attempts`) it gives up on the job
-//!   without a dead letter: the job stays `Failed` in the SQL backends, or
-//!   in apalis' own `{queue}:dead` set in Redis.
+//! - [`DeadLetters::purge`] deletes dead letters: what you purge is gone.
+//!
+//! A `publish` that returns an error, or is dropped before it returns, may
+//! or may not have stored the event: publish it again with the same id
+//! (a stored first job makes that a no-op).
 //!
 //! apalis' own retry mechanisms are not used: its SQL backends re-run a
 //! failed job at once and Redis ignores `max_attempts`, so the worker

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use super::backend::{ops::Ops, push_error, push_tasks};
+use super::backend::{ABANDONED_PAGE, abandoned_letter, ops::Ops, push_error, push_tasks};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
 use super::worker::{Deliver, RunOptions};
@@ -567,6 +567,43 @@ where
             .await
             .map_err(fail)?;
             Ok(done.rows_affected())
+        })
+    }
+
+    fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let this = self.clone();
+        let fail = self.fail("burying jobs apalis gave up on");
+        Box::pin(async move {
+            let mut buried = 0;
+            loop {
+                let rows: Vec<(String, Vec<u8>, i32, Option<String>)> = sqlx::query_as(
+                    "SELECT id, job, attempts, last_result::text FROM apalis.jobs \
+                     WHERE job_type = $1 AND (status = 'Killed' \
+                     OR (status = 'Failed' AND attempts >= max_attempts)) LIMIT $2",
+                )
+                .bind(&*this.name)
+                .bind(ABANDONED_PAGE as i64)
+                .fetch_all(&this.pool)
+                .await
+                .map_err(&fail)?;
+                for (id, job, runs, last) in &rows {
+                    let runs = i64::from(*runs);
+                    let Some(letter) = abandoned_letter(&this.name, job, runs, last.as_deref())
+                    else {
+                        continue;
+                    };
+                    this.bury(letter).await?;
+                    sqlx::query("UPDATE apalis.jobs SET status = 'Done' WHERE id = $1")
+                        .bind(id)
+                        .execute(&this.pool)
+                        .await
+                        .map_err(&fail)?;
+                    buried += 1;
+                }
+                if rows.len() < ABANDONED_PAGE {
+                    return Ok(buried);
+                }
+            }
         })
     }
 

@@ -18,7 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, ops::Ops,
+    ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
+    encode_job, ops::Ops,
 };
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
@@ -465,6 +466,56 @@ impl<P> RedisQueue<P> {
         DeadLetters::new(self.clone())
     }
 
+    /// Buries the job `id` of apalis' dead set and moves it to the done
+    /// set; `false` if its data is gone or is not an event (it stays).
+    async fn bury_one_abandoned(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &str,
+    ) -> Result<bool, QueueError>
+    where
+        P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        let fail = |e| QueueError::backend(&self.name, "burying jobs apalis gave up on", e);
+        let meta = format!("{}:{id}", self.config.job_meta_hash());
+        let data: Option<Vec<u8>> = conn
+            .hget(self.config.job_data_hash(), id)
+            .await
+            .map_err(fail)?;
+        let (runs, last): (Option<i64>, Option<String>) = redis::cmd("HMGET")
+            .arg(&meta)
+            .arg("attempts")
+            .arg("result")
+            .query_async(conn)
+            .await
+            .map_err(fail)?;
+        let letter = data.and_then(|data| {
+            abandoned_letter(&self.name, &data, runs.unwrap_or(0), last.as_deref())
+        });
+        let Some(letter) = letter else {
+            return Ok(false);
+        };
+        self.bury(letter).await?;
+        redis::pipe()
+            .atomic()
+            .srem(self.config.dead_jobs_set(), id)
+            .ignore()
+            .sadd(self.config.done_jobs_set(), id)
+            .ignore()
+            .hset_multiple(
+                &meta,
+                &[
+                    ("status", "Done".to_owned()),
+                    ("done_at", current_second().to_string()),
+                ],
+            )
+            .ignore()
+            .query_async::<()>(conn)
+            .await
+            .map_err(fail)?;
+        Ok(true)
+    }
+
     fn keys(&self) -> (String, String) {
         let hash = format!("eventsink:{}:dead", self.name);
         let order = format!("{hash}:order");
@@ -671,6 +722,35 @@ where
         let (conn, _, fail) = self.parts("removing completed jobs");
         let config = self.config.clone();
         Box::pin(async move { remove_done(conn, &config, age).await.map_err(fail) })
+    }
+
+    fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let this = self.clone();
+        let (_, _, fail) = self.parts("burying jobs apalis gave up on");
+        Box::pin(async move {
+            let mut conn = this.conn.clone();
+            let dead = this.config.dead_jobs_set();
+            let mut buried = 0;
+            // A buried id leaves the set: read it from the start each time.
+            loop {
+                let (_, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                    .arg(&dead)
+                    .arg(0)
+                    .arg("COUNT")
+                    .arg(ABANDONED_PAGE)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(&fail)?;
+                let mut moved = 0;
+                for id in &ids {
+                    moved += u64::from(this.bury_one_abandoned(&mut conn, id).await?);
+                }
+                buried += moved;
+                if moved == 0 {
+                    return Ok(buried);
+                }
+            }
+        })
     }
 
     fn release_worker(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {

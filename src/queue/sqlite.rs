@@ -19,7 +19,8 @@ use sqlx::sqlite::{
 };
 
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, ops::Ops,
+    ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
+    encode_job, ops::Ops,
 };
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
@@ -642,6 +643,42 @@ where
             .await
             .map_err(fail)?;
             Ok(done.rows_affected())
+        })
+    }
+
+    fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        let this = self.clone();
+        let fail = self.fail("burying jobs apalis gave up on");
+        Box::pin(async move {
+            let mut buried = 0;
+            loop {
+                let rows: Vec<(String, Vec<u8>, i64, Option<String>)> = sqlx::query_as(
+                    "SELECT id, job, attempts, last_result FROM Jobs WHERE job_type = ? \
+                     AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts)) \
+                     LIMIT ?",
+                )
+                .bind(&*this.name)
+                .bind(ABANDONED_PAGE as i64)
+                .fetch_all(&this.pool)
+                .await
+                .map_err(&fail)?;
+                for (id, job, runs, last) in &rows {
+                    let Some(letter) = abandoned_letter(&this.name, job, *runs, last.as_deref())
+                    else {
+                        continue;
+                    };
+                    this.bury(letter).await?;
+                    sqlx::query("UPDATE Jobs SET status = 'Done' WHERE id = ?")
+                        .bind(id)
+                        .execute(&this.pool)
+                        .await
+                        .map_err(&fail)?;
+                    buried += 1;
+                }
+                if rows.len() < ABANDONED_PAGE {
+                    return Ok(buried);
+                }
+            }
         })
     }
 

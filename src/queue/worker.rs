@@ -45,7 +45,9 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// as a duplicate.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// How often the worker applies retention. Hourly: retention is about days.
+/// How often the worker buries the jobs apalis gave up on and applies
+/// retention. Hourly: retention is about days, and a job apalis gave up on
+/// is found at the next start or within the hour.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 /// First wait before restarting a failed worker; doubles up to
@@ -268,9 +270,8 @@ where
             concurrency: self.concurrency,
             poll_interval: self.poll_interval,
         };
-        let retention = self
-            .retention
-            .map(|age| tokio::spawn(retain(self.backend.clone(), age, stop.clone())));
+        let maintenance =
+            tokio::spawn(maintain(self.backend.clone(), self.retention, stop.clone()));
         let instance = worker_instance();
         let mut backoff = MIN_RESTART_BACKOFF;
         for run in 0u64.. {
@@ -337,9 +338,7 @@ where
             restarts.fetch_add(1, Ordering::Relaxed);
             backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
         }
-        if let Some(task) = retention {
-            task.abort();
-        }
+        maintenance.abort();
     }
 }
 
@@ -370,12 +369,30 @@ fn worker_instance() -> String {
     )
 }
 
-async fn retain<B: QueueBackend<P>, P>(backend: B, age: Duration, stop: watch::Receiver<bool>) {
+/// The worker's upkeep, at start and then every [`RETENTION_EVERY`]: bury
+/// the jobs apalis gave up on, then apply retention (if any).
+async fn maintain<B: QueueBackend<P>, P>(
+    backend: B,
+    retention: Option<Duration>,
+    stop: watch::Receiver<bool>,
+) {
+    let queue = backend.name().to_owned();
     loop {
-        match backend.delete_completed(age).await {
+        match backend.bury_abandoned().await {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(queue = backend.name(), removed = n, "retention"),
-            Err(e) => tracing::warn!(queue = backend.name(), error = %e, "retention failed"),
+            Ok(n) => {
+                tracing::warn!(%queue, buried = n, "jobs apalis gave up on are dead letters now")
+            }
+            Err(e) => {
+                tracing::warn!(%queue, error = %e, "could not bury the jobs apalis gave up on")
+            }
+        }
+        if let Some(age) = retention {
+            match backend.delete_completed(age).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(%queue, removed = n, "retention"),
+                Err(e) => tracing::warn!(%queue, error = %e, "retention failed"),
+            }
         }
         if sleep_or_stop(RETENTION_EVERY, &stop).await {
             return;
