@@ -289,7 +289,7 @@ async fn invalid_utf8_in_each_header_is_400() {
 async fn malformed_ids_and_timestamps_and_repeated_headers_are_400() {
     let layer = builder().build();
     let cases: [(&str, &[&str]); 3] = [
-        ("webhook-id", &["evt.1", ""]),
+        ("webhook-id", &["evt 1", ""]),
         (
             "webhook-timestamp",
             &["soon", "-5", "1.0", "99999999999999999999"],

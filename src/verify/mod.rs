@@ -37,7 +37,7 @@
 //!
 //! | step | failure | answer |
 //! | --- | --- | --- |
-//! | `webhook-id`, `webhook-timestamp`, `webhook-signature` present, single, visible ASCII, in format (Go format: `signature`, 64 hex digits) | missing or malformed | 400 |
+//! | `webhook-id`, `webhook-timestamp`, `webhook-signature` present, single, visible ASCII, in format (Go format: `signature`, 64 hex digits); the id follows the [rule the sender follows](crate::wire#the-rule) (`.` allowed) | missing or malformed | 400 |
 //! | timestamp within ± [tolerance](VerifyWebhookLayerBuilder::tolerance) of the [`Clock`] | too old or too far ahead | 401 |
 //! | body read through [`http_body_util::Limited`] | over [`max_body`](VerifyWebhookLayerBuilder::max_body) | 413 |
 //! | one listed `v1,` signature matches one secret (constant time; `v1a` and other versions ignored) | none matches | 401 |
@@ -68,13 +68,13 @@ mod extract;
 mod replay;
 mod service;
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
 use crate::signature::{self, Secret};
+use crate::wire::{self, InvalidField};
 
 pub use self::body::ResponseBody;
 pub use self::check::Rejection;
@@ -111,10 +111,6 @@ pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(2 * 5 * 60);
 /// that crashed mid-delivery (with a shared store such as Redis) from
 /// answering 409 for that id any longer.
 pub const DEFAULT_IN_FLIGHT_TTL: Duration = Duration::from_secs(60);
-
-/// Longest webhook id accepted: 256 bytes. Ids are UUIDs (36) or `msg_` +
-/// KSUID (31) in practice; the bound keeps the replay guard's memory small.
-pub const MAX_WEBHOOK_ID_BYTES: usize = 256;
 
 /// Which signature format the layer accepts.
 ///
@@ -436,8 +432,9 @@ impl VerifyWebhookLayerBuilder {
 ///
 /// # Errors
 ///
-/// [`InvalidId`] if `id` is empty, longer than [`MAX_WEBHOOK_ID_BYTES`],
-/// contains `.` or anything but visible ASCII.
+/// [`InvalidField`] if `id` breaks the [rule for ids](crate::wire#the-rule)
+/// (the one [`WebhookSink`](crate::webhook::WebhookSink) follows and the
+/// layer checks).
 ///
 /// ```
 /// use eventsink::signature::Secret;
@@ -455,18 +452,21 @@ pub fn sign(
     id: &str,
     timestamp: i64,
     body: &[u8],
-) -> Result<HeaderMap, InvalidId> {
-    check::check_id(id, check::WEBHOOK_ID).map_err(|_| InvalidId)?;
-    let id_value = HeaderValue::from_str(id).map_err(|_| InvalidId)?;
+) -> Result<HeaderMap, InvalidField> {
+    wire::check_id(id)?;
+    // The rule allows visible ASCII only: always a valid header value.
+    let Ok(id_value) = HeaderValue::from_str(id) else {
+        unreachable!("an id that passes wire::check_id is visible ASCII")
+    };
     let signatures = signature::sign(secrets, id, timestamp, body);
     let mut headers = HeaderMap::with_capacity(3);
-    headers.insert(check::WEBHOOK_ID, id_value);
-    headers.insert(check::WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+    headers.insert(wire::WEBHOOK_ID, id_value);
+    headers.insert(wire::WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
     // base64, ',' and ' ' are all valid header characters.
     let Ok(signatures) = HeaderValue::from_str(&signatures) else {
         unreachable!("a v1 signature list is visible ASCII")
     };
-    headers.insert(check::WEBHOOK_SIGNATURE, signatures);
+    headers.insert(wire::WEBHOOK_SIGNATURE, signatures);
     Ok(headers)
 }
 
@@ -504,25 +504,3 @@ pub fn verify(
     };
     config.verify(headers, body)
 }
-
-/// [`sign`] was given an id that cannot be a `webhook-id`.
-///
-/// ```
-/// let secret = eventsink::signature::Secret::generate()?;
-/// assert!(eventsink::verify::sign(&[secret], "a.b", 0, b"").is_err());
-/// # Ok::<(), eventsink::signature::SecretError>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidId;
-
-impl fmt::Display for InvalidId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "a webhook id must be 1 to {MAX_WEBHOOK_ID_BYTES} bytes of visible ASCII without '.'; \
-             use the event's UUID"
-        )
-    }
-}
-
-impl std::error::Error for InvalidId {}
