@@ -85,7 +85,8 @@ pub use self::extract::{Verified, VerifiedRejection};
 #[cfg(feature = "redis")]
 pub use self::replay::RedisReplayGuard;
 pub use self::replay::{
-    BoxFuture, Claim, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError, ReplayGuard,
+    BoxFuture, Claim, ClaimToken, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError,
+    ReplayGuard,
 };
 pub use self::service::VerifyWebhook;
 
@@ -99,11 +100,22 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// Hook0), so this leaves room without letting a client fill memory.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
-/// How long a replay guard remembers a handled id: 10 minutes, twice
-/// [`DEFAULT_TOLERANCE`]. A request is accepted for one tolerance before and
-/// after its timestamp, so a replay of it can arrive up to two tolerances
-/// after the first delivery; the layer never uses less than that.
-pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(2 * 5 * 60);
+/// How long a replay guard remembers a handled id: 56 hours, the longest a
+/// sender on the queue's default schedule (`RetrySchedule::standard()`:
+/// steps of 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, 27 h 35 min in all)
+/// can keep retrying one event. Jitter (+20 %) stretches that to 33 h 6 min;
+/// a receiver's `Retry-After`, honoured up to twice each step, to 55 h
+/// 10 min; eight attempts of at most 15 s add 2 min; rounded up to whole
+/// hours. So an event whose `2xx` was lost is answered "already handled" on
+/// every retry instead of running the handler again. (A queue backlog can
+/// delay attempts further; raise
+/// [`replay_ttl`](VerifyWebhookLayerBuilder::replay_ttl) if yours does.)
+///
+/// It is never less than twice the tolerance (a request is accepted for one
+/// tolerance before and after its timestamp, so a replay can arrive up to two
+/// tolerances after it). With [`MemoryReplayGuard`] the
+/// [capacity](MemoryReplayGuard#memory-bound), not this window, bounds memory.
+pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(56 * 3600);
 
 /// How long an id stays claimed by a delivery still in flight: 1 minute.
 /// Standard Webhooks senders give up on an attempt after 15–30 s, so by
@@ -359,15 +371,17 @@ impl VerifyWebhookLayerBuilder {
     }
 
     /// How long the replay guard remembers an id; [`DEFAULT_REPLAY_TTL`] by
-    /// default, and never less than twice the tolerance (a shorter value is
-    /// raised to that). Longer also catches the sender's later retries.
+    /// default (it covers the queue's default retry schedule), and never
+    /// less than twice the tolerance (a shorter value is raised to that).
+    /// Keep it at least as long as your sender keeps retrying one event, or a
+    /// retry after a lost `2xx` runs the handler again.
     ///
     /// ```
     /// # use std::time::Duration;
     /// # use eventsink::{signature::Secret, verify::{MemoryReplayGuard, VerifyWebhookLayer}};
     /// let layer = VerifyWebhookLayer::builder(Secret::generate()?)
     ///     .replay_guard(MemoryReplayGuard::new())
-    ///     .replay_ttl(Duration::from_secs(24 * 3600))
+    ///     .replay_ttl(Duration::from_secs(72 * 3600)) // a sender that retries for 3 days
     ///     .build();
     /// # let _ = layer;
     /// # Ok::<(), eventsink::signature::SecretError>(())
