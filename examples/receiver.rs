@@ -27,7 +27,6 @@ fn main() {
 
 #[cfg(feature = "axum")]
 mod app {
-    use std::time::Duration;
 
     use axum::Router;
     use axum::routing::{get, post};
