@@ -27,7 +27,6 @@ fn main() {
 
 #[cfg(feature = "axum")]
 mod app {
-    use std::time::Duration;
 
     use axum::Router;
     use axum::routing::{get, post};
@@ -74,9 +73,9 @@ mod app {
             .scheme(Scheme::Either)
             .tolerance(verify::DEFAULT_TOLERANCE)
             .max_body(256 * 1024)
-            // Remember handled ids for a day: also catches the sender's later retries.
-            .replay_guard(MemoryReplayGuard::new())
-            .replay_ttl(Duration::from_secs(24 * 3600))
+            // Remember handled ids for the default window (covers the queue's retry
+            // schedule) and up to 200 000 of them (about 40 MiB).
+            .replay_guard(MemoryReplayGuard::new().with_capacity(200_000))
             .build();
 
         let app = Router::new()

@@ -97,6 +97,7 @@ pub mod sink;
 pub mod verify;
 #[cfg(feature = "webhook")]
 pub mod webhook;
+pub mod wire;
 
 pub use error::{BoxError, Error, ErrorKind, classify};
 pub use event::Event;

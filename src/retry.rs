@@ -55,7 +55,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Retry number `n` (from 0) waits a random time between the minimum and
 /// `min(max, min × 2ⁿ⁺¹)` ("full jitter" above a floor, so that many
 /// publishers retrying together spread out). An error that carries a
-/// `Retry-After` waits that long instead, capped at the maximum.
+/// `Retry-After` waits that long instead, kept between the minimum and the
+/// maximum: `Retry-After: 0` or a date in the past waits the minimum.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -190,6 +191,14 @@ impl RetryPolicy {
         (low, high)
     }
 
+    /// The delay for a receiver's `Retry-After`: what it asked, but never
+    /// less than the minimum (`Retry-After: 0` or a date in the past must
+    /// not make every publisher retry at once) nor more than the maximum.
+    fn honour_retry_after(&self, asked: Duration) -> Duration {
+        let (floor, _) = self.backoff_range(0);
+        asked.max(floor).min(self.max_backoff)
+    }
+
     /// Decides on one failed or successful attempt; shared by the `Policy`
     /// implementations for each error type.
     fn decide(
@@ -219,7 +228,7 @@ impl RetryPolicy {
             return None;
         }
         let delay = match retry_after_dyn(error) {
-            Some(asked) => asked.min(self.max_backoff),
+            Some(asked) => self.honour_retry_after(asked),
             None => self.backoff(self.retries),
         };
         self.retries += 1;
@@ -311,6 +320,61 @@ mod tests {
         assert_eq!(
             policy.backoff_range(0),
             (Duration::from_secs(2), Duration::from_secs(2))
+        );
+    }
+
+    /// The delay `policy` picks after a transient error that asked for
+    /// `retry_after`.
+    fn delay_after(policy: &RetryPolicy, retry_after: Option<Duration>) -> Duration {
+        let err = Error::Simulated {
+            kind: ErrorKind::Transient,
+            retry_after,
+        };
+        let start = tokio::time::Instant::now();
+        let sleep = policy
+            .clone()
+            .decide(Err(&err), "evt_1")
+            .expect("a transient error is retried");
+        sleep.deadline() - start
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_zero_or_a_past_date_waits_the_minimum() {
+        let policy = RetryPolicy::new()
+            .min_backoff(Duration::from_secs(1))
+            .max_backoff(Duration::from_secs(30));
+        #[allow(unused_mut)]
+        let mut asks = vec![Some(Duration::ZERO), Some(Duration::from_millis(10))];
+        #[cfg(feature = "webhook")]
+        {
+            // What WebhookSink reads from `Retry-After: <a date an hour ago>`.
+            let now = std::time::SystemTime::now();
+            let past = httpdate::fmt_http_date(now - Duration::from_secs(3600));
+            asks.push(crate::webhook::classify::parse_retry_after(&past, now));
+        }
+        for asked in asks {
+            let delay = delay_after(&policy, asked);
+            assert!(
+                delay >= Duration::from_secs(1),
+                "Retry-After {asked:?} gave a delay of {delay:?}, below the 1 s minimum"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_larger_retry_after_wins_up_to_the_maximum() {
+        let policy = RetryPolicy::new()
+            .min_backoff(Duration::from_secs(1))
+            .max_backoff(Duration::from_secs(30));
+        let asked = Some(Duration::from_secs(10));
+        assert_eq!(delay_after(&policy, asked), Duration::from_secs(10));
+        let asked = Some(Duration::from_secs(3600));
+        assert_eq!(delay_after(&policy, asked), Duration::from_secs(30));
+        // A maximum below the minimum lowers the minimum, as for backoff.
+        let inverted = policy.min_backoff(Duration::from_secs(60));
+        assert_eq!(
+            delay_after(&inverted, Some(Duration::ZERO)),
+            Duration::from_secs(30)
         );
     }
 

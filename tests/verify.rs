@@ -14,7 +14,7 @@ use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use eventsink::signature::{self, Secret};
 use eventsink::verify::{
-    self, BoxFuture, Claim, Clock, MemoryReplayGuard, ReplayError, ReplayGuard, Scheme,
+    self, BoxFuture, Claim, ClaimToken, Clock, MemoryReplayGuard, ReplayError, ReplayGuard, Scheme,
     VerifiedWebhook, VerifyWebhookLayer, VerifyWebhookLayerBuilder,
 };
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -289,7 +289,7 @@ async fn invalid_utf8_in_each_header_is_400() {
 async fn malformed_ids_and_timestamps_and_repeated_headers_are_400() {
     let layer = builder().build();
     let cases: [(&str, &[&str]); 3] = [
-        ("webhook-id", &["evt.1", ""]),
+        ("webhook-id", &["evt 1", ""]),
         (
             "webhook-timestamp",
             &["soon", "-5", "1.0", "99999999999999999999"],
@@ -777,13 +777,18 @@ impl ReplayGuard for ReportingGuard {
     fn complete<'a>(
         &'a self,
         id: &'a str,
+        token: ClaimToken,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), ReplayError>> {
-        self.inner.complete(id, ttl)
+        self.inner.complete(id, token, ttl)
     }
-    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ReplayError>> {
+    fn release<'a>(
+        &'a self,
+        id: &'a str,
+        token: ClaimToken,
+    ) -> BoxFuture<'a, Result<(), ReplayError>> {
         Box::pin(async move {
-            self.inner.release(id).await?;
+            self.inner.release(id, token).await?;
             let _ = self.released.send(id.to_owned());
             Ok(())
         })
@@ -848,10 +853,15 @@ impl ReplayGuard for DownGuard {
     fn claim<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, Result<Claim, ReplayError>> {
         Box::pin(async { Err(ReplayError::new("connection refused")) })
     }
-    fn complete<'a>(&'a self, _: &'a str, _: Duration) -> BoxFuture<'a, Result<(), ReplayError>> {
+    fn complete<'a>(
+        &'a self,
+        _: &'a str,
+        _: ClaimToken,
+        _: Duration,
+    ) -> BoxFuture<'a, Result<(), ReplayError>> {
         Box::pin(async { Err(ReplayError::new("connection refused")) })
     }
-    fn release<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), ReplayError>> {
+    fn release<'a>(&'a self, _: &'a str, _: ClaimToken) -> BoxFuture<'a, Result<(), ReplayError>> {
         Box::pin(async { Err(ReplayError::new("connection refused")) })
     }
 }
@@ -1045,12 +1055,18 @@ mod redis_guard {
         let Some((guard, mut connection, prefix)) = guard().await else {
             return;
         };
-        assert_eq!(guard.claim("a", TTL).await.unwrap(), Claim::Claimed);
+        let Claim::Claimed(first) = guard.claim("a", TTL).await.unwrap() else {
+            panic!("a new id is claimed")
+        };
         assert_eq!(guard.claim("a", TTL).await.unwrap(), Claim::InFlight);
-        guard.release("a").await.unwrap();
-        assert_eq!(guard.claim("a", TTL).await.unwrap(), Claim::Claimed);
-        guard.complete("a", TTL).await.unwrap();
-        guard.release("a").await.unwrap(); // never forgets a handled id
+        guard.release("a", ClaimToken::random()).await.unwrap(); // not the holder
+        assert_eq!(guard.claim("a", TTL).await.unwrap(), Claim::InFlight);
+        guard.release("a", first).await.unwrap();
+        let Claim::Claimed(second) = guard.claim("a", TTL).await.unwrap() else {
+            panic!("a released id is claimed again")
+        };
+        guard.complete("a", second, TTL).await.unwrap();
+        guard.release("a", second).await.unwrap(); // never forgets a handled id
         assert_eq!(guard.claim("a", TTL).await.unwrap(), Claim::AlreadyHandled);
 
         let ttl_ms: i64 = redis::cmd("PTTL")
@@ -1078,7 +1094,10 @@ mod redis_guard {
         }
         let claims = tasks.join_all().await;
         assert_eq!(
-            claims.iter().filter(|c| **c == Claim::Claimed).count(),
+            claims
+                .iter()
+                .filter(|c| matches!(c, Claim::Claimed(_)))
+                .count(),
             1,
             "{claims:?}"
         );

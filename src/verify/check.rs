@@ -13,17 +13,9 @@ use http_body_util::Full;
 use serde::Deserialize;
 
 use super::replay::ReplayGuard;
-use super::{Clock, MAX_WEBHOOK_ID_BYTES, Scheme, VerifiedWebhook};
+use super::{Clock, Scheme, VerifiedWebhook};
 use crate::signature::{self, Secret};
-
-/// Header of the Standard Webhooks message id.
-pub(crate) const WEBHOOK_ID: &str = "webhook-id";
-/// Header of the Standard Webhooks attempt timestamp.
-pub(crate) const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
-/// Header of the Standard Webhooks signatures.
-pub(crate) const WEBHOOK_SIGNATURE: &str = "webhook-signature";
-/// Header of the Go original's signature.
-pub(crate) const GO_SIGNATURE: &str = "signature";
+use crate::wire::{self, GO_SIGNATURE, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
 
 /// Why a webhook request was refused, with the HTTP status it answers.
 ///
@@ -245,7 +237,10 @@ impl Config {
 
     fn plan_standard(&self, headers: &HeaderMap) -> Result<Plan, Rejection> {
         let id = required(headers, WEBHOOK_ID)?;
-        check_id(id, WEBHOOK_ID)?;
+        wire::check_id(id).map_err(|invalid| Rejection::MalformedHeader {
+            header: WEBHOOK_ID,
+            problem: invalid.problem(),
+        })?;
         let timestamp = required(headers, WEBHOOK_TIMESTAMP)?;
         if timestamp.is_empty() || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
             return Err(Rejection::MalformedHeader {
@@ -300,9 +295,9 @@ impl Config {
                         problem: "not a JSON object with string fields `id` and `now`",
                     })?;
                 let id = envelope.id.into_owned();
-                if id.is_empty() || id.len() > MAX_WEBHOOK_ID_BYTES {
+                if wire::check_id(&id).is_err() {
                     return Err(Rejection::MalformedBody {
-                        problem: "`id` is empty or too long",
+                        problem: "`id` is not 1 to 256 bytes of visible ASCII",
                     });
                 }
                 let timestamp = DateTime::parse_from_rfc3339(&envelope.now)
@@ -361,23 +356,6 @@ fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, R
         header: name,
         problem: "not visible ASCII",
     })
-}
-
-/// A webhook id: 1 to [`MAX_WEBHOOK_ID_BYTES`] bytes without `.` (the
-/// spec's separator in the signed content).
-pub(crate) fn check_id(id: &str, header: &'static str) -> Result<(), Rejection> {
-    let problem = if id.is_empty() {
-        "empty"
-    } else if id.len() > MAX_WEBHOOK_ID_BYTES {
-        "longer than 256 bytes"
-    } else if id.contains('.') {
-        "contains '.'"
-    } else if id.bytes().any(|b| !b.is_ascii_graphic()) {
-        "not visible ASCII"
-    } else {
-        return Ok(());
-    };
-    Err(Rejection::MalformedHeader { header, problem })
 }
 
 #[cfg(test)]
@@ -457,15 +435,21 @@ mod tests {
     }
 
     #[test]
-    fn ids_with_dots_or_repeated_headers_are_malformed() {
+    fn ids_with_dots_pass_and_repeated_headers_are_malformed() {
         let cfg = config(Scheme::Standard, 0);
         let dotted = headers(&[
-            ("webhook-id", "a.b"),
+            ("webhook-id", "evt_01J.x-y"),
+            ("webhook-timestamp", "0"),
+            ("webhook-signature", "v1,x"),
+        ]);
+        assert!(matches!(cfg.plan(&dotted), Ok(Plan::Standard { id, .. }) if id == "evt_01J.x-y"));
+        let spaced = headers(&[
+            ("webhook-id", "a b"),
             ("webhook-timestamp", "0"),
             ("webhook-signature", "v1,x"),
         ]);
         assert!(matches!(
-            cfg.plan(&dotted),
+            cfg.plan(&spaced),
             Err(Rejection::MalformedHeader {
                 header: "webhook-id",
                 ..

@@ -17,7 +17,9 @@ use crate::Event;
 /// [`VerifyWebhookLayer`](super::VerifyWebhookLayer) verified.
 ///
 /// Use it in handlers behind the layer. Bad JSON answers 400 with the
-/// parser's message; a route without the layer answers 500, so a missing
+/// parser's message, and so does an event whose id or kind breaks the
+/// [rule both sides share](crate::wire#the-rule) (which
+/// [`WebhookSink`](crate::webhook::WebhookSink) never sends); a route without the layer answers 500, so a missing
 /// layer cannot go unnoticed. It reads the body through axum's `Bytes`
 /// extractor, so axum's `DefaultBodyLimit` (2 MB) applies as well: raise it
 /// too if you set the layer's `max_body` above that.
@@ -64,7 +66,9 @@ where
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(VerifiedRejection::Body)?;
-        let event = serde_json::from_slice(&bytes)
+        let event: Event<T> = serde_json::from_slice(&bytes)
+            .map_err(|e| VerifiedRejection::InvalidEvent(e.to_string()))?;
+        crate::wire::check_event(&event)
             .map_err(|e| VerifiedRejection::InvalidEvent(e.to_string()))?;
         Ok(Verified { event, webhook })
     }

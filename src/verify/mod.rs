@@ -37,7 +37,7 @@
 //!
 //! | step | failure | answer |
 //! | --- | --- | --- |
-//! | `webhook-id`, `webhook-timestamp`, `webhook-signature` present, single, visible ASCII, in format (Go format: `signature`, 64 hex digits) | missing or malformed | 400 |
+//! | `webhook-id`, `webhook-timestamp`, `webhook-signature` present, single, visible ASCII, in format (Go format: `signature`, 64 hex digits); the id follows the [rule the sender follows](crate::wire#the-rule) (`.` allowed) | missing or malformed | 400 |
 //! | timestamp within ± [tolerance](VerifyWebhookLayerBuilder::tolerance) of the [`Clock`] | too old or too far ahead | 401 |
 //! | body read through [`http_body_util::Limited`] | over [`max_body`](VerifyWebhookLayerBuilder::max_body) | 413 |
 //! | one listed `v1,` signature matches one secret (constant time; `v1a` and other versions ignored) | none matches | 401 |
@@ -68,13 +68,13 @@ mod extract;
 mod replay;
 mod service;
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
 use crate::signature::{self, Secret};
+use crate::wire::{self, InvalidField};
 
 pub use self::body::ResponseBody;
 pub use self::check::Rejection;
@@ -85,7 +85,8 @@ pub use self::extract::{Verified, VerifiedRejection};
 #[cfg(feature = "redis")]
 pub use self::replay::RedisReplayGuard;
 pub use self::replay::{
-    BoxFuture, Claim, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError, ReplayGuard,
+    BoxFuture, Claim, ClaimToken, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError,
+    ReplayGuard,
 };
 pub use self::service::VerifyWebhook;
 
@@ -99,11 +100,22 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// Hook0), so this leaves room without letting a client fill memory.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
-/// How long a replay guard remembers a handled id: 10 minutes, twice
-/// [`DEFAULT_TOLERANCE`]. A request is accepted for one tolerance before and
-/// after its timestamp, so a replay of it can arrive up to two tolerances
-/// after the first delivery; the layer never uses less than that.
-pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(2 * 5 * 60);
+/// How long a replay guard remembers a handled id: 56 hours, the longest a
+/// sender on the queue's default schedule (`RetrySchedule::standard()`:
+/// steps of 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, 27 h 35 min in all)
+/// can keep retrying one event. Jitter (+20 %) stretches that to 33 h 6 min;
+/// a receiver's `Retry-After`, honoured up to twice each step, to 55 h
+/// 10 min; eight attempts of at most 15 s add 2 min; rounded up to whole
+/// hours. So an event whose `2xx` was lost is answered "already handled" on
+/// every retry instead of running the handler again. (A queue backlog can
+/// delay attempts further; raise
+/// [`replay_ttl`](VerifyWebhookLayerBuilder::replay_ttl) if yours does.)
+///
+/// It is never less than twice the tolerance (a request is accepted for one
+/// tolerance before and after its timestamp, so a replay can arrive up to two
+/// tolerances after it). With [`MemoryReplayGuard`] the
+/// [capacity](MemoryReplayGuard#memory-bound), not this window, bounds memory.
+pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(56 * 3600);
 
 /// How long an id stays claimed by a delivery still in flight: 1 minute.
 /// Standard Webhooks senders give up on an attempt after 15–30 s, so by
@@ -111,10 +123,6 @@ pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(2 * 5 * 60);
 /// that crashed mid-delivery (with a shared store such as Redis) from
 /// answering 409 for that id any longer.
 pub const DEFAULT_IN_FLIGHT_TTL: Duration = Duration::from_secs(60);
-
-/// Longest webhook id accepted: 256 bytes. Ids are UUIDs (36) or `msg_` +
-/// KSUID (31) in practice; the bound keeps the replay guard's memory small.
-pub const MAX_WEBHOOK_ID_BYTES: usize = 256;
 
 /// Which signature format the layer accepts.
 ///
@@ -363,15 +371,17 @@ impl VerifyWebhookLayerBuilder {
     }
 
     /// How long the replay guard remembers an id; [`DEFAULT_REPLAY_TTL`] by
-    /// default, and never less than twice the tolerance (a shorter value is
-    /// raised to that). Longer also catches the sender's later retries.
+    /// default (it covers the queue's default retry schedule), and never
+    /// less than twice the tolerance (a shorter value is raised to that).
+    /// Keep it at least as long as your sender keeps retrying one event, or a
+    /// retry after a lost `2xx` runs the handler again.
     ///
     /// ```
     /// # use std::time::Duration;
     /// # use eventsink::{signature::Secret, verify::{MemoryReplayGuard, VerifyWebhookLayer}};
     /// let layer = VerifyWebhookLayer::builder(Secret::generate()?)
     ///     .replay_guard(MemoryReplayGuard::new())
-    ///     .replay_ttl(Duration::from_secs(24 * 3600))
+    ///     .replay_ttl(Duration::from_secs(72 * 3600)) // a sender that retries for 3 days
     ///     .build();
     /// # let _ = layer;
     /// # Ok::<(), eventsink::signature::SecretError>(())
@@ -436,8 +446,9 @@ impl VerifyWebhookLayerBuilder {
 ///
 /// # Errors
 ///
-/// [`InvalidId`] if `id` is empty, longer than [`MAX_WEBHOOK_ID_BYTES`],
-/// contains `.` or anything but visible ASCII.
+/// [`InvalidField`] if `id` breaks the [rule for ids](crate::wire#the-rule)
+/// (the one [`WebhookSink`](crate::webhook::WebhookSink) follows and the
+/// layer checks).
 ///
 /// ```
 /// use eventsink::signature::Secret;
@@ -455,18 +466,21 @@ pub fn sign(
     id: &str,
     timestamp: i64,
     body: &[u8],
-) -> Result<HeaderMap, InvalidId> {
-    check::check_id(id, check::WEBHOOK_ID).map_err(|_| InvalidId)?;
-    let id_value = HeaderValue::from_str(id).map_err(|_| InvalidId)?;
+) -> Result<HeaderMap, InvalidField> {
+    wire::check_id(id)?;
+    // The rule allows visible ASCII only: always a valid header value.
+    let Ok(id_value) = HeaderValue::from_str(id) else {
+        unreachable!("an id that passes wire::check_id is visible ASCII")
+    };
     let signatures = signature::sign(secrets, id, timestamp, body);
     let mut headers = HeaderMap::with_capacity(3);
-    headers.insert(check::WEBHOOK_ID, id_value);
-    headers.insert(check::WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+    headers.insert(wire::WEBHOOK_ID, id_value);
+    headers.insert(wire::WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
     // base64, ',' and ' ' are all valid header characters.
     let Ok(signatures) = HeaderValue::from_str(&signatures) else {
         unreachable!("a v1 signature list is visible ASCII")
     };
-    headers.insert(check::WEBHOOK_SIGNATURE, signatures);
+    headers.insert(wire::WEBHOOK_SIGNATURE, signatures);
     Ok(headers)
 }
 
@@ -504,25 +518,3 @@ pub fn verify(
     };
     config.verify(headers, body)
 }
-
-/// [`sign`] was given an id that cannot be a `webhook-id`.
-///
-/// ```
-/// let secret = eventsink::signature::Secret::generate()?;
-/// assert!(eventsink::verify::sign(&[secret], "a.b", 0, b"").is_err());
-/// # Ok::<(), eventsink::signature::SecretError>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidId;
-
-impl fmt::Display for InvalidId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "a webhook id must be 1 to {MAX_WEBHOOK_ID_BYTES} bytes of visible ASCII without '.'; \
-             use the event's UUID"
-        )
-    }
-}
-
-impl std::error::Error for InvalidId {}

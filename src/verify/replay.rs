@@ -36,21 +36,77 @@ use crate::BoxError;
 /// trait object cannot have `async fn`s).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// How many ids [`MemoryReplayGuard`] keeps at most: 100 000. At a 36-byte
-/// UUID and the map's overhead that is about 15 MiB, and it covers 160
-/// deliveries a second for the default 10 minutes.
+/// How many ids [`MemoryReplayGuard`] keeps at most: 100 000, about 20 MiB
+/// with UUID ids (see [`MemoryReplayGuard`]'s memory bound). With the
+/// default 56-hour window ([`DEFAULT_REPLAY_TTL`](super::DEFAULT_REPLAY_TTL))
+/// this capacity, not the window, decides how long an id is remembered once
+/// more than about one delivery every two seconds arrives: raise it for busier receivers.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 100_000;
+
+/// Who holds a claim: [`ReplayGuard::claim`] hands one out with
+/// [`Claim::Claimed`], and only that token releases the claim. A delivery
+/// whose handler outlived the in-flight TTL therefore cannot clear the claim
+/// of a later delivery of the same id.
+///
+/// ```
+/// use eventsink::verify::ClaimToken;
+/// let token = ClaimToken::random();
+/// assert_ne!(token, ClaimToken::random());
+/// assert_eq!(ClaimToken::from_u128(token.as_u128()), token);
+/// assert_eq!(token.to_string().len(), 32);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimToken(u128);
+
+impl ClaimToken {
+    /// A random token (128 bits, so two claims never share one).
+    ///
+    /// ```
+    /// let token = eventsink::verify::ClaimToken::random();
+    /// # let _ = token;
+    /// ```
+    pub fn random() -> Self {
+        ClaimToken(fastrand::u128(..))
+    }
+
+    /// A token from its number, for stores that keep it as one.
+    ///
+    /// ```
+    /// let token = eventsink::verify::ClaimToken::from_u128(7);
+    /// assert_eq!(token.as_u128(), 7);
+    /// ```
+    pub fn from_u128(value: u128) -> Self {
+        ClaimToken(value)
+    }
+
+    /// The token's number.
+    ///
+    /// ```
+    /// assert_eq!(eventsink::verify::ClaimToken::from_u128(1).as_u128(), 1);
+    /// ```
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+/// 32 lowercase hexadecimal digits.
+impl fmt::Display for ClaimToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
 
 /// What [`ReplayGuard::claim`] found for an id.
 ///
 /// ```
-/// use eventsink::verify::Claim;
-/// assert_ne!(Claim::Claimed, Claim::AlreadyHandled);
+/// use eventsink::verify::{Claim, ClaimToken};
+/// assert_ne!(Claim::Claimed(ClaimToken::random()), Claim::AlreadyHandled);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// The id was unknown; it is now marked in flight for this delivery.
-    Claimed,
+    /// The id was unknown; it is now marked in flight for this delivery,
+    /// which holds it with this token.
+    Claimed(ClaimToken),
     /// Another delivery of the id is in flight.
     InFlight,
     /// A delivery of the id was handled successfully within the TTL.
@@ -62,18 +118,28 @@ pub enum Claim {
 /// The layer calls [`claim`](ReplayGuard::claim) before the handler, then
 /// [`complete`](ReplayGuard::complete) if the handler answered 2xx or
 /// [`release`](ReplayGuard::release) if it failed (so the sender's retry
-/// reaches the handler again). The `ttl` of `claim` is how long the
-/// in-flight mark lasts
+/// reaches the handler again), each with the [`ClaimToken`] the claim
+/// returned. The `ttl` of `claim` is how long the in-flight mark lasts
 /// ([`in_flight_ttl`](super::VerifyWebhookLayerBuilder::in_flight_ttl)); the
-/// `ttl` of `complete` is how long to remember the handled id, at least
+/// `ttl` of `complete` is how long to remember the handled id
+/// ([`replay_ttl`](super::VerifyWebhookLayerBuilder::replay_ttl)), at least
 /// twice the layer's timestamp tolerance, the window in which a replayed
 /// request could still pass the timestamp check.
+///
+/// **Ownership.** A handler can outlive its in-flight mark; another delivery
+/// of the id may then claim it. So `release` must compare and delete: it
+/// forgets the id only while the mark is still the one made with its token
+/// (in one atomic step: a Lua script on Redis, a conditional `DELETE … WHERE
+/// token = ?` in SQL). `complete` records the id as handled whoever holds it
+/// now: the handler did succeed, and remembering that only stops later
+/// deliveries (the later holder's `release` then finds no mark of its own
+/// and leaves the handled mark alone).
 ///
 /// Implement it for another store (a SQL table with a unique key works):
 ///
 /// ```
 /// use std::time::Duration;
-/// use eventsink::verify::{BoxFuture, Claim, ReplayError, ReplayGuard};
+/// use eventsink::verify::{BoxFuture, Claim, ClaimToken, ReplayError, ReplayGuard};
 ///
 /// /// Never deduplicates.
 /// #[derive(Debug)]
@@ -81,30 +147,40 @@ pub enum Claim {
 ///
 /// impl ReplayGuard for Nothing {
 ///     fn claim<'a>(&'a self, _id: &'a str, _ttl: Duration) -> BoxFuture<'a, Result<Claim, ReplayError>> {
-///         Box::pin(async { Ok(Claim::Claimed) })
+///         Box::pin(async { Ok(Claim::Claimed(ClaimToken::random())) })
 ///     }
-///     fn complete<'a>(&'a self, _id: &'a str, _ttl: Duration) -> BoxFuture<'a, Result<(), ReplayError>> {
+///     fn complete<'a>(&'a self, _id: &'a str, _token: ClaimToken, _ttl: Duration) -> BoxFuture<'a, Result<(), ReplayError>> {
 ///         Box::pin(async { Ok(()) })
 ///     }
-///     fn release<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), ReplayError>> {
+///     fn release<'a>(&'a self, _id: &'a str, _token: ClaimToken) -> BoxFuture<'a, Result<(), ReplayError>> {
 ///         Box::pin(async { Ok(()) })
 ///     }
 /// }
 /// ```
 pub trait ReplayGuard: fmt::Debug + Send + Sync + 'static {
     /// Atomically: if `id` is unknown (or its mark expired), mark it in
-    /// flight for `ttl` and answer [`Claim::Claimed`]; otherwise say what it
-    /// is.
+    /// flight for `ttl` with a new token and answer [`Claim::Claimed`] with
+    /// it; otherwise say what it is.
     fn claim<'a>(&'a self, id: &'a str, ttl: Duration)
     -> BoxFuture<'a, Result<Claim, ReplayError>>;
 
-    /// Marks `id` handled, remembered for `ttl`.
-    fn complete<'a>(&'a self, id: &'a str, ttl: Duration)
-    -> BoxFuture<'a, Result<(), ReplayError>>;
+    /// Marks `id` handled, remembered for `ttl`, whoever holds it now (see
+    /// *Ownership* above); `token` is the claim whose handler succeeded.
+    fn complete<'a>(
+        &'a self,
+        id: &'a str,
+        token: ClaimToken,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), ReplayError>>;
 
-    /// Forgets an in-flight `id` (the handler failed or was cancelled), so the
-    /// next delivery is handled.
-    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ReplayError>>;
+    /// Forgets `id` if it is still in flight under `token` (the handler
+    /// failed or was cancelled), so the next delivery is handled; a mark made
+    /// by another claim, or a handled id, stays.
+    fn release<'a>(
+        &'a self,
+        id: &'a str,
+        token: ClaimToken,
+    ) -> BoxFuture<'a, Result<(), ReplayError>>;
 }
 
 /// A [`ReplayGuard`]'s store failed. The layer answers 503, so the sender
@@ -113,7 +189,9 @@ pub trait ReplayGuard: fmt::Debug + Send + Sync + 'static {
 /// ```
 /// use eventsink::verify::ReplayError;
 /// let err = ReplayError::new(std::io::Error::other("connection refused"));
-/// assert!(err.to_string().contains("connection refused"));
+/// // Display says what failed; the store's own error is the source.
+/// assert!(!err.to_string().contains("connection refused"));
+/// assert_eq!(std::error::Error::source(&err).unwrap().to_string(), "connection refused");
 /// ```
 #[derive(Debug)]
 pub struct ReplayError {
@@ -136,11 +214,8 @@ impl ReplayError {
 
 impl fmt::Display for ReplayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the webhook replay guard's store failed ({}); deliveries are answered 503 until it \
-             is back",
-            self.source
+        f.write_str(
+            "the webhook replay guard's store failed; deliveries are answered 503 until it is back",
         )
     }
 }
@@ -153,11 +228,31 @@ impl std::error::Error for ReplayError {
 
 /// An in-process [`ReplayGuard`] with bounded memory.
 ///
-/// Keeps at most [`capacity`](MemoryReplayGuard::with_capacity) ids; when
-/// full it drops expired ids first and then the oldest, which only weakens
-/// deduplication for that old id. Clones share one store. Ids are lost when
-/// the process stops: use [`RedisReplayGuard`] (feature `redis`) for several
-/// processes or restarts.
+/// Clones share one store. Ids are lost when the process stops: use
+/// [`RedisReplayGuard`] (feature `redis`) for several processes or
+/// restarts.
+///
+/// # Memory bound
+///
+/// The guard keeps at most [`capacity`](MemoryReplayGuard::with_capacity)
+/// ids ([`DEFAULT_REPLAY_CAPACITY`] by default), handled and in flight
+/// together. Each costs about 200 bytes with a 36-byte UUID id (the id
+/// behind an `Arc` with its counts, ~64 bytes from the allocator; a map slot
+/// of key and entry with the map's spare room, ~90; up to two write-order
+/// items of 24 bytes), plus one byte per id byte beyond 36: about 20 MiB
+/// for 100 000 UUIDs, at most about 45 MiB for 100 000 ids of the longest
+/// allowed size ([`MAX_ID_BYTES`](crate::wire::MAX_ID_BYTES)).
+///
+/// When it is full, a new id first sweeps expired ids, then evicts the
+/// **oldest handled id** (in the order they were written). With the default
+/// 56-hour window the capacity is what bounds memory, so on a busy receiver
+/// an evicted id is one handled less than 56 hours ago: if its sender
+/// retries it after that (a lost `2xx`), the handler runs a second time —
+/// never concurrently with another run, because **in-flight claims are never
+/// evicted**. If every stored id is in flight (as many deliveries running at
+/// once as the capacity), a new claim fails with a [`ReplayError`] and the
+/// layer answers 503, so the sender retries later; nothing is forgotten
+/// silently and nothing panics.
 ///
 /// ```
 /// use std::time::Duration;
@@ -166,9 +261,9 @@ impl std::error::Error for ReplayError {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::verify::ReplayError> {
 /// let guard = MemoryReplayGuard::new();
 /// let ttl = Duration::from_secs(600);
-/// assert_eq!(guard.claim("evt_1", ttl).await?, Claim::Claimed);
+/// let Claim::Claimed(token) = guard.claim("evt_1", ttl).await? else { unreachable!() };
 /// assert_eq!(guard.claim("evt_1", ttl).await?, Claim::InFlight);
-/// guard.complete("evt_1", ttl).await?;
+/// guard.complete("evt_1", token, ttl).await?;
 /// assert_eq!(guard.claim("evt_1", ttl).await?, Claim::AlreadyHandled);
 /// # Ok(()) }
 /// ```
@@ -190,7 +285,8 @@ struct State {
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    handled: bool,
+    /// `None` once handled; the holder's token while in flight.
+    holder: Option<ClaimToken>,
     /// Unix milliseconds by the guard's clock.
     expires_ms: i64,
     seq: u64,
@@ -211,7 +307,8 @@ impl MemoryReplayGuard {
         }
     }
 
-    /// Keeps at most `capacity` ids (at least 1).
+    /// Keeps at most `capacity` ids, handled and in flight (at least 1);
+    /// see the [memory bound](MemoryReplayGuard#memory-bound).
     ///
     /// ```
     /// let guard = eventsink::verify::MemoryReplayGuard::new().with_capacity(1_000);
@@ -267,33 +364,37 @@ impl MemoryReplayGuard {
         self.clock.now().timestamp_millis()
     }
 
-    fn claim_now(&self, id: &str, ttl: Duration) -> Claim {
+    fn claim_now(&self, id: &str, ttl: Duration) -> Result<Claim, ReplayError> {
         let now = self.now_ms();
         let mut state = self.lock();
         state.sweep(now);
         if let Some(entry) = state.entries.get(id)
             && entry.expires_ms > now
         {
-            return if entry.handled {
-                Claim::AlreadyHandled
-            } else {
-                Claim::InFlight
-            };
+            return Ok(match entry.holder {
+                None => Claim::AlreadyHandled,
+                Some(_) => Claim::InFlight,
+            });
         }
-        state.write(id, false, expiry(now, ttl), self.capacity);
-        Claim::Claimed
+        let token = ClaimToken::random();
+        state.write(id, Some(token), expiry(now, ttl), self.capacity, now)?;
+        Ok(Claim::Claimed(token))
     }
 
-    fn complete_now(&self, id: &str, ttl: Duration) {
+    fn complete_now(&self, id: &str, ttl: Duration) -> Result<(), ReplayError> {
         let now = self.now_ms();
         let mut state = self.lock();
         state.sweep(now);
-        state.write(id, true, expiry(now, ttl), self.capacity);
+        state.write(id, None, expiry(now, ttl), self.capacity, now)
     }
 
-    fn release_now(&self, id: &str) {
+    fn release_now(&self, id: &str, token: ClaimToken) {
         let mut state = self.lock();
-        if state.entries.get(id).is_some_and(|entry| !entry.handled) {
+        if state
+            .entries
+            .get(id)
+            .is_some_and(|entry| entry.holder == Some(token))
+        {
             state.entries.remove(id);
         }
     }
@@ -331,22 +432,34 @@ impl State {
         }
     }
 
-    fn write(&mut self, id: &str, handled: bool, expires_ms: i64, capacity: usize) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    fn write(
+        &mut self,
+        id: &str,
+        holder: Option<ClaimToken>,
+        expires_ms: i64,
+        capacity: usize,
+        now_ms: i64,
+    ) -> Result<(), ReplayError> {
         let key: Arc<str> = match self.entries.get_key_value(id) {
             Some((key, _)) => Arc::clone(key),
             None => {
                 while self.entries.len() >= capacity {
-                    self.evict_oldest();
+                    if !self.evict_one(now_ms) {
+                        return Err(ReplayError::new(format!(
+                            "the in-memory replay guard is full: all {capacity} ids are \
+                             deliveries in flight; raise MemoryReplayGuard::with_capacity"
+                        )));
+                    }
                 }
                 Arc::from(id)
             }
         };
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.entries.insert(
             Arc::clone(&key),
             Entry {
-                handled,
+                holder,
                 expires_ms,
                 seq,
             },
@@ -359,18 +472,30 @@ impl State {
             self.order
                 .retain(|(id, seq)| entries.get(id).is_some_and(|e| e.seq == *seq));
         }
+        Ok(())
     }
 
-    fn evict_oldest(&mut self) {
+    /// Removes the oldest entry that is handled or expired; in-flight claims
+    /// are never evicted. `false` when every entry is a live claim.
+    fn evict_one(&mut self, now_ms: i64) -> bool {
+        let mut skipped = Vec::new();
+        let mut evicted = false;
         while let Some((id, seq)) = self.order.pop_front() {
-            if self.entries.get(&id).is_some_and(|e| e.seq == seq) {
+            let Some(entry) = self.entries.get(&id).filter(|e| e.seq == seq) else {
+                continue; // a stale item
+            };
+            if entry.holder.is_none() || entry.expires_ms <= now_ms {
                 self.entries.remove(&id);
-                return;
+                evicted = true;
+                break;
             }
+            skipped.push((id, seq));
         }
-        // Every live entry has a current item in `order`, so an empty order
-        // means an empty map; clear to be safe against an endless loop.
-        self.entries.clear();
+        // Put the live claims back in front, in their order.
+        for item in skipped.into_iter().rev() {
+            self.order.push_front(item);
+        }
+        evicted
     }
 }
 
@@ -381,20 +506,25 @@ impl ReplayGuard for MemoryReplayGuard {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, ReplayError>> {
         let claim = self.claim_now(id, ttl);
-        Box::pin(async move { Ok(claim) })
+        Box::pin(async move { claim })
     }
 
     fn complete<'a>(
         &'a self,
         id: &'a str,
+        _token: ClaimToken,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), ReplayError>> {
-        self.complete_now(id, ttl);
-        Box::pin(async { Ok(()) })
+        let done = self.complete_now(id, ttl);
+        Box::pin(async move { done })
     }
 
-    fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ReplayError>> {
-        self.release_now(id);
+    fn release<'a>(
+        &'a self,
+        id: &'a str,
+        token: ClaimToken,
+    ) -> BoxFuture<'a, Result<(), ReplayError>> {
+        self.release_now(id, token);
         Box::pin(async { Ok(()) })
     }
 }
@@ -408,13 +538,15 @@ mod redis_guard {
 
     use redis::aio::ConnectionManager;
 
-    use super::{BoxFuture, Claim, ReplayError, ReplayGuard};
+    use super::{BoxFuture, Claim, ClaimToken, ReplayError, ReplayGuard};
 
-    const IN_FLIGHT: &str = "in-flight";
+    /// The value of an in-flight key: this prefix and the holder's token.
+    const IN_FLIGHT: &str = "in-flight:";
     const HANDLED: &str = "handled";
 
-    /// Deletes the key only while it is still in flight: a release never
-    /// forgets a handled id.
+    /// Compare and delete: deletes the key only while it is still in flight
+    /// under the releasing claim's token, so a release neither forgets a
+    /// handled id nor clears a later delivery's claim.
     const RELEASE: &str = r"
         if redis.call('GET', KEYS[1]) == ARGV[1] then
             return redis.call('DEL', KEYS[1])
@@ -422,11 +554,16 @@ mod redis_guard {
         return 0
     ";
 
+    fn in_flight(token: ClaimToken) -> String {
+        format!("{IN_FLIGHT}{token}")
+    }
+
     /// A [`ReplayGuard`] in Redis, shared by every receiver process that
     /// uses the same key prefix.
     ///
-    /// Each id is one key, `{prefix}{id}`, holding `in-flight` or `handled`
-    /// with the layer's TTL (`SET NX PX` claims it atomically). A process
+    /// Each id is one key, `{prefix}{id}`, holding `in-flight:<token>` or
+    /// `handled` with the layer's TTL (`SET NX PX` claims it atomically; a
+    /// Lua script releases it only for the token that claimed it). A process
     /// that dies mid-delivery leaves its id in flight until the in-flight TTL
     /// ends ([`DEFAULT_IN_FLIGHT_TTL`](crate::verify::DEFAULT_IN_FLIGHT_TTL));
     /// meanwhile deliveries of that id are answered 409.
@@ -518,9 +655,10 @@ mod redis_guard {
                 // SET NX returns nil when the key exists; one retry covers a
                 // key that expired between the SET and the GET.
                 for _ in 0..2 {
+                    let token = ClaimToken::random();
                     let set: Option<String> = redis::cmd("SET")
                         .arg(&key)
-                        .arg(IN_FLIGHT)
+                        .arg(in_flight(token))
                         .arg("NX")
                         .arg("PX")
                         .arg(millis(ttl))
@@ -528,7 +666,7 @@ mod redis_guard {
                         .await
                         .map_err(ReplayError::new)?;
                     if set.is_some() {
-                        return Ok(Claim::Claimed);
+                        return Ok(Claim::Claimed(token));
                     }
                     let state: Option<String> = redis::cmd("GET")
                         .arg(&key)
@@ -548,6 +686,7 @@ mod redis_guard {
         fn complete<'a>(
             &'a self,
             id: &'a str,
+            _token: ClaimToken,
             ttl: Duration,
         ) -> BoxFuture<'a, Result<(), ReplayError>> {
             Box::pin(async move {
@@ -564,13 +703,17 @@ mod redis_guard {
             })
         }
 
-        fn release<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ReplayError>> {
+        fn release<'a>(
+            &'a self,
+            id: &'a str,
+            token: ClaimToken,
+        ) -> BoxFuture<'a, Result<(), ReplayError>> {
             Box::pin(async move {
                 let mut connection = self.connection.clone();
                 let _: i64 = self
                     .release
                     .key(self.key(id))
-                    .arg(IN_FLIGHT)
+                    .arg(in_flight(token))
                     .invoke_async(&mut connection)
                     .await
                     .map_err(ReplayError::new)?;
@@ -597,27 +740,80 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(600);
 
+    fn claimed(guard: &MemoryReplayGuard, id: &str, ttl: Duration) -> ClaimToken {
+        match guard.claim_now(id, ttl).unwrap() {
+            Claim::Claimed(token) => token,
+            other => panic!("{id} should be claimed, is {other:?}"),
+        }
+    }
+
+    fn claim(guard: &MemoryReplayGuard, id: &str) -> Claim {
+        guard.claim_now(id, TTL).unwrap()
+    }
+
     #[test]
     fn handled_ids_expire_after_the_ttl() {
         let (now, clock) = manual_clock();
         let guard = MemoryReplayGuard::new().with_clock(clock);
-        assert_eq!(guard.claim_now("a", TTL), Claim::Claimed);
-        guard.complete_now("a", TTL);
+        claimed(&guard, "a", TTL);
+        guard.complete_now("a", TTL).unwrap();
         now.fetch_add(599, Ordering::SeqCst);
-        assert_eq!(guard.claim_now("a", TTL), Claim::AlreadyHandled);
+        assert_eq!(claim(&guard, "a"), Claim::AlreadyHandled);
         now.fetch_add(1, Ordering::SeqCst);
-        assert_eq!(guard.claim_now("a", TTL), Claim::Claimed);
+        claimed(&guard, "a", TTL);
     }
 
     #[test]
     fn release_forgets_in_flight_but_never_handled_ids() {
         let guard = MemoryReplayGuard::new();
-        assert_eq!(guard.claim_now("a", TTL), Claim::Claimed);
-        guard.release_now("a");
-        assert_eq!(guard.claim_now("a", TTL), Claim::Claimed);
-        guard.complete_now("a", TTL);
-        guard.release_now("a");
-        assert_eq!(guard.claim_now("a", TTL), Claim::AlreadyHandled);
+        let token = claimed(&guard, "a", TTL);
+        guard.release_now("a", token);
+        let token = claimed(&guard, "a", TTL);
+        guard.complete_now("a", TTL).unwrap();
+        guard.release_now("a", token);
+        assert_eq!(claim(&guard, "a"), Claim::AlreadyHandled);
+    }
+
+    #[test]
+    fn only_the_holder_releases_a_claim() {
+        let (now, clock) = manual_clock();
+        let guard = MemoryReplayGuard::new().with_clock(clock);
+        let in_flight = Duration::from_secs(60);
+        let first = claimed(&guard, "a", in_flight);
+        now.fetch_add(61, Ordering::SeqCst); // the first handler is slow
+        let second = claimed(&guard, "a", in_flight);
+        assert_ne!(first, second);
+        guard.release_now("a", first); // the slow one fails
+        assert_eq!(claim(&guard, "a"), Claim::InFlight);
+        guard.release_now("a", second);
+        claimed(&guard, "a", in_flight);
+    }
+
+    #[test]
+    fn a_full_guard_evicts_handled_ids_but_never_an_in_flight_claim() {
+        let guard = MemoryReplayGuard::new().with_capacity(3);
+        claimed(&guard, "old", TTL);
+        claimed(&guard, "done", TTL);
+        guard.complete_now("done", TTL).unwrap();
+        claimed(&guard, "newer", TTL);
+        // Full: the handled id goes, though "old" was written first.
+        claimed(&guard, "new", TTL);
+        assert_eq!(guard.len(), 3);
+        assert_eq!(claim(&guard, "old"), Claim::InFlight);
+        assert_eq!(claim(&guard, "newer"), Claim::InFlight);
+        // Now every id is in flight: a new claim is an error (503), not a
+        // forgotten claim and not a panic. ("done" was evicted: it would
+        // answer AlreadyHandled otherwise.)
+        assert!(guard.claim_now("done", TTL).is_err());
+        let err = guard.claim_now("another", TTL).unwrap_err();
+        assert!(
+            std::error::Error::source(&err)
+                .unwrap()
+                .to_string()
+                .contains("full"),
+            "{err}"
+        );
+        assert_eq!(claim(&guard, "old"), Claim::InFlight);
     }
 
     #[test]
@@ -628,8 +824,8 @@ mod tests {
             .with_clock(clock);
         for n in 0..10_000 {
             let id = format!("evt_{n}");
-            assert_eq!(guard.claim_now(&id, TTL), Claim::Claimed);
-            guard.complete_now(&id, TTL);
+            claimed(&guard, &id, TTL);
+            guard.complete_now(&id, TTL).unwrap();
             if n % 7 == 0 {
                 now.fetch_add(1, Ordering::SeqCst);
             }
@@ -638,10 +834,10 @@ mod tests {
             assert!(state.order.len() <= 201, "{}", state.order.len());
         }
         // The newest ids are still remembered.
-        assert_eq!(guard.claim_now("evt_9999", TTL), Claim::AlreadyHandled);
+        assert_eq!(claim(&guard, "evt_9999"), Claim::AlreadyHandled);
         // Once everything expires a sweep empties the map.
         now.fetch_add(601, Ordering::SeqCst);
-        assert_eq!(guard.claim_now("fresh", TTL), Claim::Claimed);
+        claimed(&guard, "fresh", TTL);
         assert_eq!(guard.len(), 1);
     }
 }

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
 use super::check::{Config, Rejection, plain_text};
-use super::replay::{BoxFuture, Claim, ReplayGuard};
+use super::replay::{BoxFuture, Claim, ClaimToken, ReplayError, ReplayGuard};
 use super::{ResponseBody, VerifyWebhookLayer};
 use crate::BoxError;
 
@@ -162,9 +162,10 @@ where
     let claim = match &config.replay {
         None => None,
         Some(replay) => match replay.guard.claim(&verified.id, replay.in_flight_ttl).await {
-            Ok(Claim::Claimed) => Some(ClaimGuard {
+            Ok(Claim::Claimed(token)) => Some(ClaimGuard {
                 guard: Arc::clone(&replay.guard),
                 id: verified.id.clone(),
+                token,
                 ttl: replay.ttl,
                 armed: true,
             }),
@@ -174,7 +175,7 @@ where
             }
             Ok(Claim::InFlight) => return Ok(reject(&Rejection::InFlight, Some(&verified.id))),
             Err(error) => {
-                tracing::warn!(webhook.id = %verified.id, %error, "webhook replay guard failed");
+                tracing::warn!(webhook.id = %verified.id, error = %with_cause(&error), "webhook replay guard failed");
                 return Ok(reject(
                     &Rejection::ReplayGuardUnavailable,
                     Some(&verified.id),
@@ -246,13 +247,16 @@ fn reject<B>(rejection: &Rejection, id: Option<&str>) -> Response<ResponseBody<B
         .map(ResponseBody::local)
 }
 
-/// An in-flight claim. Dropped without [`complete`](ClaimGuard::complete)
-/// or [`release`](ClaimGuard::release) (the request future was cancelled,
-/// the handler panicked), it releases the id on a spawned task, so the
-/// sender's retry is not answered 409 until the TTL ends.
+/// An in-flight claim and the token that owns it. Dropped without
+/// [`complete`](ClaimGuard::complete) or [`release`](ClaimGuard::release)
+/// (the request future was cancelled, the handler panicked), it releases
+/// the id on a spawned task, so the sender's retry is not answered 409
+/// until the TTL ends. Every release is by token: a claim another delivery
+/// made after this one's in-flight TTL ran out stays.
 struct ClaimGuard {
     guard: Arc<dyn ReplayGuard>,
     id: String,
+    token: ClaimToken,
     ttl: Duration,
     armed: bool,
 }
@@ -260,8 +264,8 @@ struct ClaimGuard {
 impl ClaimGuard {
     async fn complete(mut self) {
         self.armed = false;
-        if let Err(error) = self.guard.complete(&self.id, self.ttl).await {
-            tracing::warn!(webhook.id = %self.id, %error, "could not record the handled webhook id");
+        if let Err(error) = self.guard.complete(&self.id, self.token, self.ttl).await {
+            tracing::warn!(webhook.id = %self.id, error = %with_cause(&error), "could not record the handled webhook id");
             // Do not leave the id in flight: the next delivery gets handled.
             self.armed = true;
         }
@@ -269,8 +273,8 @@ impl ClaimGuard {
 
     async fn release(mut self) {
         self.armed = false;
-        if let Err(error) = self.guard.release(&self.id).await {
-            tracing::warn!(webhook.id = %self.id, %error, "could not release the webhook id");
+        if let Err(error) = self.guard.release(&self.id, self.token).await {
+            tracing::warn!(webhook.id = %self.id, error = %with_cause(&error), "could not release the webhook id");
         }
     }
 }
@@ -286,10 +290,20 @@ impl Drop for ClaimGuard {
         };
         let guard = Arc::clone(&self.guard);
         let id = std::mem::take(&mut self.id);
+        let token = self.token;
         runtime.spawn(async move {
-            if let Err(error) = guard.release(&id).await {
-                tracing::warn!(webhook.id = %id, %error, "could not release the webhook id");
+            if let Err(error) = guard.release(&id, token).await {
+                tracing::warn!(webhook.id = %id, error = %with_cause(&error), "could not release the webhook id");
             }
         });
+    }
+}
+
+/// The error and its source, for logs (`Display` does not repeat the
+/// source).
+fn with_cause(error: &ReplayError) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
     }
 }

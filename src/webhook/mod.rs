@@ -40,6 +40,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Every event is checked against the [rule for ids and
+//! kinds](crate::wire#the-rule) that
+//! [`VerifyWebhookLayer`](crate::verify::VerifyWebhookLayer) checks too, in
+//! every [`Signing`] mode; an event it refuses fails with a permanent
+//! [`Error::InvalidEvent`] before anything is sent, never with the
+//! receiver's `400`.
+//!
 //! **Always configure a secret.** An unsigned webhook can be forged by
 //! anyone who learns the URL, and replayed by anyone who sees one request;
 //! the receiver has no way to tell. Unsigned delivery exists for receivers
@@ -65,7 +72,7 @@ use tower::Service;
 use tracing::Instrument;
 
 use crate::signature::{self, Secret};
-use crate::{Error, ErrorKind, Event};
+use crate::{Error, ErrorKind, Event, wire};
 pub use egress::EgressPolicy;
 use egress::{EgressRefused, GuardedResolver};
 
@@ -85,10 +92,10 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// The `user-agent` header: `eventsink/<version>`.
 pub const USER_AGENT_VALUE: &str = concat!("eventsink/", env!("CARGO_PKG_VERSION"));
 
-const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
-const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
-const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
-const GO_SIGNATURE: HeaderName = HeaderName::from_static("signature");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static(wire::WEBHOOK_ID);
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static(wire::WEBHOOK_TIMESTAMP);
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static(wire::WEBHOOK_SIGNATURE);
+const GO_SIGNATURE: HeaderName = HeaderName::from_static(wire::GO_SIGNATURE);
 
 /// How much of a successful answer's body is read (and discarded) so that
 /// the connection can be reused: 64 KiB.
@@ -101,10 +108,10 @@ const RESERVED_HEADERS: &[&str] = &[
     "content-length",
     "host",
     "user-agent",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-    "signature",
+    wire::WEBHOOK_ID,
+    wire::WEBHOOK_TIMESTAMP,
+    wire::WEBHOOK_SIGNATURE,
+    wire::GO_SIGNATURE,
 ];
 
 /// Which signature headers and body format a [`WebhookSink`] sends.
@@ -660,6 +667,9 @@ impl WebhookSink {
     /// Serialises, checks and signs `event` into the request of one attempt.
     fn request<P: Serialize>(&self, event: &Event<P>) -> Result<Request, Error> {
         let c = &self.config;
+        // The rule the receiver checks, in every signing mode: an event it
+        // would answer 400 is refused here, before anything is sent.
+        let id = wire_id(event)?;
         let now = Utc::now().trunc_subsecs(0);
         let mut body = Vec::with_capacity(512);
         if c.signing.go_format() {
@@ -676,7 +686,6 @@ impl WebhookSink {
         }
         let mut headers = c.headers.clone();
         if c.signing.standard_headers() {
-            let id = header_safe_id(&event.id)?;
             headers.insert(WEBHOOK_ID, id);
             headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(now.timestamp()));
             if !c.secrets.is_empty() {
@@ -696,17 +705,24 @@ impl WebhookSink {
     }
 }
 
-/// An id usable as a header: 1 to 255 visible ASCII characters.
-fn header_safe_id(id: &str) -> Result<HeaderValue, Error> {
-    let visible = !id.is_empty() && id.len() <= 255 && id.bytes().all(|b| b.is_ascii_graphic());
-    match visible.then(|| HeaderValue::from_str(id).ok()).flatten() {
-        Some(value) => Ok(value),
-        None => Err(Error::InvalidEvent {
-            field: "id",
-            value: id.to_owned(),
-            problem: "a webhook-id must be 1 to 255 visible ASCII characters",
-        }),
-    }
+/// Checks `event` against [`wire::check_event`], and gives its id as a
+/// header value (the rule allows only visible ASCII, always a valid one).
+fn wire_id<P>(event: &Event<P>) -> Result<HeaderValue, Error> {
+    let invalid = |field: &'static str, value: &str, problem: &'static str| Error::InvalidEvent {
+        field,
+        value: value.to_owned(),
+        problem,
+    };
+    wire::check_event(event).map_err(|e| {
+        let value = if e.field() == "id" {
+            &event.id
+        } else {
+            &event.kind
+        };
+        invalid(e.field(), value, e.problem())
+    })?;
+    HeaderValue::from_str(&event.id)
+        .map_err(|_| invalid("id", &event.id, "it is not a valid header value"))
 }
 
 /// Base64 and hex signatures are ASCII, always valid header values.
@@ -839,11 +855,30 @@ mod tests {
     }
 
     #[test]
-    fn ids_must_be_header_safe() {
-        assert!(header_safe_id("evt_01J.x-y").is_ok());
-        for bad in ["", "has space", "tab\t", "é", &"x".repeat(256)] {
-            assert!(header_safe_id(bad).is_err(), "{bad:?}");
+    fn ids_and_kinds_follow_the_wire_rule() {
+        let ok = Event::new("order.placed", ()).with_id("evt_01J.x-y");
+        assert_eq!(wire_id(&ok).unwrap(), "evt_01J.x-y");
+        let longest = "x".repeat(wire::MAX_ID_BYTES);
+        assert!(wire_id(&ok.clone().with_id(longest.as_str())).is_ok());
+        for bad in [
+            "",
+            "has space",
+            "tab\t",
+            "é",
+            &"x".repeat(wire::MAX_ID_BYTES + 1),
+        ] {
+            let err = wire_id(&ok.clone().with_id(bad)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidEvent { field: "id", .. }),
+                "{bad:?}: {err}"
+            );
+            assert_eq!(err.kind(), ErrorKind::Permanent);
         }
+        let err = wire_id(&Event::new("a\nb", ())).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidEvent { field: "kind", .. }),
+            "{err}"
+        );
     }
 
     #[test]
