@@ -110,6 +110,7 @@ impl<P> Clone for DeadLetter<P> {
 impl<P> DeadLetter<P> {
     /// The letter of a job apalis gave up on after `runs` runs, the last
     /// of which left `last_result`.
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
     pub(crate) fn abandoned(job: QueuedEvent<P>, runs: i64, last_result: Option<&str>) -> Self {
         DeadLetter {
             last_error: format!(
