@@ -13,7 +13,9 @@
 #![cfg(feature = "sqlite")]
 mod support;
 
-use std::collections::{HashMap, HashSet};
+#[cfg(any(feature = "postgres", feature = "redis"))]
+use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -37,6 +39,7 @@ const CRASH_EVENTS: usize = 1_000;
 /// Deliveries seen before the first worker is killed.
 const KILL_AFTER: usize = 300;
 /// Events shared by two worker processes.
+#[cfg(any(feature = "postgres", feature = "redis"))]
 const SHARED_EVENTS: usize = 2_000;
 /// Short leases, so that the takeover is quick: 1 s heartbeat × 2.
 const HEARTBEAT: Duration = Duration::from_secs(1);
