@@ -17,7 +17,7 @@ impl Backends for Memory {
     }
 }
 
-queue_tests!(Some(Memory));
+queue_tests!(Memory);
 
 #[tokio::test]
 async fn publishing_outside_a_runtime_is_an_error_not_a_panic() {

@@ -149,10 +149,12 @@ async fn sqlite_retention_keeps_a_job_apalis_killed_and_the_worker_buries_it() {
 
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
 async fn postgres_retention_keeps_a_job_apalis_killed_and_the_worker_buries_it() {
-    let Some(url) = support::queue::backend_url("EVENTSINK_POSTGRES_URL") else {
-        return;
-    };
+    let url = support::queue::backend_url("EVENTSINK_POSTGRES_URL");
     let name = support::queue::unique_name("retain");
     let queue: eventsink::queue::PostgresQueue =
         eventsink::queue::PostgresQueue::connect(&url, &name)
@@ -224,10 +226,12 @@ mod redis_backend {
     /// `done_at`; its own vacuum then deletes the job's data although it
     /// is still to run. Ours keeps it, and the job is delivered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(eventsink_redis),
+        ignore = "set EVENTSINK_REDIS_URL to run against Redis"
+    )]
     async fn redis_retention_keeps_a_job_apalis_still_retries() {
-        let Some(url) = support::queue::backend_url("EVENTSINK_REDIS_URL") else {
-            return;
-        };
+        let url = support::queue::backend_url("EVENTSINK_REDIS_URL");
         let name = support::queue::unique_name("retain");
         let (queue, mut conn) = open(&url, &name).await;
         let event = publish_one(&queue).await;
@@ -274,10 +278,12 @@ mod redis_backend {
 
     /// A job apalis killed sits in apalis' dead set; the worker buries it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(eventsink_redis),
+        ignore = "set EVENTSINK_REDIS_URL to run against Redis"
+    )]
     async fn redis_a_job_apalis_killed_becomes_a_dead_letter() {
-        let Some(url) = support::queue::backend_url("EVENTSINK_REDIS_URL") else {
-            return;
-        };
+        let url = support::queue::backend_url("EVENTSINK_REDIS_URL");
         let name = support::queue::unique_name("retain");
         let (queue, mut conn) = open(&url, &name).await;
         let event = publish_one(&queue).await;
@@ -308,10 +314,12 @@ mod redis_backend {
     /// Delivered jobs leave nothing behind once retention ran: no data, no
     /// meta hash, no entry in apalis' done set.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(eventsink_redis),
+        ignore = "set EVENTSINK_REDIS_URL to run against Redis"
+    )]
     async fn redis_retention_trims_the_done_set() {
-        let Some(url) = support::queue::backend_url("EVENTSINK_REDIS_URL") else {
-            return;
-        };
+        let url = support::queue::backend_url("EVENTSINK_REDIS_URL");
         let name = support::queue::unique_name("retain");
         let (queue, mut conn) = open(&url, &name).await;
         let recorder = RecordingSink::new();

@@ -24,8 +24,8 @@ impl Backends for Sqlite {
     }
 }
 
-fn sqlite() -> Option<Sqlite> {
-    Some(Sqlite(tempfile::tempdir().expect("temp dir")))
+fn sqlite() -> Sqlite {
+    Sqlite(tempfile::tempdir().expect("temp dir"))
 }
 
 queue_tests!(sqlite());

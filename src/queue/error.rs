@@ -59,6 +59,20 @@ pub enum QueueError {
     /// Publishing was called outside a tokio runtime. Transient, as the
     /// crate treats every error it cannot prove permanent.
     NoRuntime,
+    /// The database was migrated by a newer apalis than the one this crate
+    /// is built with (and pinned to): it has apalis migrations this crate
+    /// does not know, so the jobs it writes might never be fetched. The
+    /// queue does not open. Permanent: upgrade eventsink.
+    NewerSchema {
+        /// The queue's name.
+        queue: Arc<str>,
+        /// The apalis crate whose migrations these are, e.g. `"apalis-sqlite"`.
+        apalis: &'static str,
+        /// The applied migrations (versions) this crate does not know.
+        unknown: Vec<i64>,
+        /// The newest migration this crate knows.
+        newest_known: i64,
+    },
 }
 
 impl QueueError {
@@ -83,6 +97,7 @@ impl QueueError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             QueueError::Encode { source, .. } => source.kind(),
+            QueueError::NewerSchema { .. } => ErrorKind::Permanent,
             _ => ErrorKind::Transient,
         }
     }
@@ -115,6 +130,19 @@ impl fmt::Display for QueueError {
             QueueError::NoRuntime => f.write_str(
                 "publishing to a task queue needs a tokio runtime; call it from async code \
                  running on tokio",
+            ),
+            QueueError::NewerSchema {
+                queue,
+                apalis,
+                unknown,
+                newest_known,
+            } => write!(
+                f,
+                "queue {queue:?}: the database was migrated by a newer {apalis} than this \
+                 eventsink {} knows: found apalis migration(s) {unknown:?}, the newest this \
+                 eventsink knows is {newest_known}; jobs written now might never be fetched. \
+                 Upgrade eventsink to a release built on that {apalis}",
+                env!("CARGO_PKG_VERSION")
             ),
         }
     }

@@ -132,6 +132,8 @@ use tower::{Layer, Service};
 use crate::Event;
 
 mod backend;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod contract;
 mod dead_letter;
 mod error;
 mod memory;

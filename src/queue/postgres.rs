@@ -227,6 +227,7 @@ impl PostgresQueueBuilder {
                 .await
                 .map_err(fail("connecting to Postgres"))?,
         };
+        super::contract::check_postgres(&pool, &name).await?;
         PostgresStorage::<()>::setup(&pool)
             .await
             .map_err(|e| QueueError::backend(&name, "migrating Postgres (needs hstore)", e))?;

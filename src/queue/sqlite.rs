@@ -326,6 +326,7 @@ impl SqliteQueueBuilder {
             .connect_with(options.clone())
             .await
             .map_err(fail("opening the SQLite file"))?;
+        super::contract::check_sqlite(&setup, &name).await?;
         SqliteStorage::migrations()
             .run(&setup)
             .await
