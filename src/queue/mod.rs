@@ -108,6 +108,12 @@
 //! records the outcome of every delivery as completed and schedules retries
 //! and dead letters itself.
 //!
+//! The apalis crates are pinned exactly (`=1.0.0`): this crate writes
+//! their tables and keys itself, and `tests/queue_contract.rs` shows
+//! apalis' own worker consuming what it wrote, row for row equal to what
+//! apalis' own push writes. Opening a database that a newer apalis
+//! migrated fails with [`QueueError::NewerSchema`].
+//!
 //! Jobs are stored in apalis' own tables and keys, so apalis' workers and
 //! tools see them, but two backends write them without apalis' push, which
 //! was the cost that limited publishing: SQLite inserts 64 rows per

@@ -205,7 +205,8 @@ impl PostgresQueueBuilder {
     /// # Errors
     ///
     /// [`QueueError::Backend`] if the database cannot be reached or
-    /// migrated (for instance without the right to create `hstore`).
+    /// migrated (for instance without the right to create `hstore`);
+    /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
@@ -298,6 +299,7 @@ impl<P> PostgresQueue<P> {
     /// # Errors
     ///
     /// [`QueueError::Backend`] if the database cannot be reached or migrated.
+    /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {

@@ -296,6 +296,7 @@ impl SqliteQueueBuilder {
     /// # Errors
     ///
     /// [`QueueError::Backend`] if the file cannot be opened or migrated.
+    /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
@@ -385,6 +386,7 @@ impl<P> SqliteQueue<P> {
     /// # Errors
     ///
     /// [`QueueError::Backend`] if the file cannot be opened or migrated.
+    /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
