@@ -156,6 +156,63 @@ async fn full_queue_makes_poll_ready_pending_and_load_shed_sheds() {
     deliver_all(queue, &recorder, &accepted.into_iter().collect()).await;
 }
 
+#[tokio::test]
+async fn a_clone_starts_without_the_reserved_slot_and_call_without_poll_ready_works() {
+    use eventsink::queue::MemoryQueue;
+    let recorder = RecordingSink::new();
+    // max_batch(1): 4 slots.
+    let sink = ThroughTaskQueue::new(MemoryQueue::new("slots"))
+        .max_batch(1)
+        .layer(recorder.clone());
+    let mut reserved = Vec::new();
+    for _ in 0..4 {
+        let mut publisher = sink.clone();
+        publisher
+            .ready()
+            .now_or_never()
+            .expect("a free slot")
+            .expect("ready");
+        reserved.push(publisher);
+    }
+    let mut clone = reserved[0].clone();
+    assert!(
+        clone.ready().now_or_never().is_none(),
+        "a clone of a reserved service has no slot of its own while all are taken"
+    );
+    // A call without poll_ready waits for a slot, and publishes once one is
+    // free; the reserved ones publish with theirs.
+    let unready = tokio::spawn(
+        sink.clone()
+            .call(Event::new("test.slots", json!("unready"))),
+    );
+    for (n, mut publisher) in reserved.into_iter().enumerate() {
+        publisher
+            .call(Event::new("test.slots", json!(n)))
+            .await
+            .expect("publish with the reserved slot");
+    }
+    unready
+        .await
+        .expect("task")
+        .expect("publish without poll_ready");
+    drop(clone);
+    let worker = sink.worker().spawn();
+    recorder
+        .wait_for(5, Duration::from_secs(10))
+        .await
+        .expect("all five delivered");
+    worker.shutdown().await;
+
+    // A batch size far too large for a semaphore is not a panic.
+    let mut huge = ThroughTaskQueue::new(MemoryQueue::new("huge"))
+        .max_batch(usize::MAX)
+        .layer(RecordingSink::<serde_json::Value>::new());
+    huge.ready().await.expect("ready");
+    huge.call(Event::new("test.slots", json!("huge")))
+        .await
+        .expect("publish");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locked_sqlite_gives_publishers_a_timeout_within_the_deadline_then_ok_ones_are_delivered() {
     let _watchdog = Watchdog::new(Duration::from_secs(120), "locked SQLite test hung");

@@ -329,7 +329,9 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
                 max_batch: self.max_batch,
                 timeout: self.publish_timeout,
                 slots: Arc::new(Semaphore::new(
-                    self.max_batch.saturating_mul(PENDING_BATCHES),
+                    self.max_batch
+                        .saturating_mul(PENDING_BATCHES)
+                        .min(Semaphore::MAX_PERMITS),
                 )),
                 sender: Mutex::new(None),
             }),
@@ -663,7 +665,7 @@ async fn commit_batches<B, P>(
         let Ok(writer) = Arc::clone(&writers).acquire_owned().await else {
             return;
         };
-        let mut batch = Vec::with_capacity(max_batch);
+        let mut batch = Vec::with_capacity(max_batch.min(DEFAULT_MAX_BATCH));
         if rx.recv_many(&mut batch, max_batch).await == 0 {
             return;
         }
