@@ -122,6 +122,20 @@ pub(crate) mod ops {
             Box::pin(async { Ok(()) })
         }
 
+        /// Renews the lease of worker `name` (what apalis' heartbeat
+        /// does), while it finishes its deliveries after a stop: apalis
+        /// sends no heartbeats once its worker is stopping. Nothing for
+        /// the memory backend, which has no leases.
+        fn keep_alive(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        /// How often a worker's lease must be renewed (apalis' heartbeat
+        /// interval).
+        fn heartbeat_interval(&self) -> Duration {
+            super::super::DEFAULT_HEARTBEAT_INTERVAL
+        }
+
         /// Runs one apalis worker named `name` until `stop` resolves (then
         /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
         fn run_worker(

@@ -517,6 +517,32 @@ where
         })
     }
 
+    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (pool, queue, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("renewing a worker's lease"),
+        );
+        let name = name.to_owned();
+        Box::pin(async move {
+            // apalis-postgres' keep_alive.sql, for a worker that holds
+            // its jobs as they are.
+            sqlx::query(
+                "UPDATE apalis.workers SET last_seen = NOW() WHERE id = $1 AND worker_type = $2",
+            )
+            .bind(name)
+            .bind(&*queue)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
+            Ok(())
+        })
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval
+    }
+
     fn run_worker(
         &self,
         name: String,

@@ -575,6 +575,29 @@ where
         })
     }
 
+    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (mut conn, _, fail) = self.parts("renewing a worker's lease");
+        let workers = self.config.workers_set();
+        let name = name.to_owned();
+        Box::pin(async move {
+            // apalis-redis' keep_alive.lua: the worker's score in the
+            // workers set is its last heartbeat (XX: only while it is
+            // registered).
+            redis::cmd("ZADD")
+                .arg(&workers)
+                .arg("XX")
+                .arg(current_second())
+                .arg(&name)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(fail)
+        })
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.config.heartbeat_interval
+    }
+
     fn run_worker(
         &self,
         name: String,

@@ -258,20 +258,8 @@ where
 
     async fn supervise(self, stop: watch::Receiver<bool>, restarts: Arc<AtomicU64>) {
         let queue = self.backend.name().to_owned();
-        // Stopping must not end the lease of the jobs still being
-        // delivered: apalis sends heartbeats only while its worker polls
-        // for work, and a stopped apalis worker stops polling at once
-        // (however long its deliveries take to finish). So a stop first
-        // only closes `Admit` (no new delivery starts; apalis keeps
-        // beating and writing completions), and stops apalis once the
-        // deliveries in flight are done.
-        let in_flight = Arc::new(watch::channel(0usize).0);
         let deliver = Deliver {
-            inner: BoxCloneService::new(Admit {
-                inner: self.sink.map_err(Into::into),
-                stop: stop.clone(),
-                in_flight: Arc::clone(&in_flight),
-            }),
+            inner: BoxCloneService::new(self.sink.map_err(Into::into)),
             backend: self.backend.clone(),
             schedule: Arc::new(self.schedule),
             timeout: self.attempt_timeout,
@@ -299,7 +287,7 @@ where
                 name.clone(),
                 deliver.clone(),
                 &options,
-                drained(stop.clone(), Arc::clone(&in_flight)).boxed(),
+                stopped(stop.clone()).boxed(),
             ));
             let ended = {
                 let ended = std::pin::pin!(&mut run);
@@ -307,14 +295,20 @@ where
                 match futures::future::select(ended, stopping).await {
                     futures::future::Either::Left((ended, _)) => Some(ended),
                     // Stopping: in-flight deliveries get their timeout and
-                    // a margin to finish, while the worker keeps its lease
+                    // a margin to finish, while we keep the run's lease
                     // alive; then the run is abandoned (its deliveries are
                     // dropped, its jobs handed back below, or by lease
                     // expiry).
                     futures::future::Either::Right(((), _)) => {
-                        tokio::time::timeout(self.attempt_timeout + SHUTDOWN_MARGIN, &mut run)
-                            .await
-                            .ok()
+                        let drain = std::pin::pin!(tokio::time::timeout(
+                            self.attempt_timeout + SHUTDOWN_MARGIN,
+                            &mut run
+                        ));
+                        let lease = std::pin::pin!(keep_lease(&self.backend, &name));
+                        match futures::future::select(drain, lease).await {
+                            futures::future::Either::Left((drained, _)) => drained.ok(),
+                            futures::future::Either::Right((never, _)) => match never {},
+                        }
                     }
                 }
             };
@@ -362,73 +356,20 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|&s| s).await;
 }
 
-/// Resolves once `stop` says so and no delivery is in flight: the moment
-/// to stop the apalis worker (which then writes the last completions and
-/// hands back the jobs it fetched but did not start).
-async fn drained(stop: watch::Receiver<bool>, in_flight: Arc<watch::Sender<usize>>) {
-    stopped(stop).await;
-    let mut count = in_flight.subscribe();
-    let _ = count.wait_for(|&n| n == 0).await;
-}
-
-/// The sink as apalis sees it: counts the deliveries in flight, and takes
-/// no new one once the worker is stopping (its `poll_ready` stays
-/// `Pending`), while apalis goes on polling its backend, which sends the
-/// heartbeats that keep the lease of the deliveries still running.
-struct Admit<S> {
-    inner: S,
-    stop: watch::Receiver<bool>,
-    in_flight: Arc<watch::Sender<usize>>,
-}
-
-impl<S: Clone> Clone for Admit<S> {
-    fn clone(&self) -> Self {
-        Admit {
-            inner: self.inner.clone(),
-            stop: self.stop.clone(),
-            in_flight: Arc::clone(&self.in_flight),
+/// Renews the lease of the worker run `name` until dropped. A stopping
+/// apalis worker sends no heartbeats while its deliveries finish (it no
+/// longer polls its backend, where apalis drives them), so without this a
+/// drain longer than the lease (heartbeat × missed; the default drain of
+/// attempt timeout + 5 s = 20 s outlasts the default 15 s lease) lets other
+/// workers deliver the same jobs at the same time. Renews twice per
+/// heartbeat interval: leases are counted in whole seconds.
+async fn keep_lease<B: QueueBackend<P>, P>(backend: &B, name: &str) -> std::convert::Infallible {
+    let every = (backend.heartbeat_interval() / 2).max(Duration::from_millis(100));
+    loop {
+        if let Err(e) = backend.keep_alive(name).await {
+            tracing::warn!(worker = %name, error = %e, "could not renew the lease while stopping");
         }
-    }
-}
-
-impl<S, P> Service<Event<P>> for Admit<S>
-where
-    S: Service<Event<P>, Response = (), Error = BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = BoxError;
-    /// The sink's future, counted as in flight until it ends or is dropped.
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        if *self.stop.borrow() {
-            // No waker to register: this stays Pending until apalis is
-            // stopped, and then it no longer asks.
-            return Poll::Pending;
-        }
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, event: Event<P>) -> Self::Future {
-        // A job apalis fetched before the stop is delivered all the same.
-        self.in_flight.send_modify(|n| *n += 1);
-        let done = InFlight(Arc::clone(&self.in_flight));
-        let delivery = self.inner.call(event);
-        Box::pin(async move {
-            let result = delivery.await;
-            drop(done);
-            result
-        })
-    }
-}
-
-/// One delivery in flight; uncounted when dropped.
-struct InFlight(Arc<watch::Sender<usize>>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        tokio::time::sleep(every).await;
     }
 }
 
