@@ -148,6 +148,22 @@ pub(crate) mod ops {
             Box::pin(async { Ok(()) })
         }
 
+        /// Renews the lease of worker `name` (what apalis' heartbeat
+        /// does), while it finishes its deliveries after a stop: apalis
+        /// sends no heartbeats once its worker is stopping. Nothing for
+        /// the memory backend, which has no leases.
+        fn keep_alive(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        /// The heartbeat interval, and the lease: how long after a worker's
+        /// last heartbeat other workers take over its jobs.
+        fn lease(&self) -> (Duration, Duration) {
+            let beat = super::super::DEFAULT_HEARTBEAT_INTERVAL;
+            let missed = u32::try_from(super::super::DEFAULT_MISSED_HEARTBEATS).unwrap_or(1);
+            (beat, beat.saturating_mul(missed))
+        }
+
         /// Runs one apalis worker named `name` until `stop` resolves (then
         /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
         fn run_worker(

@@ -4,6 +4,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::{BoxError, ErrorKind};
 
@@ -73,6 +74,17 @@ pub enum QueueError {
         /// The newest migration this crate knows.
         newest_known: i64,
     },
+    /// The backend did not store the event within the publish deadline
+    /// ([`ThroughTaskQueue::publish_timeout`](super::ThroughTaskQueue::publish_timeout)):
+    /// it is slow, hung or unreachable. Transient. The event may or may not
+    /// be stored; publishing it again with the same id is safe, as the
+    /// backend recognises a duplicate by its idempotency key.
+    Timeout {
+        /// The queue's name.
+        queue: Arc<str>,
+        /// The deadline that passed.
+        after: Duration,
+    },
 }
 
 impl QueueError {
@@ -86,6 +98,58 @@ impl QueueError {
             action,
             source: source.into(),
         }
+    }
+
+    /// Whether the error concerns one job of a batch (its payload, its
+    /// key), so that the other jobs of the batch may still be stored one
+    /// at a time; any other error (the backend is down, slow or locked)
+    /// would only repeat for each of them.
+    pub(crate) fn concerns_one_job(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Encode { .. } | QueueError::AlreadyQueued { .. }
+        )
+    }
+
+    /// This error, once for each of the `n` publishers of a batch. A
+    /// backend's error is shared (its message and source chain are the
+    /// same for each).
+    pub(crate) fn for_each(self, queue: &Arc<str>, n: usize) -> Vec<QueueError> {
+        if n <= 1 {
+            return vec![self];
+        }
+        let copy: Box<dyn Fn() -> QueueError + Send> = match self {
+            QueueError::Backend {
+                queue,
+                action,
+                source,
+            } => {
+                let shared = Shared(Arc::from(source));
+                Box::new(move || QueueError::Backend {
+                    queue: Arc::clone(&queue),
+                    action,
+                    source: Box::new(shared.clone()),
+                })
+            }
+            QueueError::Stopped { queue } => Box::new(move || QueueError::Stopped {
+                queue: Arc::clone(&queue),
+            }),
+            QueueError::Timeout { queue, after } => Box::new(move || QueueError::Timeout {
+                queue: Arc::clone(&queue),
+                after,
+            }),
+            QueueError::NoRuntime => Box::new(|| QueueError::NoRuntime),
+            other => {
+                let shared = Shared(Arc::new(other));
+                let queue = Arc::clone(queue);
+                Box::new(move || QueueError::Backend {
+                    queue: Arc::clone(&queue),
+                    action: "pushing jobs",
+                    source: Box::new(shared.clone()),
+                })
+            }
+        };
+        (0..n).map(|_| copy()).collect()
     }
 
     /// Whether retrying later can help.
@@ -144,6 +208,12 @@ impl fmt::Display for QueueError {
                  Upgrade eventsink to a release built on that {apalis}",
                 env!("CARGO_PKG_VERSION")
             ),
+            QueueError::Timeout { queue, after } => write!(
+                f,
+                "queue {queue:?}: the backend did not store the event within {after:?} (it is \
+                 slow, hung or unreachable); the event may or may not be stored: publishing it \
+                 again with the same id is safe, a duplicate is recognised by its idempotency key"
+            ),
         }
     }
 }
@@ -155,5 +225,67 @@ impl StdError for QueueError {
             QueueError::Encode { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// One error given to several publishers: shows as the error itself, and
+/// continues the chain with the error's own source (so `Display` is not
+/// repeated).
+#[derive(Clone)]
+struct Shared(Arc<dyn StdError + Send + Sync>);
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl StdError for Shared {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.0.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_error_is_shared_with_every_publisher_of_a_batch() {
+        let queue: Arc<str> = "q".into();
+        let err = QueueError::backend(&queue, "pushing jobs", "connection refused");
+        let each = err.for_each(&queue, 3);
+        assert_eq!(each.len(), 3);
+        for e in &each {
+            assert!(matches!(e, QueueError::Backend { .. }), "{e:?}");
+            assert!(e.kind().is_transient());
+            assert_eq!(
+                e.to_string().matches("connection refused").count(),
+                1,
+                "{e}"
+            );
+            let source = e.source().expect("the backend's error");
+            assert_eq!(source.to_string(), "connection refused");
+        }
+    }
+
+    #[test]
+    fn timeout_says_the_event_may_be_stored_and_is_transient() {
+        let err = QueueError::Timeout {
+            queue: "orders".into(),
+            after: Duration::from_secs(2),
+        };
+        assert!(err.kind().is_transient());
+        let text = err.to_string();
+        for part in ["orders", "2s", "may or may not be stored", "same id"] {
+            assert!(text.contains(part), "{text:?} lacks {part:?}");
+        }
+        assert!(!err.concerns_one_job());
     }
 }

@@ -129,10 +129,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tower::{Layer, Service};
 
 use crate::Event;
@@ -157,7 +158,9 @@ pub use dead_letter::{DeadLetter, DeadLetters, DeathCause};
 pub use error::QueueError;
 pub use memory::MemoryQueue;
 #[cfg(feature = "postgres")]
-pub use postgres::{POSTGRES_MAX_CONNECTIONS, PostgresQueue, PostgresQueueBuilder};
+pub use postgres::{
+    POSTGRES_ACQUIRE_TIMEOUT, POSTGRES_MAX_CONNECTIONS, PostgresQueue, PostgresQueueBuilder,
+};
 #[cfg(feature = "redis")]
 pub use redis::{REDIS_RESPONSE_TIMEOUT, RedisQueue, RedisQueueBuilder};
 pub use schedule::{RetrySchedule, STANDARD_JITTER};
@@ -172,6 +175,20 @@ pub use worker::{
 /// transaction short (a few milliseconds) while 64 concurrent publishers
 /// still fit in one batch.
 pub const DEFAULT_MAX_BATCH: usize = 256;
+
+/// Events the group commit holds at most, waiting or being written, in
+/// batches of `max_batch`: 4 batches ([`DEFAULT_MAX_BATCH`] × 4 = 1,024
+/// events), enough to keep every backend's parallel batches busy (Redis
+/// writes 4 at once). Past it `poll_ready` is `Pending`, so memory stays
+/// bounded while the backend is slow or down.
+const PENDING_BATCHES: usize = 4;
+
+/// How long `publish` waits for the backend to store an event. 15 s: the
+/// longest backend timeout (Redis' response timeout, 10 s; SQLite's busy
+/// timeout and Postgres' acquire timeout are 5 s) plus
+/// 5 s, so a backend's own, more precise error normally arrives first; the
+/// same as a delivery attempt's timeout.
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How often a worker of a durable backend says it is alive. 5 s: with
 /// [`DEFAULT_MISSED_HEARTBEATS`], another worker takes over the jobs of a
@@ -319,6 +336,7 @@ impl<P> Clone for QueuedEvent<P> {
 pub struct ThroughTaskQueue<B> {
     backend: B,
     max_batch: usize,
+    publish_timeout: Duration,
 }
 
 impl<B> ThroughTaskQueue<B> {
@@ -333,11 +351,14 @@ impl<B> ThroughTaskQueue<B> {
         ThroughTaskQueue {
             backend,
             max_batch: DEFAULT_MAX_BATCH,
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
         }
     }
 
     /// Most jobs written together by one group commit
     /// ([`DEFAULT_MAX_BATCH`]); 1 turns group commit off. 0 counts as 1.
+    /// The group commit holds at most 4 batches of events (waiting or
+    /// being written); past that, the service is not ready.
     ///
     /// ```
     /// let layer = eventsink::queue::ThroughTaskQueue::new(eventsink::queue::MemoryQueue::<()>::new("q")).max_batch(1);
@@ -345,6 +366,22 @@ impl<B> ThroughTaskQueue<B> {
     /// ```
     pub fn max_batch(mut self, max: usize) -> Self {
         self.max_batch = max.max(1);
+        self
+    }
+
+    /// How long a publish waits for the backend to store its event
+    /// ([`DEFAULT_PUBLISH_TIMEOUT`]), from `call` (waiting for a free slot
+    /// included). When it passes the publisher gets
+    /// [`QueueError::Timeout`]: the event may or may not be stored, and
+    /// publishing it again with the same id is safe.
+    ///
+    /// ```
+    /// let layer = eventsink::queue::ThroughTaskQueue::new(eventsink::queue::MemoryQueue::<()>::new("q"))
+    ///     .publish_timeout(std::time::Duration::from_secs(2));
+    /// # let _ = layer;
+    /// ```
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
         self
     }
 }
@@ -358,8 +395,15 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
             backend: self.backend.clone(),
             committer: Arc::new(Committer {
                 max_batch: self.max_batch,
+                timeout: self.publish_timeout,
+                slots: Arc::new(Semaphore::new(
+                    self.max_batch
+                        .saturating_mul(PENDING_BATCHES)
+                        .min(Semaphore::MAX_PERMITS),
+                )),
                 sender: Mutex::new(None),
             }),
+            slot: Mutex::new(Slot::Free),
         }
     }
 }
@@ -370,9 +414,21 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
 ///
 /// Concurrent publishes are written together: while one batch is being
 /// written, the next collects, and is written as soon as the first is done.
-/// Each publisher still gets its own answer once its batch is stored, and a
-/// batch that fails is retried one job at a time, so one bad job fails only
-/// its own publisher.
+/// Each publisher still gets its own answer once its batch is stored. A
+/// batch that fails because of one job (a duplicate key, a payload that
+/// cannot be encoded) is retried one job at a time, so that job fails only
+/// its own publisher; a batch that fails because of the backend (down,
+/// locked, unreachable) fails at once, every publisher of it getting the
+/// backend's error.
+///
+/// **Backpressure.** The group commit holds at most `max_batch × 4` events
+/// (waiting or being written). [`poll_ready`](Service::poll_ready) reserves
+/// one of those slots and is `Pending` while all are taken, as tower's
+/// `Buffer` is, so `LoadShed`, `ConcurrencyLimit` and friends see a slow
+/// backend; `call` uses the slot. A clone starts without a slot. A `call`
+/// without `poll_ready` waits for a slot inside its future. Every publish
+/// ends within its [`publish_timeout`](ThroughTaskQueue::publish_timeout),
+/// with [`QueueError::Timeout`] if the backend did not answer by then.
 ///
 /// ```
 /// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
@@ -392,6 +448,17 @@ pub struct TaskQueue<S, B> {
     inner: S,
     backend: B,
     committer: Arc<Committer>,
+    /// The slot `poll_ready` reserved for the next `call`. In a `Mutex`
+    /// only to keep the service `Sync`: it is reached through `&mut self`
+    /// (`get_mut`), never locked.
+    slot: Mutex<Slot>,
+}
+
+/// Where `poll_ready`'s reservation of a group-commit slot stands.
+enum Slot {
+    Free,
+    Acquiring(BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>),
+    Reserved(OwnedSemaphorePermit),
 }
 
 impl<S, B> TaskQueue<S, B> {
@@ -457,6 +524,15 @@ impl<S, B> TaskQueue<S, B> {
     {
         Worker::new(self.backend.clone(), self.inner.clone())
     }
+
+    /// The reserved slot, if `poll_ready` got one (and forgets it).
+    fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(slot, Slot::Free) {
+            Slot::Reserved(permit) => Some(permit),
+            Slot::Free | Slot::Acquiring(_) => None,
+        }
+    }
 }
 
 impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
@@ -465,6 +541,8 @@ impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
             inner: self.inner.clone(),
             backend: self.backend.clone(),
             committer: Arc::clone(&self.committer),
+            // A clone reserves its own slot.
+            slot: Mutex::new(Slot::Free),
         }
     }
 }
@@ -475,6 +553,7 @@ impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskQueue<S, B> {
             .field("inner", &self.inner)
             .field("backend", &self.backend)
             .field("max_batch", &self.committer.max_batch)
+            .field("publish_timeout", &self.committer.timeout)
             .finish()
     }
 }
@@ -486,31 +565,76 @@ where
 {
     type Response = ();
     type Error = QueueError;
-    /// An async block: hand the job to the group commit, wait for its
-    /// batch to be stored.
+    /// An async block: hand the job to the group commit, wait (at most the
+    /// publish timeout) for its batch to be stored.
     type Future = BoxFuture<'static, Result<(), QueueError>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The inner sink is the worker's, not ours: publishing only needs
-        // the backend, whose backpressure is the group commit's channel.
-        Poll::Ready(Ok(()))
+        // a slot in the group commit.
+        let slots = &self.committer.slots;
+        let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match slot {
+                Slot::Reserved(_) => return Poll::Ready(Ok(())),
+                Slot::Free => {
+                    *slot = match Arc::clone(slots).try_acquire_owned() {
+                        Ok(permit) => Slot::Reserved(permit),
+                        Err(_) => Slot::Acquiring(Arc::clone(slots).acquire_owned().boxed()),
+                    }
+                }
+                Slot::Acquiring(acquiring) => match acquiring.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(permit)) => *slot = Slot::Reserved(permit),
+                    // The semaphore is never closed; answer as a stopped
+                    // queue all the same rather than assume.
+                    Poll::Ready(Err(_)) => {
+                        *slot = Slot::Free;
+                        return Poll::Ready(Err(QueueError::Stopped {
+                            queue: self.backend.name().into(),
+                        }));
+                    }
+                },
+            }
+        }
     }
 
     fn call(&mut self, event: Event<P>) -> Self::Future {
         let job = QueuedEvent::new(self.backend.name(), event);
         let sender = self.committer.sender::<B, P>(&self.backend);
+        let reserved = self.take_slot();
+        let slots = Arc::clone(&self.committer.slots);
+        let timeout = self.committer.timeout;
+        let queue: Arc<str> = self.backend.name().into();
         Box::pin(async move {
             let sender = sender?;
-            let (reply, answer) = oneshot::channel();
             let stopped = || QueueError::Stopped {
                 queue: Arc::clone(&sender.queue),
             };
-            sender
-                .tx
-                .send(Pending { job, reply })
-                .await
-                .map_err(|_| stopped())?;
-            answer.await.map_err(|_| stopped())?
+            let publish = async {
+                // Called without `poll_ready`: wait for a slot here.
+                let slot = match reserved {
+                    Some(slot) => slot,
+                    None => slots.acquire_owned().await.map_err(|_| stopped())?,
+                };
+                let (reply, answer) = oneshot::channel();
+                sender
+                    .tx
+                    .send(Pending {
+                        job,
+                        reply,
+                        _slot: slot,
+                    })
+                    .map_err(|_| stopped())?;
+                answer.await.map_err(|_| stopped())?
+            };
+            match tokio::time::timeout(timeout, publish).await {
+                Ok(result) => result,
+                Err(_) => Err(QueueError::Timeout {
+                    queue,
+                    after: timeout,
+                }),
+            }
         })
     }
 }
@@ -518,6 +642,11 @@ where
 /// The group commit shared by the clones of one [`TaskQueue`].
 struct Committer {
     max_batch: usize,
+    /// The publish deadline.
+    timeout: Duration,
+    /// One permit per event the group commit may hold, waiting or being
+    /// written: `max_batch × PENDING_BATCHES`.
+    slots: Arc<Semaphore>,
     /// A `BatchSender<P>`, started on the first publish (that is where a
     /// runtime is known). Type-erased because the service is generic over
     /// the payload only in its `Service` impl.
@@ -525,7 +654,9 @@ struct Committer {
 }
 
 struct BatchSender<P> {
-    tx: mpsc::Sender<Pending<P>>,
+    /// Unbounded: every event sent holds one of the committer's slots,
+    /// which bound the channel and the batches being written together.
+    tx: mpsc::UnboundedSender<Pending<P>>,
     queue: Arc<str>,
 }
 
@@ -538,10 +669,12 @@ impl<P> Clone for BatchSender<P> {
     }
 }
 
-/// A job waiting for its batch, and where to send its answer.
+/// A job waiting for its batch, where to send its answer, and the slot it
+/// holds until it is answered.
 struct Pending<P> {
     job: QueuedEvent<P>,
     reply: oneshot::Sender<Result<(), QueueError>>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Committer {
@@ -561,8 +694,13 @@ impl Committer {
             return Ok(sender.clone());
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| QueueError::NoRuntime)?;
-        let (tx, rx) = mpsc::channel(self.max_batch.saturating_mul(4));
-        runtime.spawn(commit_batches(backend.clone(), rx, self.max_batch));
+        let (tx, rx) = mpsc::unbounded_channel();
+        runtime.spawn(commit_batches(
+            backend.clone(),
+            rx,
+            self.max_batch,
+            self.timeout,
+        ));
         let sender = BatchSender {
             tx,
             queue: backend.name().into(),
@@ -575,41 +713,79 @@ impl Committer {
 /// The group commit: takes whatever publishes are waiting (up to
 /// `max_batch`), writes them in one backend call, answers each, repeats.
 /// While all of the backend's batch slots are busy, publishes collect into
-/// the next batch. Ends when every publishing service is dropped.
-async fn commit_batches<B, P>(backend: B, mut rx: mpsc::Receiver<Pending<P>>, max_batch: usize)
-where
+/// the next batch. A batch's publishers are answered within `timeout`
+/// (the publish deadline) even if the backend is hung; their slots are
+/// freed then, and the write goes on to its end. Ends when every
+/// publishing service is dropped.
+async fn commit_batches<B, P>(
+    backend: B,
+    mut rx: mpsc::UnboundedReceiver<Pending<P>>,
+    max_batch: usize,
+    timeout: Duration,
+) where
     B: QueueBackend<P>,
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        backend.parallel_batches().max(1),
-    ));
+    let writers = Arc::new(Semaphore::new(backend.parallel_batches().max(1)));
+    let queue: Arc<str> = backend.name().into();
     loop {
         // The semaphore is never closed, so acquiring only waits.
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+        let Ok(writer) = Arc::clone(&writers).acquire_owned().await else {
             return;
         };
-        let mut batch = Vec::with_capacity(max_batch);
+        let mut batch = Vec::with_capacity(max_batch.min(DEFAULT_MAX_BATCH));
         if rx.recv_many(&mut batch, max_batch).await == 0 {
             return;
         }
+        // A publisher that gave up before its job was written (its
+        // deadline passed, or it was dropped) was told the event may not
+        // be stored: write nothing for it.
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let backend = backend.clone();
+        let queue = Arc::clone(&queue);
         tokio::spawn(async move {
             let jobs: Vec<_> = batch.iter().map(|p| p.job.clone()).collect();
-            let results = push_each(&backend, jobs).await;
+            let count = jobs.len();
+            let mut push = std::pin::pin!(push_each(&backend, jobs));
+            let results = match tokio::time::timeout(timeout, &mut push).await {
+                Ok(results) => results,
+                Err(_) => {
+                    // The deadline passed: answer the publishers (their
+                    // slots are freed), but let the write finish, never
+                    // cancel it half way (a backend's connection may not
+                    // survive that), and keep this writer's place until
+                    // it ends, so that a hung backend is not given more
+                    // and more batches.
+                    let timeout = QueueError::Timeout {
+                        queue: Arc::clone(&queue),
+                        after: timeout,
+                    };
+                    for (pending, err) in batch.into_iter().zip(timeout.for_each(&queue, count)) {
+                        let _ = pending.reply.send(Err(err));
+                    }
+                    let _ = push.await;
+                    drop(writer);
+                    return;
+                }
+            };
             for (pending, result) in batch.into_iter().zip(results) {
-                // A publisher that gave up no longer listens; its job is
-                // stored all the same (at-least-once).
+                // A publisher that gave up no longer listens; its job may
+                // be stored all the same (at-least-once).
                 let _ = pending.reply.send(result);
             }
-            drop(slot);
+            drop(writer);
         });
     }
 }
 
-/// Pushes `jobs` due now in one call; if that fails, one at a time, so a
-/// single bad job (a duplicate key in Postgres, a payload that cannot be
-/// encoded) fails only itself. A duplicate counts as stored.
+/// Pushes `jobs` due now in one call. If that fails because of one job (a
+/// duplicate key in Postgres, a payload that cannot be encoded), pushes
+/// them one at a time, so that job fails only itself; if it fails because
+/// of the backend (down, locked, unreachable), every job gets that error at
+/// once. A duplicate counts as stored.
 pub(crate) async fn push_each<B, P>(
     backend: &B,
     jobs: Vec<QueuedEvent<P>>,
@@ -618,6 +794,7 @@ where
     B: QueueBackend<P>,
 {
     let count = jobs.len();
+    let queue: Arc<str> = backend.name().into();
     let batch: Vec<_> = jobs
         .iter()
         .cloned()
@@ -626,16 +803,23 @@ where
     match backend.push(batch).await {
         Ok(()) => return (0..count).map(|_| Ok(())).collect(),
         Err(e) if count == 1 => return vec![already_queued_is_ok(e)],
-        Err(e) => tracing::debug!(error = %e, count, "batch push failed; pushing one at a time"),
+        Err(e) if e.concerns_one_job() => {
+            tracing::debug!(error = %e, count, "batch push failed on one job; pushing one at a time")
+        }
+        Err(e) => return e.for_each(&queue, count).into_iter().map(Err).collect(),
     }
     let mut results = Vec::with_capacity(count);
-    for job in jobs {
-        results.push(
-            backend
-                .push(vec![(job, Duration::ZERO)])
-                .await
-                .or_else(already_queued_is_ok),
-        );
+    let mut jobs = jobs.into_iter();
+    while let Some(job) = jobs.next() {
+        match backend.push(vec![(job, Duration::ZERO)]).await {
+            Ok(()) => results.push(Ok(())),
+            Err(e) if e.concerns_one_job() => results.push(already_queued_is_ok(e)),
+            // The backend failed: the jobs left would only fail the same way.
+            Err(e) => {
+                results.extend(e.for_each(&queue, jobs.len() + 1).into_iter().map(Err));
+                break;
+            }
+        }
     }
     results
 }

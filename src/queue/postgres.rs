@@ -26,6 +26,14 @@ use crate::BoxError;
 /// and acks, and the dead-letter API each get a few.
 pub const POSTGRES_MAX_CONNECTIONS: u32 = 8;
 
+/// How long taking a connection from the pool may wait (connecting a new
+/// one included) before the operation fails. 5 s, as SQLite's busy timeout:
+/// sqlx's default of 30 s would outlast the publish deadline
+/// ([`DEFAULT_PUBLISH_TIMEOUT`](super::DEFAULT_PUBLISH_TIMEOUT)), and a
+/// server that cannot be reached, or a pool that stays exhausted, for 5 s
+/// is an outage to report, not to wait out.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most jobs per `INSERT` of a group commit. 32 keeps the statement of
 /// small events under 8 KiB: larger ones stall about 40 ms on TCP (sqlx does
 /// not set `TCP_NODELAY`, and Nagle's algorithm meets the server's delayed
@@ -224,6 +232,7 @@ impl PostgresQueueBuilder {
             Some(pool) => pool,
             None => PgPoolOptions::new()
                 .max_connections(self.max_connections)
+                .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
                 .connect(&self.url)
                 .await
                 .map_err(fail("connecting to Postgres"))?,
@@ -626,6 +635,34 @@ where
             .map_err(fail)?;
             Ok(())
         })
+    }
+
+    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (pool, queue, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("renewing a worker's lease"),
+        );
+        let name = name.to_owned();
+        Box::pin(async move {
+            // apalis-postgres' keep_alive.sql, for a worker that holds
+            // its jobs as they are.
+            sqlx::query(
+                "UPDATE apalis.workers SET last_seen = NOW() WHERE id = $1 AND worker_type = $2",
+            )
+            .bind(name)
+            .bind(&*queue)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
+            Ok(())
+        })
+    }
+
+    fn lease(&self) -> (Duration, Duration) {
+        let beat = self.config.heartbeat_interval;
+        let missed = u32::try_from(self.config.missed_heartbeats).unwrap_or(u32::MAX);
+        (beat, beat.saturating_mul(missed))
     }
 
     fn run_worker(

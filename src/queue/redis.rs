@@ -771,6 +771,31 @@ where
         })
     }
 
+    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (mut conn, _, fail) = self.parts("renewing a worker's lease");
+        let workers = self.config.workers_set();
+        let name = name.to_owned();
+        Box::pin(async move {
+            // apalis-redis' keep_alive.lua: the worker's score in the
+            // workers set is its last heartbeat (XX: only while it is
+            // registered).
+            redis::cmd("ZADD")
+                .arg(&workers)
+                .arg("XX")
+                .arg(current_second())
+                .arg(&name)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(fail)
+        })
+    }
+
+    fn lease(&self) -> (Duration, Duration) {
+        let beat = self.config.heartbeat_interval;
+        let missed = u32::try_from(self.config.missed_heartbeats).unwrap_or(u32::MAX);
+        (beat, beat.saturating_mul(missed))
+    }
+
     fn run_worker(
         &self,
         name: String,

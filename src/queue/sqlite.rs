@@ -703,6 +703,33 @@ where
         })
     }
 
+    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        let (pool, queue, fail) = (
+            self.pool.clone(),
+            Arc::clone(&self.name),
+            self.fail("renewing a worker's lease"),
+        );
+        let name = name.to_owned();
+        Box::pin(async move {
+            // apalis-sqlite's keep_alive.sql.
+            sqlx::query(
+                "UPDATE Workers SET last_seen = strftime('%s', 'now') WHERE id = ? AND worker_type = ?",
+            )
+            .bind(name)
+            .bind(&*queue)
+            .execute(&pool)
+            .await
+            .map_err(fail)?;
+            Ok(())
+        })
+    }
+
+    fn lease(&self) -> (Duration, Duration) {
+        let beat = self.config.heartbeat_interval;
+        let missed = u32::try_from(self.config.missed_heartbeats).unwrap_or(u32::MAX);
+        (beat, beat.saturating_mul(missed))
+    }
+
     fn run_worker(
         &self,
         name: String,

@@ -61,6 +61,12 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 /// deliveries in flight and write their outcome.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 
+/// Most time kept between the moment a stopping worker gives up draining
+/// and the moment its lease could lapse: 2 s covers the whole seconds
+/// leases are counted in and dropping the run's deliveries (a quarter of
+/// the lease if that is less).
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
 /// A worker that has run this long without failing starts its backoff over.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
@@ -296,12 +302,20 @@ where
                 match futures::future::select(ended, stopping).await {
                     futures::future::Either::Left((ended, _)) => Some(ended),
                     // Stopping: in-flight deliveries get their timeout and
-                    // a margin to finish; then the run is abandoned (its
-                    // jobs are handed back below, or by lease expiry).
+                    // a margin to finish, while we keep the run's lease
+                    // alive; then the run is abandoned (its deliveries are
+                    // dropped, its jobs handed back below, or by lease
+                    // expiry).
                     futures::future::Either::Right(((), _)) => {
-                        tokio::time::timeout(self.attempt_timeout + SHUTDOWN_MARGIN, &mut run)
-                            .await
-                            .ok()
+                        let drain = std::pin::pin!(tokio::time::timeout(
+                            self.attempt_timeout + SHUTDOWN_MARGIN,
+                            &mut run
+                        ));
+                        let lease = std::pin::pin!(keep_lease(&self.backend, &name));
+                        match futures::future::select(drain, lease).await {
+                            futures::future::Either::Left((drained, _)) => drained.ok(),
+                            futures::future::Either::Right(((), _)) => None,
+                        }
                     }
                 }
             };
@@ -345,6 +359,51 @@ where
 /// Resolves once `stop` says so (or its sender is gone).
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|&s| s).await;
+}
+
+/// Renews the lease of the worker run `name` while it drains. A stopping
+/// apalis worker sends no heartbeats while its deliveries finish (it no
+/// longer polls its backend, where apalis drives them), so without this a
+/// drain longer than the lease (heartbeat × missed; the default drain of
+/// attempt timeout + 5 s = 20 s outlasts the default 15 s lease) lets other
+/// workers deliver the same jobs at the same time. Renews twice per
+/// heartbeat interval (leases are counted in whole seconds).
+///
+/// Returns, so that the drain is cut short, when renewing has failed for
+/// so long that the lease could lapse: then the run's deliveries are
+/// dropped and its jobs handed back, and no other worker runs them while
+/// this one still does. (On SQLite, a stop that meets apalis mid-fetch
+/// leaves that write transaction open until the run is dropped, and every
+/// renewal fails meanwhile.)
+async fn keep_lease<B: QueueBackend<P>, P>(backend: &B, name: &str) {
+    let (beat, lease) = backend.lease();
+    let every = (beat / 2).max(Duration::from_millis(100));
+    // apalis' last heartbeat may be a beat old; then whole-second rounding
+    // and the abort itself get LEASE_MARGIN.
+    let mut deadline =
+        tokio::time::Instant::now() + lease.saturating_sub(beat).saturating_sub(LEASE_MARGIN);
+    loop {
+        match tokio::time::timeout_at(deadline, backend.keep_alive(name)).await {
+            Ok(Ok(())) => {
+                deadline = tokio::time::Instant::now() + lease.saturating_sub(LEASE_MARGIN)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(worker = %name, error = %e, "could not renew the lease while stopping")
+            }
+            Err(_) => {}
+        }
+        let next = tokio::time::Instant::now() + every;
+        if next >= deadline {
+            tokio::time::sleep_until(deadline).await;
+            tracing::warn!(
+                worker = %name,
+                "the lease could not be renewed while stopping; deliveries in flight are dropped \
+                 before it lapses, and their jobs handed back"
+            );
+            return;
+        }
+        tokio::time::sleep_until(next).await;
+    }
 }
 
 /// Sleeps for `duration`; `true` if `stop` came first.
@@ -420,9 +479,12 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Stops taking new jobs, waits for deliveries in flight to finish and
     /// their outcome to be written, hands back the jobs fetched but not
-    /// started, then returns. It waits at most the attempt timeout plus 5 s;
-    /// a worker that has not stopped by then is abandoned, and the jobs it
-    /// held are delivered again by others (at-least-once).
+    /// started, then returns. While it waits, the worker keeps its lease
+    /// alive (its heartbeats go on), so no other worker takes over a job it
+    /// is still delivering, however long the lease. It waits at most the
+    /// attempt timeout plus 5 s; a worker that has not stopped by then is
+    /// abandoned (its deliveries are dropped), and the jobs it held are
+    /// delivered again by others (at-least-once).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
