@@ -187,6 +187,24 @@ pub fn check_event<P>(event: &Event<P>) -> Result<(), InvalidField> {
     check_kind(&event.kind)
 }
 
+/// [`check_event`] as the crate's [`Error::InvalidEvent`](crate::Error::InvalidEvent),
+/// with the value that was refused: what the senders (the webhook sink,
+/// the task queue's publishing service) answer.
+pub(crate) fn validate<P>(event: &Event<P>) -> Result<(), crate::Error> {
+    check_event(event).map_err(|e| {
+        let value = if e.field() == "id" {
+            &event.id
+        } else {
+            &event.kind
+        };
+        crate::Error::InvalidEvent {
+            field: e.field(),
+            value: value.to_string(),
+            problem: e.problem(),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

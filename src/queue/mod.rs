@@ -600,6 +600,12 @@ where
     }
 
     fn call(&mut self, event: Event<P>) -> Self::Future {
+        // The crate's one rule for ids and kinds: refuse now what the
+        // webhook sink and receiver would refuse later.
+        if let Err(source) = crate::wire::validate(&event) {
+            let queue = self.backend.name().into();
+            return Box::pin(async move { Err(QueueError::Encode { queue, source }) });
+        }
         let job = QueuedEvent::new(self.backend.name(), event);
         let sender = self.committer.sender::<B, P>(&self.backend);
         let reserved = self.take_slot();

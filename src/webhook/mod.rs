@@ -708,21 +708,12 @@ impl WebhookSink {
 /// Checks `event` against [`wire::check_event`], and gives its id as a
 /// header value (the rule allows only visible ASCII, always a valid one).
 fn wire_id<P>(event: &Event<P>) -> Result<HeaderValue, Error> {
-    let invalid = |field: &'static str, value: &str, problem: &'static str| Error::InvalidEvent {
-        field,
-        value: value.to_owned(),
-        problem,
-    };
-    wire::check_event(event).map_err(|e| {
-        let value = if e.field() == "id" {
-            &event.id
-        } else {
-            &event.kind
-        };
-        invalid(e.field(), value, e.problem())
-    })?;
-    HeaderValue::from_str(&event.id)
-        .map_err(|_| invalid("id", &event.id, "it is not a valid header value"))
+    wire::validate(event)?;
+    HeaderValue::from_str(&event.id).map_err(|_| Error::InvalidEvent {
+        field: "id",
+        value: event.id.to_string(),
+        problem: "it is not a valid header value",
+    })
 }
 
 /// Base64 and hex signatures are ASCII, always valid header values.

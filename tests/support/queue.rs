@@ -568,6 +568,39 @@ pub async fn republished_event_never_meets_an_old_chains_retries<Bk: Backends>(b
     assert_eq!(recorder.calls(), 4);
 }
 
+/// An event whose id or kind the crate's rule refuses (and a webhook
+/// receiver would) is refused at publish with a permanent error: never a
+/// job that could only become a dead letter.
+pub async fn an_event_the_wire_rule_refuses_is_refused_at_publish(backends: &impl Backends) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let mut sink = publisher(&backend, &recorder);
+    for bad in [
+        Event::new("test.bad", json!(1)).with_id("has space"),
+        Event::new("test.bad", json!(1)).with_id(""),
+        Event::new("line\nbreak", json!(1)),
+    ] {
+        let err = sink.publish(bad.clone()).await.expect_err("refused");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::Permanent,
+            "{:?}/{:?}: {err}",
+            bad.kind,
+            bad.id
+        );
+    }
+    let good = Event::new("test.good", json!(2)).with_id("evt_01J.x-y");
+    sink.publish(good.clone()).await.expect("publish");
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    let got = recorder
+        .wait_for(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered");
+    worker.shutdown().await;
+    assert_eq!(got, vec![good]);
+    assert_eq!(recorder.calls(), 1, "nothing else was stored");
+}
+
 /// The publishing service passes the conformance suite, with a worker
 /// draining into a `RecordingSink`.
 pub async fn passes_conformance<Bk: Backends>(backends: &Bk) {
@@ -649,6 +682,7 @@ macro_rules! queue_tests {
             replay_all_racing_fast_failures_loses_nothing,
             two_kinds_sharing_an_id_keep_two_dead_letters,
             republished_event_never_meets_an_old_chains_retries,
+            an_event_the_wire_rule_refuses_is_refused_at_publish,
         );
     };
     (@each [$($gate:tt)*] $backends:expr; $name:ident, $($rest:ident,)*) => {
