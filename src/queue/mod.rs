@@ -103,6 +103,24 @@
 //! or may not have stored the event: publish it again with the same id
 //! (a stored first job makes that a no-op).
 //!
+//! # Pressure and outages
+//!
+//! - **Readiness tells the truth.** At most `max_batch × 4` events wait for
+//!   or are in a group commit; past that `poll_ready` is `Pending`, so
+//!   tower's `LoadShed` and `ConcurrencyLimit` see a full queue and memory
+//!   stays bounded while the backend is slow or down.
+//! - **A deadline on every publish** ([`DEFAULT_PUBLISH_TIMEOUT`],
+//!   [`ThroughTaskQueue::publish_timeout`]): a hung or unreachable backend
+//!   gives [`QueueError::Timeout`], transient, never a hang. A write that
+//!   is under way is not cancelled, so the event may still be stored.
+//! - **A backend error fails its whole batch at once**; only an error that
+//!   concerns one job (its payload, a duplicate key) retries the others one
+//!   at a time. Postgres' pool gives up acquiring a connection after
+//!   `POSTGRES_ACQUIRE_TIMEOUT`.
+//! - **A stopping worker keeps its lease** while its deliveries finish; if
+//!   it cannot renew it, it drops them and hands their jobs back before the
+//!   lease could lapse, so no other worker runs a job while it still does.
+//!
 //! apalis' own retry mechanisms are not used: its SQL backends re-run a
 //! failed job at once and Redis ignores `max_attempts`, so the worker
 //! records the outcome of every delivery as completed and schedules retries
