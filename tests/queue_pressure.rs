@@ -361,11 +361,7 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
         .oneshot(event.clone())
         .await
         .expect("publish");
-    // a polls rarely and beats every 2 s: apalis abandons a fetch or a
-    // heartbeat that is in progress when its worker stops, with its SQLite
-    // write transaction open, and the file stays locked for every other
-    // writer (b's heartbeats, a's lease renewal) until the drain ends — a
-    // separate defect, not this test's.
+    // a polls rarely and beats every 2 s.
     let a = Worker::new(queue_a.clone(), slow)
         .attempt_timeout(Duration::from_secs(60))
         .poll_interval(Duration::from_secs(2))

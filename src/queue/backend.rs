@@ -68,6 +68,18 @@ impl<P, T> QueueBackend<P> for T where T: ops::Ops<P> + Clone + Send + Sync + fm
 pub(crate) mod ops {
     use super::*;
 
+    /// A page of [`Ops::dead_after`]: the letters, and the place (stored
+    /// failure time, key) of the last one in the order (`None` for an empty
+    /// page). The place comes from the order itself: a letter rewritten since
+    /// may carry a later time than the one it was listed at.
+    #[derive(Debug)]
+    pub struct DeadPage<P> {
+        /// The letters.
+        pub letters: Vec<DeadLetter<P>>,
+        /// The place of the last one.
+        pub last: Option<(i64, String)>,
+    }
+
     /// The operations behind [`QueueBackend`]. Every future is `'static`
     /// (it owns a clone of the pool or connection).
     pub trait Ops<P> {
@@ -98,15 +110,16 @@ pub(crate) mod ops {
             limit: u64,
         ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
 
-        /// Up to `limit` dead letters that failed at or before `until`
-        /// (Unix microseconds) and come after `after` (failure time in
-        /// microseconds, key) in the order of [`dead_page`](Ops::dead_page).
+        /// Up to `limit` dead letters stored as failed at or before `until`
+        /// (Unix microseconds) after the place `after` (failure time in
+        /// microseconds, key) in the order of [`dead_page`](Ops::dead_page),
+        /// with the place of the last one listed: the next call's `after`.
         fn dead_after(
             &self,
             after: Option<(i64, String)>,
             until: i64,
             limit: u64,
-        ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
+        ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>>;
 
         /// One dead letter by key.
         fn dead_get(
@@ -114,12 +127,12 @@ pub(crate) mod ops {
             key: &str,
         ) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>>;
 
-        /// Deletes the dead letter with this key if it is still the one of
-        /// chain `chain`; whether it did.
+        /// Deletes exactly `letter` (same key, chain and failure time) if
+        /// it is still stored; whether it did. A letter written since under
+        /// the same key, even by the same chain, stays.
         fn dead_remove(
             &self,
-            key: &str,
-            chain: &str,
+            letter: &DeadLetter<P>,
         ) -> BoxFuture<'static, Result<bool, QueueError>>;
 
         /// Deletes every dead letter of the queue; how many.
@@ -140,11 +153,24 @@ pub(crate) mod ops {
             Box::pin(async { Ok(0) })
         }
 
-        /// Hands back the jobs a finished (or abandoned) worker run still
-        /// holds, so that others need not wait for its lease to expire. Its
-        /// deliveries have ended: at worst a delivered job whose completion
-        /// was not written runs again (at-least-once).
-        fn release_worker(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        /// Whether [`release_worker`](Ops::release_worker) hands a run's
+        /// jobs back (every durable backend), so that a stopping worker may
+        /// drop its apalis run at once.
+        fn hands_back_jobs(&self) -> bool {
+            false
+        }
+
+        /// Ends a worker run's hold on its jobs, so that others need not
+        /// wait for its lease to expire: the jobs in `done` (whose outcome
+        /// the run recorded, but apalis may not have acknowledged) are
+        /// marked done, every other job it holds goes back to the queue.
+        /// At worst a job whose outcome was recorded but is missing from
+        /// `done` runs again (at-least-once).
+        fn release_worker(
+            &self,
+            _name: &str,
+            _done: Vec<String>,
+        ) -> BoxFuture<'static, Result<(), QueueError>> {
             Box::pin(async { Ok(()) })
         }
 

@@ -266,16 +266,23 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// ```
     pub async fn replay_all(&self) -> Result<u64, QueueError> {
         let until = Utc::now().timestamp_micros();
-        let mut after = None;
-        let mut replayed = 0;
+        let (mut after, mut replayed) = (None, 0);
+        // The chains this call started: a worker whose clock runs behind
+        // this one's could date their letters before `until`.
+        let mut ours = std::collections::HashSet::new();
         loop {
             let page = self.backend.dead_after(after, until, REPLAY_PAGE).await?;
-            let Some(last) = page.last() else {
+            let Some(last) = page.last else {
                 return Ok(replayed);
             };
-            after = Some((last.failed_at.timestamp_micros(), last.key.clone()));
-            replayed += page.len() as u64;
-            self.requeue(page).await?;
+            after = Some(last);
+            let letters: Vec<_> = page
+                .letters
+                .into_iter()
+                .filter(|letter| !ours.contains(&letter.chain))
+                .collect();
+            replayed += letters.len() as u64;
+            ours.extend(self.requeue(letters).await?);
         }
     }
 
@@ -319,20 +326,22 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     }
 
     /// Pushes each letter's event as a new chain, then removes exactly
-    /// the letters replayed (same key and chain): a crash in between
+    /// the letters replayed (same key, chain and failure time): a crash in between
     /// leaves a letter beside its job (a second replay would deliver
     /// twice), never neither.
-    async fn requeue(&self, letters: Vec<DeadLetter<P>>) -> Result<(), QueueError> {
+    /// The chains started, one per letter.
+    async fn requeue(&self, letters: Vec<DeadLetter<P>>) -> Result<Vec<String>, QueueError> {
         let jobs: Vec<_> = letters
             .iter()
             .map(|letter| QueuedEvent::replay(letter.key.clone(), letter.event.clone()))
             .collect();
+        let chains = jobs.iter().map(|job| job.chain.clone()).collect();
         for result in push_each(&self.backend, jobs).await {
             result?;
         }
         for letter in &letters {
-            self.backend.dead_remove(&letter.key, &letter.chain).await?;
+            self.backend.dead_remove(letter).await?;
         }
-        Ok(())
+        Ok(chains)
     }
 }

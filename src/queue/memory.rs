@@ -14,7 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::QueuedEvent;
-use super::backend::{ops::Ops, push_error, push_tasks};
+use super::backend::ops::{DeadPage, Ops};
+use super::backend::{push_error, push_tasks};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
 use super::worker::{Deliver, RunOptions};
@@ -171,18 +172,19 @@ where
         after: Option<(i64, String)>,
         until: i64,
         limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
         let place = |d: &DeadLetter<P>| (d.failed_at.timestamp_micros(), d.key.clone());
-        let mut page: Vec<_> = self
+        let mut letters: Vec<_> = self
             .dead()
             .iter()
             .filter(|d| d.failed_at.timestamp_micros() <= until)
             .filter(|d| after.as_ref().is_none_or(|after| place(d) > *after))
             .cloned()
             .collect();
-        page.sort_by_key(place);
-        page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        Box::pin(async { Ok(page) })
+        letters.sort_by_key(place);
+        letters.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let last = letters.last().map(place);
+        Box::pin(async { Ok(DeadPage { letters, last }) })
     }
 
     fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
@@ -190,10 +192,12 @@ where
         Box::pin(async { Ok(found) })
     }
 
-    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
         let mut dead = self.dead();
         let before = dead.len();
-        dead.retain(|d| d.key != key || d.chain != chain);
+        dead.retain(|d| {
+            (&d.key, &d.chain, d.failed_at) != (&letter.key, &letter.chain, letter.failed_at)
+        });
         let removed = dead.len() < before;
         Box::pin(async move { Ok(removed) })
     }

@@ -247,8 +247,10 @@ pub struct QueuedEvent<P = serde_json::Value> {
     pub key: String,
     /// The delivery chain's id, new for each publish and each replay. A
     /// job that runs twice (its acknowledgement was lost) schedules the
-    /// same next attempt, which the backend stores once.
-    #[serde(default = "new_chain")]
+    /// same next attempt, which the backend stores once. Empty in jobs
+    /// written before chains existed; the worker then names the chain
+    /// after the backend's id of the job, which is as stable.
+    #[serde(default)]
     pub chain: String,
     /// Whether a replay started the chain (its first attempt is then keyed
     /// by its chain, like a retry).

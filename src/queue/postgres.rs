@@ -15,7 +15,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use super::backend::{ABANDONED_PAGE, abandoned_letter, ops::Ops, push_error, push_tasks};
+use super::backend::{
+    ABANDONED_PAGE, abandoned_letter, ops::DeadPage, ops::Ops, push_error, push_tasks,
+};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
 use super::worker::{Deliver, RunOptions};
@@ -364,6 +366,40 @@ impl<P> PostgresQueue<P> {
         move |e| QueueError::backend(&name, action, e)
     }
 }
+/// A dead letter as the JSON the table keeps.
+fn encode_letter<P: Serialize>(
+    name: &Arc<str>,
+    letter: &DeadLetter<P>,
+) -> Result<String, QueueError> {
+    serde_json::to_string(letter)
+        .map_err(|e| QueueError::backend(name, "encoding a dead letter", e))
+}
+
+/// Stores `letter` (encoded as `json`), replacing the one with its key.
+async fn store_letter<'c, P>(
+    executor: impl sqlx::Executor<'c, Database = sqlx::Postgres>,
+    name: &str,
+    letter: &DeadLetter<P>,
+    json: String,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO eventsink_dead_letters \
+         (queue, letter_key, chain, event_id, failed_at, letter) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (queue, letter_key) \
+         DO UPDATE SET chain = EXCLUDED.chain, event_id = EXCLUDED.event_id, \
+         failed_at = EXCLUDED.failed_at, letter = EXCLUDED.letter",
+    )
+    .bind(name)
+    .bind(&letter.key)
+    .bind(&letter.chain)
+    .bind(&*letter.event.id)
+    .bind(letter.failed_at.timestamp_micros())
+    .bind(json)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
     serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
 }
@@ -411,25 +447,10 @@ where
             self.fail("storing a dead letter"),
         );
         Box::pin(async move {
-            let json = serde_json::to_string(&letter)
-                .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
-            sqlx::query(
-                "INSERT INTO eventsink_dead_letters \
-                 (queue, letter_key, chain, event_id, failed_at, letter) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (queue, letter_key) \
-                 DO UPDATE SET chain = EXCLUDED.chain, event_id = EXCLUDED.event_id, \
-                 failed_at = EXCLUDED.failed_at, letter = EXCLUDED.letter",
-            )
-            .bind(&*name)
-            .bind(&letter.key)
-            .bind(&letter.chain)
-            .bind(&*letter.event.id)
-            .bind(letter.failed_at.timestamp_micros())
-            .bind(json)
-            .execute(&pool)
-            .await
-            .map_err(fail)?;
-            Ok(())
+            let json = encode_letter(&name, &letter)?;
+            store_letter(&pool, &name, &letter, json)
+                .await
+                .map_err(fail)
         })
     }
 
@@ -463,7 +484,7 @@ where
         after: Option<(i64, String)>,
         until: i64,
         limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
         let (pool, name, fail) = (
             self.pool.clone(),
             Arc::clone(&self.name),
@@ -471,8 +492,8 @@ where
         );
         let (at, key) = after.unwrap_or((i64::MIN, String::new()));
         Box::pin(async move {
-            let rows: Vec<(String,)> = sqlx::query_as(
-                "SELECT letter FROM eventsink_dead_letters WHERE queue = $1 AND failed_at <= $2 \
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(
+                "SELECT failed_at, letter_key, letter FROM eventsink_dead_letters WHERE queue = $1 AND failed_at <= $2 \
                  AND (failed_at, letter_key) > ($3, $4) ORDER BY failed_at, letter_key LIMIT $5",
             )
             .bind(&*name)
@@ -483,7 +504,12 @@ where
             .fetch_all(&pool)
             .await
             .map_err(fail)?;
-            rows.iter().map(|(json,)| decode(&name, json)).collect()
+            let last = rows.last().map(|(at, key, _)| (*at, key.clone()));
+            let letters = rows
+                .iter()
+                .map(|(_, _, json)| decode(&name, json))
+                .collect::<Result<_, _>>()?;
+            Ok(DeadPage { letters, last })
         })
     }
 
@@ -507,21 +533,23 @@ where
         })
     }
 
-    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
         let (pool, name, fail) = (
             self.pool.clone(),
             Arc::clone(&self.name),
             self.fail("removing a dead letter"),
         );
-        let (key, chain) = (key.to_owned(), chain.to_owned());
+        let (key, chain) = (letter.key.clone(), letter.chain.clone());
+        let failed_at = letter.failed_at.timestamp_micros();
         Box::pin(async move {
             let done = sqlx::query(
                 "DELETE FROM eventsink_dead_letters \
-                 WHERE queue = $1 AND letter_key = $2 AND chain = $3",
+                 WHERE queue = $1 AND letter_key = $2 AND chain = $3 AND failed_at = $4",
             )
             .bind(&*name)
             .bind(key)
             .bind(chain)
+            .bind(failed_at)
             .execute(&pool)
             .await
             .map_err(fail)?;
@@ -586,54 +614,90 @@ where
         let this = self.clone();
         let fail = self.fail("burying jobs apalis gave up on");
         Box::pin(async move {
-            let mut buried = 0;
+            let (mut buried, mut after) = (0, String::new());
             loop {
                 let rows: Vec<(String, Vec<u8>, i32, Option<String>)> = sqlx::query_as(
                     "SELECT id, job, attempts, last_result::text FROM apalis.jobs \
                      WHERE job_type = $1 AND (status = 'Killed' \
-                     OR (status = 'Failed' AND attempts >= max_attempts)) LIMIT $2",
+                     OR (status = 'Failed' AND attempts >= max_attempts)) \
+                     AND id > $2 ORDER BY id LIMIT $3",
                 )
                 .bind(&*this.name)
+                .bind(&after)
                 .bind(ABANDONED_PAGE as i64)
                 .fetch_all(&this.pool)
                 .await
                 .map_err(&fail)?;
                 for (id, job, runs, last) in &rows {
                     let runs = i64::from(*runs);
-                    let Some(letter) = abandoned_letter(&this.name, job, runs, last.as_deref())
+                    let Some(letter) =
+                        abandoned_letter::<P>(&this.name, job, runs, last.as_deref())
                     else {
                         continue;
                     };
-                    this.bury(letter).await?;
-                    sqlx::query("UPDATE apalis.jobs SET status = 'Done' WHERE id = $1")
-                        .bind(id)
-                        .execute(&this.pool)
-                        .await
-                        .map_err(&fail)?;
-                    buried += 1;
+                    let json = encode_letter(&this.name, &letter)?;
+                    // Claim the job and write its letter in one transaction:
+                    // two workers' maintenance never both bury it, and a
+                    // crash leaves neither or both.
+                    let mut tx = this.pool.begin().await.map_err(&fail)?;
+                    let claimed = sqlx::query(
+                        "UPDATE apalis.jobs SET status = 'Done' WHERE id = $1 \
+                         AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+                    if claimed.rows_affected() == 1 {
+                        store_letter(&mut *tx, &this.name, &letter, json)
+                            .await
+                            .map_err(&fail)?;
+                        buried += 1;
+                    }
+                    tx.commit().await.map_err(&fail)?;
                 }
-                if rows.len() < ABANDONED_PAGE {
-                    return Ok(buried);
+                match rows.last() {
+                    Some((id, ..)) if rows.len() == ABANDONED_PAGE => after = id.clone(),
+                    _ => return Ok(buried),
                 }
             }
         })
     }
 
-    fn release_worker(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn hands_back_jobs(&self) -> bool {
+        true
+    }
+
+    fn release_worker(
+        &self,
+        name: &str,
+        done: Vec<String>,
+    ) -> BoxFuture<'static, Result<(), QueueError>> {
         let (pool, fail) = (
             self.pool.clone(),
             self.fail("releasing a stopped worker's jobs"),
         );
         let name = name.to_owned();
         Box::pin(async move {
+            let mut tx = pool.begin().await.map_err(&fail)?;
             sqlx::query(
-                "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL WHERE lock_by = $1 AND status IN ('Queued', 'Running')",
+                "UPDATE apalis.jobs SET status = 'Done', done_at = now() \
+                 WHERE lock_by = $1 AND status IN ('Queued', 'Running') AND id = ANY($2)",
             )
-            .bind(name)
-            .execute(&pool)
+            .bind(&name)
+            .bind(done)
+            .execute(&mut *tx)
             .await
-            .map_err(fail)?;
-            Ok(())
+            .map_err(&fail)?;
+            sqlx::query(
+                "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
+                 WHERE lock_by = $1 AND status IN ('Queued', 'Running')",
+            )
+            .bind(&name)
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+            tx.commit().await.map_err(&fail)
         })
     }
 

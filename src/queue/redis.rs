@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
-    encode_job, ops::Ops,
+    encode_job, ops::DeadPage, ops::Ops,
 };
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
@@ -32,10 +32,19 @@ use crate::BoxError;
 /// #76); 10 s still notices a dead server.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Puts the jobs a stopped worker still holds back on the active list (as
-/// apalis' orphan recovery does, without waiting for the lease).
+/// Ends stopped worker `ARGV[1]`'s hold on its jobs: those among
+/// `ARGV[3..]` (whose outcome it recorded) are marked done at `ARGV[2]`
+/// (done set `KEYS[5]`, meta prefix `KEYS[6]`), as apalis' acknowledgement
+/// does; the others go back on the active list, as apalis' orphan recovery
+/// does, without waiting for the lease.
 const RELEASE_WORKER: &str = r#"
 local inflight = KEYS[4] .. ":" .. ARGV[1]
+for i = 3, #ARGV do
+    if redis.call("srem", inflight, ARGV[i]) == 1 then
+        redis.call("sadd", KEYS[5], ARGV[i])
+        redis.call("hset", KEYS[6] .. ":" .. ARGV[i], "status", "Done", "done_at", ARGV[2])
+    end
+end
 local jobs = redis.call("smembers", inflight)
 if #jobs > 0 then
     redis.call("rpush", KEYS[2], unpack(jobs))
@@ -63,10 +72,12 @@ return #ids
 "#;
 
 /// Removes dead letter `ARGV[1]` from the hash `KEYS[1]` and the order
-/// `KEYS[2]` only if its chain is still `ARGV[2]` (compare and delete).
+/// `KEYS[2]` only if it is still the one of chain `ARGV[2]` that failed at
+/// `ARGV[3]` (its score, Unix microseconds): compare and delete.
 const REMOVE_LETTER: &str = r#"
 local json = redis.call("hget", KEYS[1], ARGV[1])
-if not json or (cjson.decode(json).chain or "") ~= ARGV[2] then
+if not json or (cjson.decode(json).chain or "") ~= ARGV[2]
+    or tonumber(redis.call("zscore", KEYS[2], ARGV[1])) ~= tonumber(ARGV[3]) then
     return 0
 end
 redis.call("hdel", KEYS[1], ARGV[1])
@@ -99,6 +110,29 @@ for i = 2, #ARGV do
     end
 end
 return removed
+"#;
+
+/// Buries job `ARGV[1]` of apalis' dead set `KEYS[1]`: if it is still
+/// there, it leaves the set, its letter `ARGV[4]` (key `ARGV[3]`, failure
+/// time `ARGV[5]`) goes into the letters' hash `KEYS[4]` and order
+/// `KEYS[5]`, and the job is marked done (`KEYS[3]`, `KEYS[2]`) at
+/// `ARGV[2]`. Without a letter (its data `KEYS[6]` is gone), the id only
+/// leaves the dead set, so a job stored later under it is not buried.
+const BURY_ABANDONED: &str = r#"
+if redis.call("srem", KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+if not ARGV[3] then
+    if redis.call("hexists", KEYS[6], ARGV[1]) == 1 then
+        redis.call("sadd", KEYS[1], ARGV[1])
+    end
+    return 0
+end
+redis.call("hset", KEYS[4], ARGV[3], ARGV[4])
+redis.call("zadd", KEYS[5], ARGV[5], ARGV[3])
+redis.call("sadd", KEYS[2], ARGV[1])
+redis.call("hset", KEYS[3], "status", "Done", "done_at", ARGV[2])
+return 1
 "#;
 
 /// Jobs moved per `PROMOTE_DUE` or `PUSH_JOBS` call: well under Lua's
@@ -467,7 +501,8 @@ impl<P> RedisQueue<P> {
     }
 
     /// Buries the job `id` of apalis' dead set and moves it to the done
-    /// set; `false` if its data is gone or is not an event (it stays).
+    /// set, in one script ([`BURY_ABANDONED`]); `false` if another worker
+    /// did first, or if its data is not an event (it stays).
     async fn bury_one_abandoned(
         &self,
         conn: &mut ConnectionManager,
@@ -476,6 +511,8 @@ impl<P> RedisQueue<P> {
     where
         P: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(BURY_ABANDONED));
         let fail = |e| QueueError::backend(&self.name, "burying jobs apalis gave up on", e);
         let meta = format!("{}:{id}", self.config.job_meta_hash());
         let data: Option<Vec<u8>> = conn
@@ -489,31 +526,30 @@ impl<P> RedisQueue<P> {
             .query_async(conn)
             .await
             .map_err(fail)?;
-        let letter = data.and_then(|data| {
-            abandoned_letter(&self.name, &data, runs.unwrap_or(0), last.as_deref())
+        let letter = data.as_deref().and_then(|data| {
+            abandoned_letter::<P>(&self.name, data, runs.unwrap_or(0), last.as_deref())
         });
-        let Some(letter) = letter else {
+        let (hash, order) = self.keys();
+        let mut call = SCRIPT.prepare_invoke();
+        call.key(self.config.dead_jobs_set())
+            .key(self.config.done_jobs_set())
+            .key(&meta)
+            .key(hash)
+            .key(order)
+            .key(self.config.job_data_hash())
+            .arg(id)
+            .arg(current_second());
+        if let Some(letter) = &letter {
+            let json = serde_json::to_string(letter)
+                .map_err(|e| QueueError::backend(&self.name, "encoding a dead letter", e))?;
+            call.arg(&letter.key)
+                .arg(json)
+                .arg(letter.failed_at.timestamp_micros());
+        } else if data.is_some() {
             return Ok(false);
-        };
-        self.bury(letter).await?;
-        redis::pipe()
-            .atomic()
-            .srem(self.config.dead_jobs_set(), id)
-            .ignore()
-            .sadd(self.config.done_jobs_set(), id)
-            .ignore()
-            .hset_multiple(
-                &meta,
-                &[
-                    ("status", "Done".to_owned()),
-                    ("done_at", current_second().to_string()),
-                ],
-            )
-            .ignore()
-            .query_async::<()>(conn)
-            .await
-            .map_err(fail)?;
-        Ok(true)
+        }
+        let buried: u64 = call.invoke_async(conn).await.map_err(fail)?;
+        Ok(buried > 0)
     }
 
     fn keys(&self) -> (String, String) {
@@ -638,32 +674,38 @@ where
         after: Option<(i64, String)>,
         until: i64,
         limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
         let (mut conn, name, fail) = self.parts("listing dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
             let limit = isize::try_from(limit).unwrap_or(isize::MAX);
             // The set orders equal scores by key: first the rest of the
             // cursor's score, then the scores after it.
-            let (mut keys, from) = match after {
+            let (mut places, from) = match after {
                 None => (Vec::new(), "-inf".to_owned()),
                 Some((at, key)) => {
                     let ties: Vec<String> =
                         conn.zrangebyscore(&order, at, at).await.map_err(&fail)?;
-                    let rest = ties.into_iter().filter(|k| k.as_bytes() > key.as_bytes());
-                    (rest.collect(), format!("({at}"))
+                    let rest = ties
+                        .into_iter()
+                        .filter(|k| k.as_bytes() > key.as_bytes())
+                        .map(|k| (k, at));
+                    (rest.collect::<Vec<_>>(), format!("({at}"))
                 }
             };
-            let more = limit.saturating_sub(keys.len() as isize);
+            let more = limit.saturating_sub(places.len() as isize);
             if more > 0 {
-                let next: Vec<String> = conn
-                    .zrangebyscore_limit(&order, from, until, 0, more)
+                let next: Vec<(String, i64)> = conn
+                    .zrangebyscore_limit_withscores(&order, from, until, 0, more)
                     .await
                     .map_err(&fail)?;
-                keys.extend(next);
+                places.extend(next);
             }
-            keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-            letters_of(&mut conn, &hash, &keys, &name).await
+            places.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            let keys: Vec<_> = places.iter().map(|(key, _)| key.clone()).collect();
+            let letters = letters_of(&mut conn, &hash, &keys, &name).await?;
+            let last = places.pop().map(|(key, at)| (at, key));
+            Ok(DeadPage { letters, last })
         })
     }
 
@@ -677,18 +719,20 @@ where
         })
     }
 
-    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
         static SCRIPT: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(REMOVE_LETTER));
         let (mut conn, _, fail) = self.parts("removing a dead letter");
         let (hash, order) = self.keys();
-        let (key, chain) = (key.to_owned(), chain.to_owned());
+        let (key, chain) = (letter.key.clone(), letter.chain.clone());
+        let failed_at = letter.failed_at.timestamp_micros();
         Box::pin(async move {
             let removed: u64 = SCRIPT
                 .key(hash)
                 .key(order)
                 .arg(key)
                 .arg(chain)
+                .arg(failed_at)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(fail)?;
@@ -730,30 +774,36 @@ where
         Box::pin(async move {
             let mut conn = this.conn.clone();
             let dead = this.config.dead_jobs_set();
-            let mut buried = 0;
-            // A buried id leaves the set: read it from the start each time.
+            let (mut cursor, mut buried) = (0u64, 0u64);
             loop {
-                let (_, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
                     .arg(&dead)
-                    .arg(0)
+                    .arg(cursor)
                     .arg("COUNT")
                     .arg(ABANDONED_PAGE)
                     .query_async(&mut conn)
                     .await
                     .map_err(&fail)?;
-                let mut moved = 0;
                 for id in &ids {
-                    moved += u64::from(this.bury_one_abandoned(&mut conn, id).await?);
+                    buried += u64::from(this.bury_one_abandoned(&mut conn, id).await?);
                 }
-                buried += moved;
-                if moved == 0 {
+                if next == 0 {
                     return Ok(buried);
                 }
+                cursor = next;
             }
         })
     }
 
-    fn release_worker(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn hands_back_jobs(&self) -> bool {
+        true
+    }
+
+    fn release_worker(
+        &self,
+        name: &str,
+        done: Vec<String>,
+    ) -> BoxFuture<'static, Result<(), QueueError>> {
         let (mut conn, _, fail) = self.parts("releasing a stopped worker's jobs");
         let config = self.config.clone();
         let name = name.to_owned();
@@ -763,7 +813,11 @@ where
                 .key(config.active_jobs_list())
                 .key(config.signal_list())
                 .key(config.inflight_jobs_set())
+                .key(config.done_jobs_set())
+                .key(config.job_meta_hash())
                 .arg(&name)
+                .arg(current_second())
+                .arg(done)
                 .invoke_async::<u64>(&mut conn)
                 .await
                 .map_err(fail)?;

@@ -20,7 +20,7 @@ use sqlx::sqlite::{
 
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
-    encode_job, ops::Ops,
+    encode_job, ops::DeadPage, ops::Ops,
 };
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
@@ -153,10 +153,43 @@ async fn insert_jobs<P: Serialize>(
     tx.commit().await.map_err(fail)
 }
 
+/// A dead letter as the JSON the table keeps.
+fn encode_letter<P: Serialize>(
+    name: &Arc<str>,
+    letter: &DeadLetter<P>,
+) -> Result<String, QueueError> {
+    serde_json::to_string(letter)
+        .map_err(|e| QueueError::backend(name, "encoding a dead letter", e))
+}
+
+/// Stores `letter` (encoded as `json`), replacing the one with its key.
+async fn store_letter<'c, P>(
+    executor: impl sqlx::Executor<'c, Database = sqlx::Sqlite>,
+    name: &str,
+    letter: &DeadLetter<P>,
+    json: String,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO eventsink_dead_letters \
+         (queue, letter_key, chain, event_id, failed_at, letter) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(name)
+    .bind(&letter.key)
+    .bind(&letter.chain)
+    .bind(&*letter.event.id)
+    .bind(letter.failed_at.timestamp_micros())
+    .bind(json)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// Creates the dead-letter table, or converts one of the first layout, in
 /// one transaction.
 async fn prepare_dead_letters(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    // IMMEDIATE: two processes opening an old file at once must not both
+    // read "old layout" and then fail to upgrade it.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let (old,): (i64,) = sqlx::query_as(OLD_DEAD_LETTERS).fetch_one(&mut *tx).await?;
     if old > 0 {
         sqlx::raw_sql(UPGRADE_DEAD_LETTERS)
@@ -480,22 +513,10 @@ where
             self.fail("storing a dead letter"),
         );
         Box::pin(async move {
-            let json = serde_json::to_string(&letter)
-                .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
-            sqlx::query(
-                "INSERT OR REPLACE INTO eventsink_dead_letters \
-                 (queue, letter_key, chain, event_id, failed_at, letter) VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&*name)
-            .bind(&letter.key)
-            .bind(&letter.chain)
-            .bind(&*letter.event.id)
-            .bind(letter.failed_at.timestamp_micros())
-            .bind(json)
-            .execute(&pool)
-            .await
-            .map_err(fail)?;
-            Ok(())
+            let json = encode_letter(&name, &letter)?;
+            store_letter(&pool, &name, &letter, json)
+                .await
+                .map_err(fail)
         })
     }
 
@@ -529,7 +550,7 @@ where
         after: Option<(i64, String)>,
         until: i64,
         limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
         let (pool, name, fail) = (
             self.pool.clone(),
             Arc::clone(&self.name),
@@ -537,8 +558,8 @@ where
         );
         let (at, key) = after.unwrap_or((i64::MIN, String::new()));
         Box::pin(async move {
-            let rows: Vec<(String,)> = sqlx::query_as(
-                "SELECT letter FROM eventsink_dead_letters WHERE queue = ? AND failed_at <= ? \
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(
+                "SELECT failed_at, letter_key, letter FROM eventsink_dead_letters WHERE queue = ? AND failed_at <= ? \
                  AND (failed_at, letter_key) > (?, ?) ORDER BY failed_at, letter_key LIMIT ?",
             )
             .bind(&*name)
@@ -549,7 +570,12 @@ where
             .fetch_all(&pool)
             .await
             .map_err(fail)?;
-            rows.iter().map(|(json,)| decode(&name, json)).collect()
+            let last = rows.last().map(|(at, key, _)| (*at, key.clone()));
+            let letters = rows
+                .iter()
+                .map(|(_, _, json)| decode(&name, json))
+                .collect::<Result<_, _>>()?;
+            Ok(DeadPage { letters, last })
         })
     }
 
@@ -573,20 +599,23 @@ where
         })
     }
 
-    fn dead_remove(&self, key: &str, chain: &str) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
         let (pool, name, fail) = (
             self.pool.clone(),
             Arc::clone(&self.name),
             self.fail("removing a dead letter"),
         );
-        let (key, chain) = (key.to_owned(), chain.to_owned());
+        let (key, chain) = (letter.key.clone(), letter.chain.clone());
+        let failed_at = letter.failed_at.timestamp_micros();
         Box::pin(async move {
             let done = sqlx::query(
-                "DELETE FROM eventsink_dead_letters WHERE queue = ? AND letter_key = ? AND chain = ?",
+                "DELETE FROM eventsink_dead_letters \
+                 WHERE queue = ? AND letter_key = ? AND chain = ? AND failed_at = ?",
             )
             .bind(&*name)
             .bind(key)
             .bind(chain)
+            .bind(failed_at)
             .execute(&pool)
             .await
             .map_err(fail)?;
@@ -653,53 +682,95 @@ where
         let this = self.clone();
         let fail = self.fail("burying jobs apalis gave up on");
         Box::pin(async move {
-            let mut buried = 0;
+            let (mut buried, mut after) = (0, String::new());
             loop {
                 let rows: Vec<(String, Vec<u8>, i64, Option<String>)> = sqlx::query_as(
                     "SELECT id, job, attempts, last_result FROM Jobs WHERE job_type = ? \
                      AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts)) \
-                     LIMIT ?",
+                     AND id > ? ORDER BY id LIMIT ?",
                 )
                 .bind(&*this.name)
+                .bind(&after)
                 .bind(ABANDONED_PAGE as i64)
                 .fetch_all(&this.pool)
                 .await
                 .map_err(&fail)?;
                 for (id, job, runs, last) in &rows {
-                    let Some(letter) = abandoned_letter(&this.name, job, *runs, last.as_deref())
+                    let Some(letter) =
+                        abandoned_letter::<P>(&this.name, job, *runs, last.as_deref())
                     else {
                         continue;
                     };
-                    this.bury(letter).await?;
-                    sqlx::query("UPDATE Jobs SET status = 'Done' WHERE id = ?")
-                        .bind(id)
-                        .execute(&this.pool)
+                    let json = encode_letter(&this.name, &letter)?;
+                    // Claim the job and write its letter in one transaction:
+                    // two workers' maintenance never both bury it, and a
+                    // crash leaves neither or both.
+                    let mut tx = this
+                        .pool
+                        .begin_with("BEGIN IMMEDIATE")
                         .await
                         .map_err(&fail)?;
-                    buried += 1;
+                    let claimed = sqlx::query(
+                        "UPDATE Jobs SET status = 'Done' WHERE id = ? AND (status = 'Killed' \
+                         OR (status = 'Failed' AND attempts >= max_attempts))",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+                    if claimed.rows_affected() == 1 {
+                        store_letter(&mut *tx, &this.name, &letter, json)
+                            .await
+                            .map_err(&fail)?;
+                        buried += 1;
+                    }
+                    tx.commit().await.map_err(&fail)?;
                 }
-                if rows.len() < ABANDONED_PAGE {
-                    return Ok(buried);
+                match rows.last() {
+                    Some((id, ..)) if rows.len() == ABANDONED_PAGE => after = id.clone(),
+                    _ => return Ok(buried),
                 }
             }
         })
     }
 
-    fn release_worker(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn hands_back_jobs(&self) -> bool {
+        true
+    }
+
+    fn release_worker(
+        &self,
+        name: &str,
+        done: Vec<String>,
+    ) -> BoxFuture<'static, Result<(), QueueError>> {
         let (pool, fail) = (
             self.pool.clone(),
             self.fail("releasing a stopped worker's jobs"),
         );
         let name = name.to_owned();
         Box::pin(async move {
+            let done = serde_json::to_string(&done)
+                .map_err(|e| QueueError::backend(&Arc::from(name.as_str()), "releasing", e))?;
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(&fail)?;
             sqlx::query(
-                "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL WHERE lock_by = ? AND status IN ('Queued', 'Running')",
+                "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') \
+                 WHERE lock_by = ? AND status IN ('Queued', 'Running') \
+                 AND id IN (SELECT value FROM json_each(?))",
             )
-            .bind(name)
-            .execute(&pool)
+            .bind(&name)
+            .bind(done)
+            .execute(&mut *tx)
             .await
-            .map_err(fail)?;
-            Ok(())
+            .map_err(&fail)?;
+            sqlx::query(
+                "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
+                 WHERE lock_by = ? AND status IN ('Queued', 'Running')",
+            )
+            .bind(&name)
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+            tx.commit().await.map_err(&fail)
         })
     }
 

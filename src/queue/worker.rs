@@ -266,11 +266,13 @@ where
 
     async fn supervise(self, stop: watch::Receiver<bool>, restarts: Arc<AtomicU64>) {
         let queue = self.backend.name().to_owned();
+        let deliveries = Arc::new(Deliveries::default());
         let deliver = Deliver {
             inner: BoxCloneService::new(self.sink.map_err(Into::into)),
             backend: self.backend.clone(),
             schedule: Arc::new(self.schedule),
             timeout: self.attempt_timeout,
+            deliveries: Arc::clone(&deliveries),
         };
         let options = RunOptions {
             concurrency: self.concurrency,
@@ -301,21 +303,23 @@ where
                 let stopping = std::pin::pin!(stopped(stop.clone()));
                 match futures::future::select(ended, stopping).await {
                     futures::future::Either::Left((ended, _)) => Some(ended),
-                    // Stopping: in-flight deliveries get their timeout and
-                    // a margin to finish, while we keep the run's lease
-                    // alive; then the run is abandoned (its deliveries are
-                    // dropped, its jobs handed back below, or by lease
-                    // expiry).
+                    // Stopping a durable backend's run: drop apalis' run at
+                    // once (a fetch it is in the middle of would otherwise
+                    // hold its transaction, and on SQLite the file's write
+                    // lock, for the whole drain); the deliveries in flight
+                    // run on tasks of their own and finish below, and the
+                    // jobs it fetched are handed back.
+                    futures::future::Either::Right(((), _)) if self.backend.hands_back_jobs() => {
+                        run.abort();
+                        let _ = (&mut run).await;
+                        Some(Ok(Ok(())))
+                    }
+                    // The memory backend cannot hand jobs back: apalis
+                    // stops its run itself, letting deliveries finish.
                     futures::future::Either::Right(((), _)) => {
-                        let drain = std::pin::pin!(tokio::time::timeout(
-                            self.attempt_timeout + SHUTDOWN_MARGIN,
-                            &mut run
-                        ));
-                        let lease = std::pin::pin!(keep_lease(&self.backend, &name));
-                        match futures::future::select(drain, lease).await {
-                            futures::future::Either::Left((drained, _)) => drained.ok(),
-                            futures::future::Either::Right(((), _)) => None,
-                        }
+                        tokio::time::timeout(self.attempt_timeout + SHUTDOWN_MARGIN, &mut run)
+                            .await
+                            .ok()
                     }
                 }
             };
@@ -328,7 +332,12 @@ where
                     Ok(())
                 }
             };
-            if let Err(e) = self.backend.release_worker(&name).await {
+            drain(&self.backend, self.attempt_timeout, &deliveries, &name).await;
+            if let Err(e) = self
+                .backend
+                .release_worker(&name, deliveries.take_done())
+                .await
+            {
                 tracing::warn!(worker = %name, error = %e, "could not hand back the worker's jobs");
             }
             if *stop.borrow() {
@@ -353,6 +362,110 @@ where
             backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
         }
         maintenance.abort();
+    }
+}
+
+/// Lets the deliveries of the run `name` finish (at most the attempt
+/// timeout plus a margin) while keeping its lease; those still running
+/// then, or when the lease could no longer be renewed, are dropped (and
+/// their jobs handed back), so no other worker ever runs a job while one of
+/// this run's deliveries still does.
+async fn drain<B: QueueBackend<P>, P>(
+    backend: &B,
+    attempt_timeout: Duration,
+    deliveries: &Deliveries,
+    name: &str,
+) {
+    let idle = std::pin::pin!(tokio::time::timeout(
+        attempt_timeout + SHUTDOWN_MARGIN,
+        deliveries.idle()
+    ));
+    let lease = std::pin::pin!(keep_lease(backend, name));
+    let drained = match futures::future::select(idle, lease).await {
+        futures::future::Either::Left((idle, _)) => idle.is_ok(),
+        futures::future::Either::Right(((), _)) => false,
+    };
+    if !drained {
+        tracing::warn!(worker = %name, "deliveries did not finish in time; dropped");
+        deliveries.abort_all();
+    }
+}
+
+/// Most ids of recorded outcomes kept for [`Deliveries::take_done`]: far
+/// more than apalis leaves unacknowledged at any time (it writes its
+/// acknowledgements in batches within milliseconds).
+const DONE_KEPT: usize = 4096;
+
+/// The deliveries of one worker. Each runs on a task of its own, so that a
+/// stopping worker can drop its apalis run at once while they finish; the
+/// ids of the jobs whose outcome they recorded are kept, to be marked done
+/// if apalis did not acknowledge them before its run was dropped.
+#[derive(Default)]
+pub(crate) struct Deliveries {
+    running: std::sync::Mutex<std::collections::HashMap<u64, tokio::task::AbortHandle>>,
+    count: watch::Sender<usize>,
+    next: AtomicU64,
+    done: std::sync::Mutex<std::collections::VecDeque<String>>,
+}
+
+impl Deliveries {
+    /// Runs `work` (the delivery of job `id`) on its own task; the future
+    /// waits for it.
+    fn spawn(
+        self: &Arc<Self>,
+        id: Option<String>,
+        work: BoxFuture<'static, Result<(), BoxError>>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let this = Arc::clone(self);
+        let mut running = self.lock_running();
+        let task = tokio::spawn(async move {
+            let result = work.await;
+            if let (Ok(()), Some(id)) = (&result, id) {
+                let mut done = this.done.lock().unwrap_or_else(|p| p.into_inner());
+                if done.len() == DONE_KEPT {
+                    done.pop_front();
+                }
+                done.push_back(id);
+            }
+            this.lock_running().remove(&key);
+            this.count.send_modify(|n| *n = n.saturating_sub(1));
+            result
+        });
+        running.insert(key, task.abort_handle());
+        self.count.send_modify(|n| *n += 1);
+        drop(running);
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the delivery task ended: {e}").into()))
+        })
+    }
+
+    /// Resolves once no delivery runs.
+    async fn idle(&self) {
+        let _ = self.count.subscribe().wait_for(|&n| n == 0).await;
+    }
+
+    /// Drops every delivery still running.
+    fn abort_all(&self) {
+        for (_, task) in self.lock_running().drain() {
+            task.abort();
+        }
+        self.count.send_replace(0);
+    }
+
+    /// The ids of the jobs whose outcome was recorded since the last call.
+    fn take_done(&self) -> Vec<String> {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.drain(..).collect()
+    }
+
+    fn lock_running(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, tokio::task::AbortHandle>> {
+        // Each update is one insert, remove or drain: a panic elsewhere
+        // cannot leave the map half changed.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -479,12 +592,16 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Stops taking new jobs, waits for deliveries in flight to finish and
     /// their outcome to be written, hands back the jobs fetched but not
-    /// started, then returns. While it waits, the worker keeps its lease
-    /// alive (its heartbeats go on), so no other worker takes over a job it
-    /// is still delivering, however long the lease. It waits at most the
-    /// attempt timeout plus 5 s; a worker that has not stopped by then is
-    /// abandoned (its deliveries are dropped), and the jobs it held are
-    /// delivered again by others (at-least-once).
+    /// started, then returns. On a durable backend the apalis worker is
+    /// dropped at once (the deliveries run on tasks of their own), so a
+    /// fetch it was in the middle of never holds a transaction open during
+    /// the wait. While it waits, the worker renews its lease, so no other
+    /// worker takes over a job it is still delivering, however long the
+    /// lease. It waits at most the attempt timeout plus 5 s, and never
+    /// past the moment its lease could lapse if it cannot renew it; then
+    /// the deliveries still running are dropped, and the jobs they held
+    /// are delivered again by others (at-least-once, never at the same
+    /// time).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -541,6 +658,7 @@ pub struct Deliver<P, B> {
     backend: B,
     schedule: Arc<RetrySchedule>,
     timeout: Duration,
+    deliveries: Arc<Deliveries>,
 }
 
 impl<P, B: Clone> Clone for Deliver<P, B> {
@@ -550,6 +668,7 @@ impl<P, B: Clone> Clone for Deliver<P, B> {
             backend: self.backend.clone(),
             schedule: Arc::clone(&self.schedule),
             timeout: self.timeout,
+            deliveries: Arc::clone(&self.deliveries),
         }
     }
 }
@@ -580,11 +699,14 @@ where
     fn call(&mut self, task: Task<QueuedEvent<P>>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let job = task.args;
+        let chain = chain_of(&task);
+        let id = task.task_id().map(|id| id.to_string());
+        let mut job = task.args;
+        job.chain = chain;
         let backend = self.backend.clone();
         let schedule = Arc::clone(&self.schedule);
         let timeout = self.timeout;
-        Box::pin(async move {
+        let work = Box::pin(async move {
             // `call` itself runs inside `catch_unwind` too: a sink may
             // panic before it returns its future.
             let event = job.event.clone();
@@ -649,7 +771,21 @@ where
                 }
             }
             Ok(())
-        })
+        });
+        self.deliveries.spawn(id, work)
+    }
+}
+
+/// The delivery chain of `task`: its own, or for a job written before
+/// chains existed the backend's id of the job, the same each time the job
+/// runs (a new id where a backend has none).
+fn chain_of<P>(task: &Task<QueuedEvent<P>>) -> String {
+    if !task.args.chain.is_empty() {
+        return task.args.chain.clone();
+    }
+    match task.task_id() {
+        Some(id) => id.to_string(),
+        None => uuid::Uuid::now_v7().simple().to_string(),
     }
 }
 
