@@ -250,3 +250,64 @@ async fn jobs_are_locked_and_acknowledged_through_the_primary_key() {
         }
     }
 }
+
+/// A file whose dead-letter table has the first layout (one letter per
+/// event id) opens: its letters are kept, keyed like jobs, and replay.
+#[tokio::test]
+async fn dead_letters_of_the_first_layout_are_kept_when_the_file_opens() {
+    let tmp = TempDir::new().unwrap();
+    let path = tmp.path().join("old.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let old = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE eventsink_dead_letters (queue TEXT NOT NULL, event_id TEXT NOT NULL, \
+         failed_at INTEGER NOT NULL, letter TEXT NOT NULL, PRIMARY KEY (queue, event_id))",
+    )
+    .execute(&old)
+    .await
+    .unwrap();
+    let letter = json!({
+        "event": {"kind": "order.placed", "id": "evt_1", "created_at": "2026-11-27T12:00:00Z",
+                  "payload": {"order_id": 7}},
+        "attempts": 3,
+        "last_error": "503",
+        "cause": "out_of_attempts",
+        "failed_at": "2026-11-28T12:00:00Z",
+        "key": "old:order.placed:evt_1~replay-0194",
+    });
+    sqlx::query("INSERT INTO eventsink_dead_letters VALUES ('old', 'evt_1', 1795867200000000, ?)")
+        .bind(letter.to_string())
+        .execute(&old)
+        .await
+        .unwrap();
+    old.close().await;
+
+    let queue: SqliteQueue = SqliteQueue::open(&path, "old").await.expect("open");
+    let dead = queue.dead_letters();
+    assert_eq!(dead.count().await.unwrap(), 1, "the old letter is kept");
+    let kept = dead
+        .get("old:order.placed:evt_1")
+        .await
+        .unwrap()
+        .expect("keyed {queue}:{kind}:{id}");
+    assert_eq!(
+        (kept.attempts, kept.key.as_str()),
+        (3, "old:order.placed:evt_1")
+    );
+    let recorder = eventsink::RecordingSink::new();
+    let worker = ThroughTaskQueue::new(queue.clone())
+        .layer(recorder.clone())
+        .worker()
+        .poll_interval(std::time::Duration::from_millis(10))
+        .spawn();
+    assert!(dead.replay(&kept.key).await.unwrap());
+    let got = recorder
+        .wait_for(1, support::conformance::ARRIVAL_TIMEOUT)
+        .await
+        .expect("the replayed old letter is delivered");
+    worker.shutdown().await;
+    assert_eq!(&*got[0].id, "evt_1");
+    assert_eq!(dead.count().await.unwrap(), 0);
+}
