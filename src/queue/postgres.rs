@@ -65,20 +65,15 @@ const OLD_DEAD_LETTERS: &str = "SELECT EXISTS (SELECT 1 FROM information_schema.
      WHERE table_schema = current_schema() AND table_name = 'eventsink_dead_letters' \
      AND column_name = 'letter_key')";
 
-/// Moves letters of the first layout into the current one, keyed
+/// Sets the table of the first layout aside for [`UPGRADE_DEAD_LETTERS`].
+const RENAME_OLD_DEAD_LETTERS: &str =
+    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1";
+
+/// Moves letters of the first layout, renamed to
+/// `eventsink_dead_letters_v1`, into the current table, keyed
 /// `{queue}:{kind}:{id}`; their chain is unknown (empty).
 const UPGRADE_DEAD_LETTERS: &str =
-    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
-CREATE TABLE eventsink_dead_letters (
-    queue TEXT NOT NULL,
-    letter_key TEXT NOT NULL,
-    chain TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    failed_at BIGINT NOT NULL,
-    letter TEXT NOT NULL,
-    PRIMARY KEY (queue, letter_key)
-);
-INSERT INTO eventsink_dead_letters (queue, letter_key, chain, event_id, failed_at, letter)
+    "INSERT INTO eventsink_dead_letters (queue, letter_key, chain, event_id, failed_at, letter)
     SELECT queue, key, '', event_id, failed_at,
         jsonb_set(jsonb_set(letter::jsonb, '{key}', to_jsonb(key)), '{chain}', '\"\"')::text
     FROM (SELECT *, queue || ':' || (letter::jsonb -> 'event' ->> 'kind') || ':' || event_id AS key
@@ -258,7 +253,7 @@ impl PostgresQueueBuilder {
             .await
             .map_err(fail("creating the dead-letter table"))?;
         if old {
-            sqlx::raw_sql(UPGRADE_DEAD_LETTERS)
+            sqlx::raw_sql(RENAME_OLD_DEAD_LETTERS)
                 .execute(&mut *tx)
                 .await
                 .map_err(fail("converting the dead-letter table"))?;
@@ -267,6 +262,12 @@ impl PostgresQueueBuilder {
             .execute(&mut *tx)
             .await
             .map_err(fail("creating the dead-letter table"))?;
+        if old {
+            sqlx::raw_sql(UPGRADE_DEAD_LETTERS)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail("converting the dead-letter table"))?;
+        }
         tx.commit()
             .await
             .map_err(fail("creating the dead-letter table"))?;

@@ -58,20 +58,15 @@ const OLD_DEAD_LETTERS: &str = "SELECT COUNT(*) FROM pragma_table_info('eventsin
      WHERE name = 'event_id' AND NOT EXISTS \
      (SELECT 1 FROM pragma_table_info('eventsink_dead_letters') WHERE name = 'letter_key')";
 
-/// Moves letters of the first layout into the current one, keyed
+/// Sets the table of the first layout aside for [`UPGRADE_DEAD_LETTERS`].
+const RENAME_OLD_DEAD_LETTERS: &str =
+    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1";
+
+/// Moves letters of the first layout, renamed to
+/// `eventsink_dead_letters_v1`, into the current table, keyed
 /// `{queue}:{kind}:{id}`; their chain is unknown (empty).
 const UPGRADE_DEAD_LETTERS: &str =
-    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1;
-CREATE TABLE eventsink_dead_letters (
-    queue TEXT NOT NULL,
-    letter_key TEXT NOT NULL,
-    chain TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    failed_at INTEGER NOT NULL,
-    letter TEXT NOT NULL,
-    PRIMARY KEY (queue, letter_key)
-);
-INSERT INTO eventsink_dead_letters (queue, letter_key, chain, event_id, failed_at, letter)
+    "INSERT INTO eventsink_dead_letters (queue, letter_key, chain, event_id, failed_at, letter)
     SELECT queue, key, '', event_id, failed_at, json_set(letter, '$.key', key, '$.chain', '')
     FROM (SELECT *, queue || ':' || json_extract(letter, '$.event.kind') || ':' || event_id AS key
           FROM eventsink_dead_letters_v1);
@@ -192,11 +187,16 @@ async fn prepare_dead_letters(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let (old,): (i64,) = sqlx::query_as(OLD_DEAD_LETTERS).fetch_one(&mut *tx).await?;
     if old > 0 {
-        sqlx::raw_sql(UPGRADE_DEAD_LETTERS)
+        sqlx::raw_sql(RENAME_OLD_DEAD_LETTERS)
             .execute(&mut *tx)
             .await?;
     }
     sqlx::raw_sql(DEAD_LETTER_TABLE).execute(&mut *tx).await?;
+    if old > 0 {
+        sqlx::raw_sql(UPGRADE_DEAD_LETTERS)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await
 }
 
