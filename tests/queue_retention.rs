@@ -46,6 +46,21 @@ fn failing_handler(
     })
 }
 
+/// Runs a plain apalis worker over `storage` until its handler (see
+/// [`failing_handler`]) has ended one job, then stops it. A macro: the
+/// worker's bounds differ per backend.
+macro_rules! fail_one_job_in_apalis {
+    ($storage:expr, $abort:expr, $name:expr) => {{
+        let (tx, rx) = mpsc::unbounded_channel();
+        WorkerBuilder::new(format!("plain-apalis-{}", $name))
+            .backend($storage.poll_with_interval(Duration::from_millis(10)))
+            .build(failing_handler($abort, tx))
+            .run_until(handled_once(rx))
+            .await
+            .expect("the apalis worker");
+    }};
+}
+
 /// Resolves once the handler has run once (then the worker stops and
 /// writes the job's outcome).
 async fn handled_once(mut rx: mpsc::UnboundedReceiver<()>) -> Result<(), WorkerError> {
@@ -126,16 +141,12 @@ async fn sqlite_retention_keeps_a_job_apalis_killed_and_the_worker_buries_it() {
         .await
         .expect("open");
     let event = publish_one(&queue).await;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let storage = apalis_sqlite::SqliteStorage::<QueuedEvent<Value>>::new(queue.pool())
-        .with_config(apalis_sqlite::Config::default().queue(&name))
-        .poll_with_interval(Duration::from_millis(10));
-    WorkerBuilder::new(format!("plain-apalis-{name}"))
-        .backend(storage)
-        .build(failing_handler(true, tx))
-        .run_until(handled_once(rx))
-        .await
-        .expect("the apalis worker");
+    fail_one_job_in_apalis!(
+        apalis_sqlite::SqliteStorage::<QueuedEvent<Value>>::new(queue.pool())
+            .with_config(apalis_sqlite::Config::default().queue(&name)),
+        true,
+        &name
+    );
     wait_for_sqlite_count(queue.pool(), SQLITE_KILLED, &name, 1).await;
 
     let removed = queue
@@ -161,16 +172,12 @@ async fn postgres_retention_keeps_a_job_apalis_killed_and_the_worker_buries_it()
             .await
             .expect("connect");
     let event = publish_one(&queue).await;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let storage = apalis_postgres::PostgresStorage::<QueuedEvent<Value>>::new(queue.pool())
-        .with_config(apalis_postgres::Config::default().queue(&name))
-        .poll_with_interval(Duration::from_millis(10));
-    WorkerBuilder::new(format!("plain-apalis-{name}"))
-        .backend(storage)
-        .build(failing_handler(true, tx))
-        .run_until(handled_once(rx))
-        .await
-        .expect("the apalis worker");
+    fail_one_job_in_apalis!(
+        apalis_postgres::PostgresStorage::<QueuedEvent<Value>>::new(queue.pool())
+            .with_config(apalis_postgres::Config::default().queue(&name)),
+        true,
+        &name
+    );
     let killed = || async {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Killed'",
@@ -235,16 +242,12 @@ mod redis_backend {
         let name = support::queue::unique_name("retain");
         let (queue, mut conn) = open(&url, &name).await;
         let event = publish_one(&queue).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let storage = apalis_redis::RedisStorage::<QueuedEvent<Value>>::new(conn.clone())
-            .with_config(config(&name))
-            .poll_with_interval(Duration::from_millis(10));
-        WorkerBuilder::new(format!("plain-apalis-{name}"))
-            .backend(storage)
-            .build(failing_handler(false, tx))
-            .run_until(handled_once(rx))
-            .await
-            .expect("the apalis worker");
+        fail_one_job_in_apalis!(
+            apalis_redis::RedisStorage::<QueuedEvent<Value>>::new(conn.clone())
+                .with_config(config(&name)),
+            false,
+            &name
+        );
         let scheduled: u64 = conn
             .zcard(config(&name).scheduled_jobs_set())
             .await
@@ -287,16 +290,12 @@ mod redis_backend {
         let name = support::queue::unique_name("retain");
         let (queue, mut conn) = open(&url, &name).await;
         let event = publish_one(&queue).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let storage = apalis_redis::RedisStorage::<QueuedEvent<Value>>::new(conn.clone())
-            .with_config(config(&name))
-            .poll_with_interval(Duration::from_millis(10));
-        WorkerBuilder::new(format!("plain-apalis-{name}"))
-            .backend(storage)
-            .build(failing_handler(true, tx))
-            .run_until(handled_once(rx))
-            .await
-            .expect("the apalis worker");
+        fail_one_job_in_apalis!(
+            apalis_redis::RedisStorage::<QueuedEvent<Value>>::new(conn.clone())
+                .with_config(config(&name)),
+            true,
+            &name
+        );
         let dead: u64 = conn
             .scard(config(&name).dead_jobs_set())
             .await
