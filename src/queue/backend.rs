@@ -153,10 +153,14 @@ pub(crate) mod ops {
             Box::pin(async { Ok(0) })
         }
 
-        /// Whether [`release_worker`](Ops::release_worker) hands a run's
-        /// jobs back (every durable backend), so that a stopping worker may
-        /// drop its apalis run at once.
-        fn hands_back_jobs(&self) -> bool {
+        /// Whether a stopping worker drops its apalis run at once (and lets
+        /// its deliveries finish on their own tasks) instead of letting
+        /// apalis stop it. SQLite: a stopping apalis worker no longer polls
+        /// a fetch it is in the middle of, whose transaction then holds the
+        /// file's write lock until the run is dropped. The backend's
+        /// [`release_worker`](Ops::release_worker) must hand the run's jobs
+        /// back.
+        fn drops_run_on_stop(&self) -> bool {
             false
         }
 

@@ -795,10 +795,6 @@ where
         })
     }
 
-    fn hands_back_jobs(&self) -> bool {
-        true
-    }
-
     fn release_worker(
         &self,
         name: &str,

@@ -734,7 +734,7 @@ where
         })
     }
 
-    fn hands_back_jobs(&self) -> bool {
+    fn drops_run_on_stop(&self) -> bool {
         true
     }
 

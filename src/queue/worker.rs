@@ -303,23 +303,30 @@ where
                 let stopping = std::pin::pin!(stopped(stop.clone()));
                 match futures::future::select(ended, stopping).await {
                     futures::future::Either::Left((ended, _)) => Some(ended),
-                    // Stopping a durable backend's run: drop apalis' run at
-                    // once (a fetch it is in the middle of would otherwise
-                    // hold its transaction, and on SQLite the file's write
-                    // lock, for the whole drain); the deliveries in flight
-                    // run on tasks of their own and finish below, and the
-                    // jobs it fetched are handed back.
-                    futures::future::Either::Right(((), _)) if self.backend.hands_back_jobs() => {
+                    // Stopping on SQLite: drop apalis' run at once (a fetch
+                    // it is in the middle of would otherwise hold its
+                    // transaction, and the file's write lock, for the whole
+                    // drain); the deliveries in flight run on tasks of their
+                    // own and finish below, and the jobs it fetched are
+                    // handed back.
+                    futures::future::Either::Right(((), _)) if self.backend.drops_run_on_stop() => {
                         run.abort();
                         let _ = (&mut run).await;
                         Some(Ok(Ok(())))
                     }
-                    // The memory backend cannot hand jobs back: apalis
-                    // stops its run itself, letting deliveries finish.
+                    // Elsewhere apalis stops its run itself, letting the
+                    // deliveries finish, while we keep the run's lease (a
+                    // stopping apalis worker sends no heartbeats).
                     futures::future::Either::Right(((), _)) => {
-                        tokio::time::timeout(self.attempt_timeout + SHUTDOWN_MARGIN, &mut run)
-                            .await
-                            .ok()
+                        let drain = std::pin::pin!(tokio::time::timeout(
+                            self.attempt_timeout + SHUTDOWN_MARGIN,
+                            &mut run
+                        ));
+                        let lease = std::pin::pin!(keep_lease(&self.backend, &name));
+                        match futures::future::select(drain, lease).await {
+                            futures::future::Either::Left((drained, _)) => drained.ok(),
+                            futures::future::Either::Right(((), _)) => None,
+                        }
                     }
                 }
             };
