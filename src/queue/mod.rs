@@ -120,6 +120,9 @@
 //! - **A stopping worker keeps its lease** while its deliveries finish; if
 //!   it cannot renew it, it drops them and hands their jobs back before the
 //!   lease could lapse, so no other worker runs a job while it still does.
+//!   On SQLite it drops apalis' own worker at once (its deliveries run on
+//!   tasks of their own): a stopping apalis worker would hold a fetch's
+//!   transaction, and with it the file's write lock, open until it ends.
 //!
 //! apalis' own retry mechanisms are not used: its SQL backends re-run a
 //! failed job at once and Redis ignores `max_attempts`, so the worker

@@ -599,10 +599,10 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Stops taking new jobs, waits for deliveries in flight to finish and
     /// their outcome to be written, hands back the jobs fetched but not
-    /// started, then returns. On a durable backend the apalis worker is
-    /// dropped at once (the deliveries run on tasks of their own), so a
-    /// fetch it was in the middle of never holds a transaction open during
-    /// the wait. While it waits, the worker renews its lease, so no other
+    /// started, then returns. On SQLite the apalis worker is dropped at
+    /// once (the deliveries run on tasks of their own), so a fetch it was in
+    /// the middle of never holds the file's write lock during the wait.
+    /// While it waits, the worker renews its lease, so no other
     /// worker takes over a job it is still delivering, however long the
     /// lease. It waits at most the attempt timeout plus 5 s, and never
     /// past the moment its lease could lapse if it cannot renew it; then
