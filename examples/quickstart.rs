@@ -16,7 +16,7 @@ use axum::body::Bytes;
 use axum::http::StatusCode;
 use eventsink::queue::{RetrySchedule, SqliteQueue, ThroughTaskQueue};
 use eventsink::signature::Secret;
-use eventsink::verify::{MemoryReplayGuard, VerifiedWebhook, VerifyWebhookLayer};
+use eventsink::verify::{MemoryReplayGuard, VerifiedWebhook, VerifyConfig, VerifyWebhookLayer};
 use eventsink::{BoxError, Event, SinkExt, WebhookSink};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -121,9 +121,9 @@ impl Receiver {
                 }
             }
         };
-        let verify = VerifyWebhookLayer::builder(secret)
-            .replay_guard(MemoryReplayGuard::new())
-            .build();
+        let verify = VerifyWebhookLayer::new(
+            VerifyConfig::new(secret).replay_guard(MemoryReplayGuard::new()),
+        );
         let app = axum::Router::new()
             .route("/hooks", axum::routing::post(handler))
             .route_layer(verify);

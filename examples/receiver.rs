@@ -30,8 +30,8 @@ mod app {
 
     use axum::Router;
     use axum::routing::{get, post};
-    use eventsink::signature::Secret;
-    use eventsink::verify::{self, MemoryReplayGuard, Scheme, Verified, VerifyWebhookLayer};
+    use eventsink::signature::{Scheme, Secret};
+    use eventsink::verify::{self, MemoryReplayGuard, Verified, VerifyConfig, VerifyWebhookLayer};
     use tower_http::trace::TraceLayer;
     use tracing_subscriber::EnvFilter;
 
@@ -68,15 +68,15 @@ mod app {
         let addr =
             std::env::var("EVENTSINK_RECEIVER_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
 
-        let verify = VerifyWebhookLayer::builder(secret.clone())
+        let config = VerifyConfig::new(secret.clone())
             // Standard Webhooks from current senders, the `signature` header from Go ones.
-            .scheme(Scheme::Either)
+            .scheme(Scheme::Both)
             .tolerance(verify::DEFAULT_TOLERANCE)
-            .max_body(256 * 1024)
+            .max_body_bytes(256 * 1024)
             // Remember handled ids for the default window (covers the queue's retry
             // schedule) and up to 200 000 of them (about 40 MiB).
-            .replay_guard(MemoryReplayGuard::new().with_capacity(200_000))
-            .build();
+            .replay_guard(MemoryReplayGuard::new().capacity(200_000));
+        let verify = VerifyWebhookLayer::new(config);
 
         let app = Router::new()
             .route("/webhooks", post(webhook))

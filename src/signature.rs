@@ -2,7 +2,7 @@
 //! shared by [`WebhookSink`](crate::webhook::WebhookSink) (sender) and the
 //! receiver layer.
 //!
-//! Two schemes:
+//! Two formats, named by [`Scheme`] on both sides:
 //!
 //! - **Standard Webhooks** (the default): the signed content is
 //!   `"{id}.{timestamp}.{body}"` and the header value is `v1,<base64 HMAC>`,
@@ -47,6 +47,52 @@ pub const MAX_SECRET_BYTES: usize = 64;
 
 /// Size of a [`Secret::generate`]d secret: 32 bytes, as Svix generates.
 pub const GENERATED_SECRET_BYTES: usize = 32;
+
+/// The signature format, for the sender
+/// ([`WebhookSinkBuilder::scheme`](crate::webhook::WebhookSinkBuilder::scheme))
+/// and the receiver
+/// ([`VerifyConfig::scheme`](crate::verify::VerifyConfig::scheme)) alike.
+///
+/// ```
+/// use eventsink::signature::Scheme;
+/// assert_eq!(Scheme::default(), Scheme::Standard);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Scheme {
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp` and
+    /// `webhook-signature: v1,<base64>` (one entry per secret) over
+    /// `"{id}.{timestamp}.{body}"`; the body is the event's JSON.
+    #[default]
+    Standard,
+    /// The Go original's format, byte for byte: the body is
+    /// `{"kind","id","payload","created_at","now"}` with `now` the send time
+    /// (UTC, whole seconds), and `signature: <lowercase hex HMAC-SHA256 of
+    /// the body>` keyed with the first secret's bytes (build it with
+    /// [`Secret::from_raw`] from the Go application's secret string). The
+    /// receiver takes the id and the time to check from the body's `id` and
+    /// `now`.
+    GoCompatible,
+    /// For migrating from one format to the other. The sender sends the
+    /// Go-compatible body with both header sets, computed with the same
+    /// secrets; the receiver accepts either format, checking Standard when
+    /// `webhook-signature` is present and Go-compatible otherwise.
+    Both,
+}
+
+impl Scheme {
+    /// Whether the Standard Webhooks headers are sent.
+    #[cfg(feature = "webhook")]
+    pub(crate) fn sends_standard(self) -> bool {
+        matches!(self, Scheme::Standard | Scheme::Both)
+    }
+
+    /// Whether the Go original's body and `signature` header are sent.
+    #[cfg(feature = "webhook")]
+    pub(crate) fn sends_go(self) -> bool {
+        matches!(self, Scheme::GoCompatible | Scheme::Both)
+    }
+}
 
 /// An HMAC key. Its bytes never appear in `Debug` output or errors.
 ///
@@ -94,7 +140,7 @@ impl Secret {
 
     /// A secret whose HMAC key is `bytes` as given: the form the Go original
     /// uses (its configured secret string's bytes), for
-    /// [`Signing::GoCompatible`](crate::webhook::Signing::GoCompatible).
+    /// [`Scheme::GoCompatible`].
     ///
     /// # Errors
     ///

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
-use eventsink::signature::{self, Secret};
+use eventsink::signature::{self, Scheme, Secret};
 use eventsink::verify::{
-    self, BoxFuture, Claim, ClaimToken, Clock, MemoryReplayGuard, ReplayError, ReplayGuard, Scheme,
-    VerifiedWebhook, VerifyWebhookLayer, VerifyWebhookLayerBuilder,
+    self, BoxFuture, Claim, ClaimToken, Clock, MemoryReplayGuard, ReplayError, ReplayGuard,
+    VerifiedWebhook, VerifyConfig, VerifyWebhook, VerifyWebhookLayer,
 };
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -37,8 +37,8 @@ fn secret() -> Secret {
     SECRET.parse().unwrap()
 }
 
-fn builder() -> VerifyWebhookLayerBuilder {
-    VerifyWebhookLayer::builder(secret()).clock(Clock::fixed(Utc.timestamp_opt(NOW, 0).unwrap()))
+fn config() -> VerifyConfig {
+    VerifyConfig::new(secret()).clock(Clock::fixed(Utc.timestamp_opt(NOW, 0).unwrap()))
 }
 
 /// A handler that counts its calls and echoes the body it got, with the
@@ -119,7 +119,7 @@ async fn status_of(layer: &VerifyWebhookLayer, headers: HeaderMap, body: &[u8]) 
 
 #[tokio::test]
 async fn a_signed_request_reaches_the_handler_with_the_same_bytes_and_its_id() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let echo = Echo::default();
     let response = layer
         .layer(echo.service())
@@ -135,9 +135,9 @@ async fn a_signed_request_reaches_the_handler_with_the_same_bytes_and_its_id() {
 
 #[tokio::test]
 async fn the_reference_vector_verifies() {
-    let layer = VerifyWebhookLayer::builder(secret())
-        .clock(Clock::fixed(Utc.timestamp_opt(1649367553, 0).unwrap()))
-        .build();
+    let layer = VerifyWebhookLayer::new(
+        VerifyConfig::new(secret()).clock(Clock::fixed(Utc.timestamp_opt(1649367553, 0).unwrap())),
+    );
     let mut headers = HeaderMap::new();
     headers.insert(
         "webhook-id",
@@ -154,7 +154,7 @@ async fn the_reference_vector_verifies() {
 
 #[tokio::test]
 async fn wrong_key_is_401() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let headers = verify::sign(&[OTHER_SECRET.parse().unwrap()], "evt_1", NOW, BODY).unwrap();
     assert_eq!(
         status_of(&layer, headers, BODY).await,
@@ -164,7 +164,7 @@ async fn wrong_key_is_401() {
 
 #[tokio::test]
 async fn tampered_body_is_401() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let mut tampered = BODY.to_vec();
     tampered[60] ^= 1;
     assert_eq!(
@@ -175,7 +175,7 @@ async fn tampered_body_is_401() {
 
 #[tokio::test]
 async fn tampered_id_is_401() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let mut headers = signed("evt_1", NOW, BODY);
     headers.insert("webhook-id", HeaderValue::from_static("evt_2"));
     assert_eq!(
@@ -186,7 +186,7 @@ async fn tampered_id_is_401() {
 
 #[tokio::test]
 async fn tampered_timestamp_is_401() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let mut headers = signed("evt_1", NOW, BODY);
     headers.insert("webhook-timestamp", HeaderValue::from(NOW - 1));
     assert_eq!(
@@ -197,7 +197,7 @@ async fn tampered_timestamp_is_401() {
 
 #[tokio::test]
 async fn timestamps_one_second_outside_the_tolerance_are_401_and_at_its_edge_200() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     for (timestamp, expected) in [
         (NOW - TOLERANCE - 1, StatusCode::UNAUTHORIZED),
         (NOW + TOLERANCE + 1, StatusCode::UNAUTHORIZED),
@@ -212,7 +212,7 @@ async fn timestamps_one_second_outside_the_tolerance_are_401_and_at_its_edge_200
 
 #[tokio::test]
 async fn the_tolerance_is_configurable() {
-    let layer = builder().tolerance(Duration::from_secs(30)).build();
+    let layer = VerifyWebhookLayer::new(config().tolerance(Duration::from_secs(30)));
     let old = signed("evt_1", NOW - 31, BODY);
     let (status, text, _) = send(&layer, request(old, BODY)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -225,7 +225,7 @@ async fn the_tolerance_is_configurable() {
 
 #[tokio::test]
 async fn each_missing_header_is_400_with_its_name() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
         let mut headers = signed("evt_1", NOW, BODY);
         headers.remove(name);
@@ -238,7 +238,7 @@ async fn each_missing_header_is_400_with_its_name() {
 
 #[tokio::test]
 async fn an_empty_v1_signature_is_401() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let mut headers = signed("evt_1", NOW, BODY);
     headers.insert("webhook-signature", HeaderValue::from_static("v1,"));
     assert_eq!(
@@ -249,7 +249,7 @@ async fn an_empty_v1_signature_is_401() {
 
 #[tokio::test]
 async fn one_valid_entry_among_garbage_is_accepted() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let valid = signature::sign(&[secret()], "evt_1", NOW, BODY);
     let list = format!(
         "v1a,c2lnbmF0dXJl garbage v1,!!! v2,{} v1, {valid} ,,",
@@ -262,7 +262,7 @@ async fn one_valid_entry_among_garbage_is_accepted() {
 
 #[tokio::test]
 async fn only_v1a_entries_are_401() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let valid = signature::sign(&[secret()], "evt_1", NOW, BODY);
     let mut headers = signed("evt_1", NOW, BODY);
     let v1a = format!("v1a,{}", &valid[3..]);
@@ -275,7 +275,7 @@ async fn only_v1a_entries_are_401() {
 
 #[tokio::test]
 async fn invalid_utf8_in_each_header_is_400() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     for name in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
         let mut headers = signed("evt_1", NOW, BODY);
         headers.insert(name, HeaderValue::from_bytes(b"v1,\xff\xfe\x80").unwrap());
@@ -287,7 +287,7 @@ async fn invalid_utf8_in_each_header_is_400() {
 
 #[tokio::test]
 async fn malformed_ids_and_timestamps_and_repeated_headers_are_400() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let cases: [(&str, &[&str]); 3] = [
         ("webhook-id", &["evt 1", ""]),
         (
@@ -314,7 +314,7 @@ async fn malformed_ids_and_timestamps_and_repeated_headers_are_400() {
 
 #[tokio::test]
 async fn a_2_mib_body_is_413() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let big = vec![b'x'; 2 * 1024 * 1024];
     let (status, text, calls) = send(&layer, request(signed("evt_1", NOW, &big), big)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -349,7 +349,7 @@ impl Body for Endless {
 
 #[tokio::test]
 async fn a_streamed_body_over_the_limit_is_413_without_reading_it_all() {
-    let layer = builder().max_body(256 * 1024).build();
+    let layer = VerifyWebhookLayer::new(config().max_body_bytes(256 * 1024));
     let pulled = Arc::new(AtomicUsize::new(0));
     let mut request = Request::post("/hook")
         .body(Endless {
@@ -366,7 +366,7 @@ async fn a_streamed_body_over_the_limit_is_413_without_reading_it_all() {
 
 #[tokio::test]
 async fn a_declared_length_over_the_limit_is_413_before_reading() {
-    let layer = builder().max_body(16).build();
+    let layer = VerifyWebhookLayer::new(config().max_body_bytes(16));
     let pulled = Arc::new(AtomicUsize::new(0));
     let mut request = Request::post("/hook")
         .body(Endless {
@@ -384,7 +384,7 @@ async fn a_declared_length_over_the_limit_is_413_before_reading() {
 
 #[tokio::test]
 async fn headers_are_checked_before_the_body_is_read() {
-    let layer = builder().build();
+    let layer = VerifyWebhookLayer::new(config());
     let pulled = Arc::new(AtomicUsize::new(0));
     let request = Request::post("/hook")
         .body(Endless {
@@ -398,7 +398,7 @@ async fn headers_are_checked_before_the_body_is_read() {
 
 #[tokio::test]
 async fn either_of_two_secrets_verifies_during_rotation() {
-    let layer = builder().secret(OTHER_SECRET.parse().unwrap()).build();
+    let layer = VerifyWebhookLayer::new(config().secret(OTHER_SECRET.parse().unwrap()));
     let by_other = verify::sign(&[OTHER_SECRET.parse().unwrap()], "evt_1", NOW, BODY).unwrap();
     assert_eq!(status_of(&layer, by_other, BODY).await, StatusCode::OK);
     assert_eq!(
@@ -432,10 +432,11 @@ fn rfc3339(unix: i64) -> String {
 #[tokio::test]
 async fn go_format_verifies_on_the_body_and_checks_its_now() {
     let key = Secret::from_raw("the-go-app-secret").unwrap();
-    let layer = VerifyWebhookLayer::builder(key.clone())
-        .scheme(Scheme::GoCompatible)
-        .clock(Clock::fixed(Utc.timestamp_opt(NOW, 0).unwrap()))
-        .build();
+    let layer = VerifyWebhookLayer::new(
+        VerifyConfig::new(key.clone())
+            .scheme(Scheme::GoCompatible)
+            .clock(Clock::fixed(Utc.timestamp_opt(NOW, 0).unwrap())),
+    );
     let body = go_body("evt_go", &rfc3339(NOW - 10));
     let echo = Echo::default();
     let response = layer
@@ -492,7 +493,7 @@ async fn go_format_verifies_on_the_body_and_checks_its_now() {
 
 #[tokio::test]
 async fn either_scheme_accepts_both_formats() {
-    let layer = builder().scheme(Scheme::Either).build();
+    let layer = VerifyWebhookLayer::new(config().scheme(Scheme::Both));
     assert_eq!(
         status_of(&layer, signed("evt_1", NOW, BODY), BODY).await,
         StatusCode::OK
@@ -506,7 +507,7 @@ async fn either_scheme_accepts_both_formats() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(text, "missing webhook-signature (or signature) header");
     // Standard is not accepted as Go and the other way round.
-    let standard_only = builder().build();
+    let standard_only = VerifyWebhookLayer::new(config());
     assert_eq!(
         status_of(&standard_only, go_headers(&secret(), &body), &body).await,
         StatusCode::BAD_REQUEST
@@ -544,7 +545,7 @@ async fn requests_signed_by_the_standardwebhooks_crate_verify() {
 
 #[tokio::test]
 async fn the_same_id_twice_calls_the_handler_once() {
-    let layer = builder().replay_guard(MemoryReplayGuard::new()).build();
+    let layer = VerifyWebhookLayer::new(config().replay_guard(MemoryReplayGuard::new()));
     let echo = Echo::default();
     let service = layer.layer(echo.service());
     let first = service
@@ -567,7 +568,7 @@ async fn the_same_id_twice_calls_the_handler_once() {
 
 #[tokio::test]
 async fn a_failed_handler_gets_the_retry() {
-    let layer = builder().replay_guard(MemoryReplayGuard::new()).build();
+    let layer = VerifyWebhookLayer::new(config().replay_guard(MemoryReplayGuard::new()));
     let calls = Arc::new(AtomicUsize::new(0));
     let handler = tower::service_fn({
         let calls = Arc::clone(&calls);
@@ -648,7 +649,7 @@ fn blocking_handler(
 
 #[tokio::test]
 async fn a_concurrent_duplicate_is_409_while_the_first_is_in_flight() {
-    let layer = builder().replay_guard(MemoryReplayGuard::new()).build();
+    let layer = VerifyWebhookLayer::new(config().replay_guard(MemoryReplayGuard::new()));
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     let calls = Arc::new(AtomicUsize::new(0));
@@ -706,11 +707,12 @@ async fn an_in_flight_hold_ends_after_the_in_flight_ttl() {
         let now = Arc::clone(&now);
         move || Utc.timestamp_opt(now.load(Ordering::SeqCst), 0).unwrap()
     });
-    let layer = VerifyWebhookLayer::builder(secret())
-        .clock(clock.clone())
-        .replay_guard(MemoryReplayGuard::new().with_clock(clock))
-        .in_flight_ttl(Duration::from_secs(60))
-        .build();
+    let layer = VerifyWebhookLayer::new(
+        VerifyConfig::new(secret())
+            .clock(clock.clone())
+            .replay_guard(MemoryReplayGuard::new().clock(clock))
+            .in_flight_ttl(Duration::from_secs(60)),
+    );
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     let calls = Arc::new(AtomicUsize::new(0));
@@ -802,7 +804,7 @@ async fn a_cancelled_delivery_releases_its_id() {
         inner: MemoryReplayGuard::new(),
         released: released_tx,
     };
-    let layer = builder().replay_guard(guard).build();
+    let layer = VerifyWebhookLayer::new(config().replay_guard(guard));
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     let calls = Arc::new(AtomicUsize::new(0));
@@ -868,7 +870,7 @@ impl ReplayGuard for DownGuard {
 
 #[tokio::test]
 async fn a_replay_guard_that_is_down_answers_503_so_the_sender_retries() {
-    let layer = builder().replay_guard(DownGuard).build();
+    let layer = VerifyWebhookLayer::new(config().replay_guard(DownGuard));
     let (status, text, calls) = send(&layer, request(signed("evt_1", NOW, BODY), BODY)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(calls, 0);
@@ -879,7 +881,7 @@ async fn a_replay_guard_that_is_down_answers_503_so_the_sender_retries() {
 async fn dedup_is_not_fooled_by_an_unsigned_duplicate() {
     // A forged request with a handled id must be refused (401), not
     // answered "already handled".
-    let layer = builder().replay_guard(MemoryReplayGuard::new()).build();
+    let layer = VerifyWebhookLayer::new(config().replay_guard(MemoryReplayGuard::new()));
     assert_eq!(
         status_of(&layer, signed("evt_1", NOW, BODY), BODY).await,
         StatusCode::OK
@@ -959,7 +961,7 @@ mod over_http {
 
     #[tokio::test]
     async fn route_layer_with_the_extractor_and_dedup() {
-        let layer = builder().replay_guard(MemoryReplayGuard::new()).build();
+        let layer = VerifyWebhookLayer::new(config().replay_guard(MemoryReplayGuard::new()));
         let app = Router::new()
             .route("/hook", post(hook))
             .route("/open", post(|| async { "no verification here" }))
@@ -978,23 +980,35 @@ mod over_http {
         let (status, _) = post_raw(addr, "/hook", &signed("evt_2", NOW, BODY), &tampered).await;
         assert_eq!(status, 401);
 
-        // Signed, but not an event: the extractor's 400.
-        let not_event = br#"{"hello":"world"}"#;
-        let (status, text) =
-            post_raw(addr, "/hook", &signed("evt_3", NOW, not_event), not_event).await;
-        assert_eq!(status, 400);
-        assert!(text.starts_with("webhook body is not an event"), "{text}");
+        // Signed, but not an event: answered as axum's `Json` answers.
+        let cases: [(&[u8], u16, &str); 4] = [
+            (b"{\"kind\":", 400, "the webhook body is not valid JSON: "),
+            (br#"{"hello":"world"}"#, 422, "the webhook body is not an event of the expected type: "),
+            (
+                br#"{"kind":"k","id":"e","created_at":"2026-11-27T12:00:00Z","payload":{"order_id":"seven"}}"#,
+                422,
+                "the webhook body is not an event of the expected type: ",
+            ),
+            (
+                br#"{"kind":"k","id":"has space","created_at":"2026-11-27T12:00:00Z","payload":{"order_id":7}}"#,
+                422,
+                "the webhook's event breaks the rule for ids and kinds: event id",
+            ),
+        ];
+        for (n, (body, expected, prefix)) in cases.into_iter().enumerate() {
+            let id = format!("evt_bad_{n}");
+            let (status, text) = post_raw(addr, "/hook", &signed(&id, NOW, body), body).await;
+            assert_eq!(status, expected, "{text}");
+            assert!(text.starts_with(prefix), "{text}");
+        }
         // route_layer covers every route of the router it was added to.
         let (status, _) = post_raw(addr, "/open", &HeaderMap::new(), b"").await;
         assert_eq!(status, 400);
     }
 
     #[tokio::test]
-    async fn router_layer_and_the_extension() {
-        async fn by_extension(
-            axum::Extension(webhook): axum::Extension<VerifiedWebhook>,
-            body: Bytes,
-        ) -> String {
+    async fn router_layer_and_the_verified_webhook_extractor() {
+        async fn by_extractor(webhook: VerifiedWebhook, body: Bytes) -> String {
             format!(
                 "{} {} bytes at {}",
                 webhook.id,
@@ -1003,8 +1017,8 @@ mod over_http {
             )
         }
         let app = Router::new()
-            .route("/hook", post(by_extension))
-            .layer(builder().build());
+            .route("/hook", post(by_extractor))
+            .layer(VerifyWebhook::layer(config()));
         let addr = serve(app).await;
         let (status, text) = post_raw(addr, "/hook", &signed("evt_9", NOW, BODY), BODY).await;
         assert_eq!(status, 200);
@@ -1015,12 +1029,58 @@ mod over_http {
     }
 
     #[tokio::test]
-    async fn the_extractor_without_the_layer_is_a_500() {
-        let app = Router::new().route("/hook", post(hook));
+    async fn the_extractors_without_the_layer_are_a_500() {
+        async fn id_only(webhook: VerifiedWebhook) -> String {
+            webhook.id
+        }
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .route("/id", post(id_only));
         let addr = serve(app).await;
-        let (status, text) = post_raw(addr, "/hook", &signed("evt_1", NOW, BODY), BODY).await;
-        assert_eq!(status, 500);
-        assert!(text.contains("add VerifyWebhookLayer"), "{text}");
+        for path in ["/hook", "/id"] {
+            let (status, text) = post_raw(addr, path, &signed("evt_1", NOW, BODY), BODY).await;
+            assert_eq!(status, 500, "{path}");
+            assert!(text.contains("add VerifyWebhookLayer"), "{path}: {text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_verified_rejection_keeps_the_serde_error() {
+        use axum::extract::FromRequest;
+        use eventsink::verify::VerifiedRejection;
+
+        // The extension the layer inserts, from the layer's own checks.
+        let layer = VerifyWebhookLayer::new(config());
+        let webhook = layer.verify(&signed("evt_1", NOW, BODY), BODY).unwrap();
+        let extract_with = |body: &'static [u8]| {
+            let mut request = axum::extract::Request::new(axum::body::Body::from(body));
+            request.extensions_mut().insert(webhook.clone());
+            Verified::<Order>::from_request(request, &())
+        };
+
+        let err = extract_with(
+            br#"{"kind":"k","id":"e","created_at":"2026-11-27T12:00:00Z","payload":{}}"#,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, VerifiedRejection::Json(_)), "{err:?}");
+        assert_eq!(err.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let source = std::error::Error::source(&err).unwrap();
+        let serde = source.downcast_ref::<serde_json::Error>().unwrap();
+        assert!(serde.is_data(), "{serde}");
+        // Display says what happened once; the parser's words are the source's.
+        assert!(!err.to_string().contains(&serde.to_string()), "{err}");
+
+        let err = extract_with(b"[1,").await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        let source = std::error::Error::source(&err).unwrap();
+        assert!(source.downcast_ref::<serde_json::Error>().unwrap().is_eof());
+
+        let ok = extract_with(BODY).await.unwrap();
+        assert_eq!(
+            (ok.event.payload.order_id, ok.webhook.id.as_str()),
+            (7, "evt_1")
+        );
     }
 }
 
@@ -1121,11 +1181,9 @@ mod redis_guard {
         let (guard, mut connection, prefix) = guard().await;
         // Two receiver processes share one Redis.
         let echo = Echo::default();
-        let first = builder()
-            .replay_guard(guard.clone())
-            .build()
-            .layer(echo.service());
-        let second = builder().replay_guard(guard).build().layer(echo.service());
+        let first =
+            VerifyWebhookLayer::new(config().replay_guard(guard.clone())).layer(echo.service());
+        let second = VerifyWebhookLayer::new(config().replay_guard(guard)).layer(echo.service());
         let a = first
             .oneshot(request(signed("evt_r", NOW, BODY), BODY))
             .await
@@ -1148,14 +1206,15 @@ mod redis_guard {
 
 #[test]
 fn debug_output_never_shows_a_secret() {
-    let layer = builder()
-        .secret(OTHER_SECRET.parse().unwrap())
-        .replay_guard(MemoryReplayGuard::new())
-        .build();
-    let builder_text = format!("{:?}", builder());
+    let layer = VerifyWebhookLayer::new(
+        config()
+            .secret(OTHER_SECRET.parse().unwrap())
+            .replay_guard(MemoryReplayGuard::new()),
+    );
+    let config_text = format!("{:?}", config());
     let layer_text = format!("{layer:?}");
     let service_text = format!("{:?}", layer.layer(()));
-    for text in [builder_text, layer_text, service_text] {
+    for text in [config_text, layer_text, service_text] {
         assert!(text.contains("Secret(<redacted>)"), "{text}");
         for secret in [SECRET, OTHER_SECRET] {
             assert!(!text.contains(&secret[6..14]), "{text}");

@@ -15,7 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use eventsink::signature::Secret;
-use eventsink::verify::{self, Clock, MemoryReplayGuard, ReplayGuard, VerifyWebhookLayer};
+use eventsink::verify::{
+    self, Clock, MemoryReplayGuard, ReplayGuard, VerifyConfig, VerifyWebhookLayer,
+};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::{mpsc, oneshot};
@@ -86,10 +88,11 @@ where
 {
     let (started, mut starts) = mpsc::unbounded_channel();
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = VerifyWebhookLayer::builder(SECRET.parse().unwrap())
-        .replay_guard(guard)
-        .in_flight_ttl(IN_FLIGHT_TTL)
-        .build();
+    let layer = VerifyWebhookLayer::new(
+        VerifyConfig::new(SECRET.parse().unwrap())
+            .replay_guard(guard)
+            .in_flight_ttl(IN_FLIGHT_TTL),
+    );
     let service = layer.layer(gated_handler(started, Arc::clone(&calls)));
     let a = tokio::spawn(service.clone().oneshot(delivery(id)));
     let gate_a = next_start(&mut starts).await;
@@ -141,7 +144,7 @@ async fn memory_guard_a_slow_failed_handler_does_not_release_a_later_claim() {
                 .unwrap()
         }
     });
-    let guard = MemoryReplayGuard::new().with_clock(clock);
+    let guard = MemoryReplayGuard::new().clock(clock);
     slow_failure_keeps_the_later_claim(guard, "evt_slow", move || {
         Box::pin(async move {
             // Past the in-flight TTL by the guard's clock.

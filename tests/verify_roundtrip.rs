@@ -1,5 +1,5 @@
 //! Both ends from one crate: our `WebhookSink` delivers over loopback to an
-//! axum app behind `VerifyWebhookLayer`, in every signing scheme, with two
+//! axum app behind `VerifyWebhookLayer`, in every scheme, with two
 //! secrets; and the `standardwebhooks` crate verifies what our sink sends.
 #![cfg(all(feature = "webhook", feature = "axum"))]
 
@@ -11,9 +11,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use bytes::Bytes;
-use eventsink::signature::Secret;
-use eventsink::verify::{MemoryReplayGuard, Scheme, Verified, VerifyWebhookLayer};
-use eventsink::webhook::{Signing, WebhookSink};
+use eventsink::signature::{Scheme, Secret};
+use eventsink::verify::{MemoryReplayGuard, Verified, VerifyConfig, VerifyWebhookLayer};
+use eventsink::webhook::WebhookSink;
 use eventsink::{Event, SinkExt};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
@@ -86,25 +86,25 @@ async fn receiver(
     (addr, rx, calls)
 }
 
-fn sink(addr: SocketAddr, signing: Signing) -> WebhookSink {
+fn sink(addr: SocketAddr, scheme: Scheme) -> WebhookSink {
     WebhookSink::builder(format!("http://{addr}/hook"))
         .secret(key(CURRENT))
         .secret(key(PREVIOUS))
-        .signing(signing)
+        .scheme(scheme)
         .build()
         .unwrap()
 }
 
-async fn deliver_and_receive(signing: Signing, layer: VerifyWebhookLayer, expected_scheme: Scheme) {
+async fn deliver_and_receive(scheme: Scheme, layer: VerifyWebhookLayer, expected_scheme: Scheme) {
     let (addr, mut received, calls) = receiver(layer).await;
-    let mut sink = sink(addr, signing);
+    let mut sink = sink(addr, scheme);
     let sent = event(7);
     sink.publish(sent.clone()).await.unwrap();
     let got = tokio::time::timeout(PATIENCE, received.recv())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(got.event, sent, "{signing:?}");
+    assert_eq!(got.event, sent, "{scheme:?}");
     assert_eq!(got.webhook_id, &*sent.id);
     assert_eq!(got.scheme, expected_scheme);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -113,13 +113,11 @@ async fn deliver_and_receive(signing: Signing, layer: VerifyWebhookLayer, expect
 #[tokio::test]
 async fn standard_signed_by_two_keys_verifies_with_either_key() {
     // A receiver that still has only the previous key…
-    let old_only = VerifyWebhookLayer::builder(key(UNRELATED))
-        .secret(key(PREVIOUS))
-        .build();
-    deliver_and_receive(Signing::Standard, old_only, Scheme::Standard).await;
+    let old_only = VerifyWebhookLayer::new(VerifyConfig::new(key(UNRELATED)).secret(key(PREVIOUS)));
+    deliver_and_receive(Scheme::Standard, old_only, Scheme::Standard).await;
     // …and one that already moved to the current key.
     deliver_and_receive(
-        Signing::Standard,
+        Scheme::Standard,
         VerifyWebhookLayer::new(key(CURRENT)),
         Scheme::Standard,
     )
@@ -129,40 +127,33 @@ async fn standard_signed_by_two_keys_verifies_with_either_key() {
 #[tokio::test]
 async fn go_compatible_verifies_with_the_go_scheme() {
     // The Go format is signed with the sender's first key only.
-    let layer = VerifyWebhookLayer::builder(key(PREVIOUS))
-        .secret(key(CURRENT))
-        .scheme(Scheme::GoCompatible)
-        .build();
-    deliver_and_receive(Signing::GoCompatible, layer, Scheme::GoCompatible).await;
+    let layer = VerifyWebhookLayer::new(
+        VerifyConfig::new(key(PREVIOUS))
+            .secret(key(CURRENT))
+            .scheme(Scheme::GoCompatible),
+    );
+    deliver_and_receive(Scheme::GoCompatible, layer, Scheme::GoCompatible).await;
 }
 
 #[tokio::test]
 async fn both_header_sets_verify_as_standard_or_as_go() {
-    let either = VerifyWebhookLayer::builder(key(PREVIOUS))
-        .scheme(Scheme::Either)
-        .build();
-    deliver_and_receive(Signing::Both, either, Scheme::Standard).await;
-    let go = VerifyWebhookLayer::builder(key(CURRENT))
-        .scheme(Scheme::GoCompatible)
-        .build();
-    deliver_and_receive(Signing::Both, go, Scheme::GoCompatible).await;
+    let either = VerifyWebhookLayer::new(VerifyConfig::new(key(PREVIOUS)).scheme(Scheme::Both));
+    deliver_and_receive(Scheme::Both, either, Scheme::Standard).await;
+    let go = VerifyWebhookLayer::new(VerifyConfig::new(key(CURRENT)).scheme(Scheme::GoCompatible));
+    deliver_and_receive(Scheme::Both, go, Scheme::GoCompatible).await;
 }
 
 #[tokio::test]
 async fn either_scheme_takes_standard_and_go_senders() {
-    let layer = || {
-        VerifyWebhookLayer::builder(key(CURRENT))
-            .scheme(Scheme::Either)
-            .build()
-    };
-    deliver_and_receive(Signing::Standard, layer(), Scheme::Standard).await;
-    deliver_and_receive(Signing::GoCompatible, layer(), Scheme::GoCompatible).await;
+    let layer = || VerifyWebhookLayer::new(VerifyConfig::new(key(CURRENT)).scheme(Scheme::Both));
+    deliver_and_receive(Scheme::Standard, layer(), Scheme::Standard).await;
+    deliver_and_receive(Scheme::GoCompatible, layer(), Scheme::GoCompatible).await;
 }
 
 #[tokio::test]
 async fn a_receiver_with_other_keys_refuses_and_the_sender_sees_401() {
     let (addr, _received, calls) = receiver(VerifyWebhookLayer::new(key(UNRELATED))).await;
-    let err = sink(addr, Signing::Standard)
+    let err = sink(addr, Scheme::Standard)
         .publish(event(1))
         .await
         .unwrap_err();
@@ -172,11 +163,11 @@ async fn a_receiver_with_other_keys_refuses_and_the_sender_sees_401() {
 
 #[tokio::test]
 async fn a_redelivered_event_reaches_the_handler_once() {
-    let layer = VerifyWebhookLayer::builder(key(CURRENT))
-        .replay_guard(MemoryReplayGuard::new())
-        .build();
+    let layer = VerifyWebhookLayer::new(
+        VerifyConfig::new(key(CURRENT)).replay_guard(MemoryReplayGuard::new()),
+    );
     let (addr, mut received, calls) = receiver(layer).await;
-    let mut sink = sink(addr, Signing::Standard);
+    let mut sink = sink(addr, Scheme::Standard);
     let sent = event(3);
     sink.publish(sent.clone()).await.unwrap();
     // The sender retries (its first answer was lost): same id, new attempt.
@@ -211,7 +202,7 @@ async fn capture() -> (SocketAddr, mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) 
 #[tokio::test]
 async fn the_standardwebhooks_crate_verifies_what_our_sink_sends() {
     let (addr, mut requests) = capture().await;
-    let mut sink = sink(addr, Signing::Standard);
+    let mut sink = sink(addr, Scheme::Standard);
     sink.publish(event(9)).await.unwrap();
     let (headers, body) = tokio::time::timeout(PATIENCE, requests.recv())
         .await

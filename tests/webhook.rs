@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use eventsink::signature::Secret;
-use eventsink::webhook::{BuildError, EgressPolicy, Signing, WebhookSink};
+use eventsink::signature::{Scheme, Secret};
+use eventsink::webhook::{BuildError, EgressPolicy, WebhookSink};
 use eventsink::{Error, ErrorKind, Event, RetryPolicy, SinkExt, classify};
 use hmac::{KeyInit, Mac};
+use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -161,7 +162,7 @@ async fn go_compatible_signing_is_what_go_receivers_check() {
     let raw = "the-go-app-secret";
     let mut sink = sink(&receiver, |b| {
         b.secret(Secret::from_raw(raw).unwrap())
-            .signing(Signing::GoCompatible)
+            .scheme(Scheme::GoCompatible)
     });
     let event = Event::new("account-registered", json!({"account_id": "a1"}));
     let before = unix_now();
@@ -203,7 +204,7 @@ async fn go_compatible_signing_is_what_go_receivers_check() {
 async fn both_mode_sends_both_header_sets() {
     let receiver = Receiver::start().await;
     let mut sink = sink(&receiver, |b| {
-        b.secret(SECRET.parse().unwrap()).signing(Signing::Both)
+        b.secret(SECRET.parse().unwrap()).scheme(Scheme::Both)
     });
     sink.publish(Event::new("k", json!({"x": 1})))
         .await
@@ -346,7 +347,7 @@ async fn a_redirect_is_not_followed() {
 async fn a_slow_server_times_out_transiently() {
     let receiver = Receiver::start().await;
     receiver.script([Reply::status(204).delay(Duration::from_secs(30))]);
-    let mut sink = sink(&receiver, |b| b.timeout(Duration::from_millis(200)));
+    let mut sink = sink(&receiver, |b| b.attempt_timeout(Duration::from_millis(200)));
     let err = sink.publish(Event::new("k", json!(1))).await.unwrap_err();
     assert!(
         matches!(
@@ -499,8 +500,8 @@ async fn the_status_classification_can_be_overridden() {
     receiver.script([Reply::status(404), Reply::status(503)]);
     let mut sink = sink(&receiver, |b| {
         b.classify_status(|s| match s {
-            404 => Some(ErrorKind::Transient),
-            503 => Some(ErrorKind::Permanent),
+            StatusCode::NOT_FOUND => Some(ErrorKind::Transient),
+            StatusCode::SERVICE_UNAVAILABLE => Some(ErrorKind::Permanent),
             _ => None,
         })
     });

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use eventsink::Event;
 use eventsink::signature::Secret;
-use eventsink::verify::{self, Clock, VerifyWebhookLayer};
+use eventsink::verify::{self, Clock, VerifyConfig, VerifyWebhookLayer};
 use http::{HeaderMap, Request};
 use http_body_util::Full;
 use tower::{Layer, ServiceExt};
@@ -76,11 +76,9 @@ fn verify_scenario(options: &Options) {
     )
     .expect("valid id");
     let layer_secret = secret.clone();
-    let layer = VerifyWebhookLayer::builder(secret)
-        .clock(Clock::fixed(
-            Utc.timestamp_opt(NOW, 0).single().expect("valid time"),
-        ))
-        .build();
+    let layer = VerifyWebhookLayer::new(VerifyConfig::new(secret).clock(Clock::fixed(
+        Utc.timestamp_opt(NOW, 0).single().expect("valid time"),
+    )));
     let request = || {
         let mut request = Request::post("/hook")
             .body(Full::new(body.clone()))

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 
 use eventsink::signature::Secret;
-use eventsink::webhook::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, WebhookSink};
+use eventsink::webhook::{DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, WebhookSink};
 use eventsink::{Event, SinkExt};
 use serde_json::json;
 
@@ -129,7 +129,7 @@ async fn reqwest_round(url: &str, publishers: usize, per_publisher: usize, total
                     .header("webhook-id", &*event.id)
                     .header("webhook-timestamp", timestamp)
                     .header("webhook-signature", &signature)
-                    .timeout(DEFAULT_TIMEOUT)
+                    .timeout(DEFAULT_ATTEMPT_TIMEOUT)
                     .body(body.clone())
                     .send()
                     .await

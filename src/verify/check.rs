@@ -13,8 +13,8 @@ use http_body_util::Full;
 use serde::Deserialize;
 
 use super::replay::ReplayGuard;
-use super::{Clock, Scheme, VerifiedWebhook};
-use crate::signature::{self, Secret};
+use super::{Clock, VerifiedWebhook};
+use crate::signature::{self, Scheme, Secret};
 use crate::wire::{self, GO_SIGNATURE, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
 
 /// Why a webhook request was refused, with the HTTP status it answers.
@@ -163,11 +163,11 @@ pub(crate) struct Replay {
 
 /// Everything the layer checks with; shared by its clones.
 #[derive(Debug)]
-pub(crate) struct Config {
+pub(crate) struct Checks {
     pub(crate) secrets: Vec<Secret>,
     pub(crate) scheme: Scheme,
     pub(crate) tolerance: Duration,
-    pub(crate) max_body: usize,
+    pub(crate) max_body_bytes: usize,
     pub(crate) clock: Clock,
     pub(crate) replay: Option<Replay>,
 }
@@ -185,7 +185,7 @@ pub(crate) enum Plan {
     },
 }
 
-impl Config {
+impl Checks {
     /// The whole check on a body already in memory.
     pub(crate) fn verify(
         &self,
@@ -193,9 +193,9 @@ impl Config {
         body: &[u8],
     ) -> Result<VerifiedWebhook, Rejection> {
         let plan = self.plan(headers)?;
-        if body.len() > self.max_body {
+        if body.len() > self.max_body_bytes {
             return Err(Rejection::BodyTooLarge {
-                limit: self.max_body,
+                limit: self.max_body_bytes,
             });
         }
         self.finish(plan, body)
@@ -207,7 +207,7 @@ impl Config {
         let standard = match self.scheme {
             Scheme::Standard => true,
             Scheme::GoCompatible => false,
-            Scheme::Either => {
+            Scheme::Both => {
                 if headers.contains_key(WEBHOOK_SIGNATURE) {
                     true
                 } else if headers.contains_key(GO_SIGNATURE) {
@@ -363,12 +363,12 @@ mod tests {
     use super::*;
     use chrono::{TimeZone, Utc};
 
-    fn config(scheme: Scheme, now: i64) -> Config {
-        Config {
+    fn config(scheme: Scheme, now: i64) -> Checks {
+        Checks {
             secrets: vec![Secret::from_whsec("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap()],
             scheme,
             tolerance: Duration::from_secs(300),
-            max_body: 64,
+            max_body_bytes: 64,
             clock: Clock::fixed(Utc.timestamp_opt(now, 0).unwrap()),
             replay: None,
         }
@@ -471,8 +471,8 @@ mod tests {
     }
 
     #[test]
-    fn either_picks_the_scheme_by_header() {
-        let cfg = config(Scheme::Either, 0);
+    fn both_picks_the_scheme_by_header() {
+        let cfg = config(Scheme::Both, 0);
         let go = headers(&[("signature", &"ab".repeat(32))]);
         assert!(matches!(cfg.plan(&go), Ok(Plan::Go { .. })));
         assert!(matches!(

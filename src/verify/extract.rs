@@ -1,28 +1,34 @@
-//! [`Verified<T>`]: the axum extractor of a verified webhook's event.
+//! The axum extractors: [`VerifiedWebhook`] (what the layer verified) and
+//! [`Verified<T>`] (that, plus the body as an [`Event<T>`]).
 
 use std::fmt;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::StatusCode;
+use http::request::Parts;
 use serde::de::DeserializeOwned;
+use serde_json::error::Category;
 
 use super::VerifiedWebhook;
 use super::check::{Rejection, plain_text};
 use crate::Event;
+use crate::wire::{self, InvalidField};
 
 /// The verified body deserialised into an [`Event<T>`], and what
 /// [`VerifyWebhookLayer`](super::VerifyWebhookLayer) verified.
 ///
-/// Use it in handlers behind the layer. Bad JSON answers 400 with the
-/// parser's message, and so does an event whose id or kind breaks the
-/// [rule both sides share](crate::wire#the-rule) (which
-/// [`WebhookSink`](crate::webhook::WebhookSink) never sends); a route without the layer answers 500, so a missing
-/// layer cannot go unnoticed. It reads the body through axum's `Bytes`
-/// extractor, so axum's `DefaultBodyLimit` (2 MB) applies as well: raise it
-/// too if you set the layer's `max_body` above that.
+/// Use it in handlers behind the layer. It answers like axum's `Json`: 400
+/// for a body that is not JSON, 422 for JSON that is not an `Event<T>` or
+/// whose id or kind breaks the [rule both sides share](crate::wire#the-rule)
+/// (which [`WebhookSink`](crate::webhook::WebhookSink) never sends); a route
+/// without the layer answers 500, so a missing layer cannot go unnoticed.
+/// It reads the body through axum's `Bytes` extractor, so axum's
+/// `DefaultBodyLimit` (2 MB) applies as well: raise it too if you set the
+/// layer's [`max_body_bytes`](super::VerifyConfig::max_body_bytes) above
+/// that.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -50,6 +56,21 @@ pub struct Verified<T = serde_json::Value> {
     pub webhook: VerifiedWebhook,
 }
 
+impl<S> FromRequestParts<S> for VerifiedWebhook
+where
+    S: Send + Sync,
+{
+    type Rejection = VerifiedRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, VerifiedRejection> {
+        parts
+            .extensions
+            .get::<VerifiedWebhook>()
+            .cloned()
+            .ok_or(VerifiedRejection::NotVerified)
+    }
+}
+
 impl<S, T> FromRequest<S> for Verified<T>
 where
     S: Send + Sync,
@@ -58,29 +79,29 @@ where
     type Rejection = VerifiedRejection;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, VerifiedRejection> {
-        let webhook = request
-            .extensions()
-            .get::<VerifiedWebhook>()
-            .cloned()
-            .ok_or(VerifiedRejection::NotVerified)?;
-        let bytes = Bytes::from_request(request, state)
+        let (mut parts, body) = request.into_parts();
+        let webhook = VerifiedWebhook::from_request_parts(&mut parts, state).await?;
+        let bytes = Bytes::from_request(Request::from_parts(parts, body), state)
             .await
             .map_err(VerifiedRejection::Body)?;
-        let event: Event<T> = serde_json::from_slice(&bytes)
-            .map_err(|e| VerifiedRejection::InvalidEvent(e.to_string()))?;
-        crate::wire::check_event(&event)
-            .map_err(|e| VerifiedRejection::InvalidEvent(e.to_string()))?;
+        let event: Event<T> = serde_json::from_slice(&bytes).map_err(VerifiedRejection::Json)?;
+        wire::check_event(&event).map_err(VerifiedRejection::InvalidEvent)?;
         Ok(Verified { event, webhook })
     }
 }
 
-/// Why [`Verified`] could not extract.
+/// Why [`Verified`] or [`VerifiedWebhook`] could not extract. The response
+/// is the [`status`](VerifiedRejection::status) and a `text/plain` reason
+/// that includes the cause.
 ///
 /// ```
 /// use axum::response::IntoResponse;
 /// use eventsink::verify::VerifiedRejection;
-/// let response = VerifiedRejection::InvalidEvent("expected value at line 1 column 1".into()).into_response();
-/// assert_eq!(response.status(), 400);
+///
+/// let syntax = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+/// assert_eq!(VerifiedRejection::Json(syntax).into_response().status(), 400);
+/// let data = serde_json::from_str::<u64>("\"seven\"").unwrap_err();
+/// assert_eq!(VerifiedRejection::Json(data).into_response().status(), 422);
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
@@ -88,20 +109,53 @@ pub enum VerifiedRejection {
     /// The request has no [`VerifiedWebhook`]: the route lacks the layer.
     /// 500, a server configuration error.
     NotVerified,
-    /// The body could not be read.
+    /// The body could not be read; answered as axum answers it.
     Body(BytesRejection),
-    /// The body is not the JSON of an `Event<T>`; the parser's message. 400.
-    InvalidEvent(String),
+    /// The body is not the JSON of an `Event<T>`: 400 for a syntax error
+    /// (or a truncated body), 422 for valid JSON of the wrong shape.
+    Json(serde_json::Error),
+    /// The event's id or kind breaks the [wire rule](crate::wire#the-rule).
+    /// 422.
+    InvalidEvent(InvalidField),
+}
+
+impl VerifiedRejection {
+    /// The status this rejection answers with.
+    ///
+    /// ```
+    /// use eventsink::verify::VerifiedRejection;
+    /// assert_eq!(VerifiedRejection::NotVerified.status(), 500);
+    /// ```
+    pub fn status(&self) -> StatusCode {
+        match self {
+            VerifiedRejection::NotVerified => StatusCode::INTERNAL_SERVER_ERROR,
+            VerifiedRejection::Body(e) => e.status(),
+            VerifiedRejection::Json(e) => match e.classify() {
+                Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+                Category::Syntax | Category::Eof | Category::Io => StatusCode::BAD_REQUEST,
+            },
+            VerifiedRejection::InvalidEvent(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        }
+    }
 }
 
 impl fmt::Display for VerifiedRejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VerifiedRejection::NotVerified => f.write_str(
-                "webhook not verified: add VerifyWebhookLayer to this route before using Verified",
+                "webhook not verified: add VerifyWebhookLayer to this route before extracting \
+                 VerifiedWebhook or Verified",
             ),
-            VerifiedRejection::Body(e) => write!(f, "could not read the webhook body: {e}"),
-            VerifiedRejection::InvalidEvent(e) => write!(f, "webhook body is not an event: {e}"),
+            VerifiedRejection::Body(_) => f.write_str("could not read the webhook body"),
+            VerifiedRejection::Json(_) if self.status() == StatusCode::BAD_REQUEST => {
+                f.write_str("the webhook body is not valid JSON")
+            }
+            VerifiedRejection::Json(_) => {
+                f.write_str("the webhook body is not an event of the expected type")
+            }
+            VerifiedRejection::InvalidEvent(_) => {
+                f.write_str("the webhook's event breaks the rule for ids and kinds")
+            }
         }
     }
 }
@@ -109,24 +163,24 @@ impl fmt::Display for VerifiedRejection {
 impl std::error::Error for VerifiedRejection {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
+            VerifiedRejection::NotVerified => None,
             VerifiedRejection::Body(e) => Some(e),
-            _ => None,
+            VerifiedRejection::Json(e) => Some(e),
+            VerifiedRejection::InvalidEvent(e) => Some(e),
         }
     }
 }
 
 impl IntoResponse for VerifiedRejection {
     fn into_response(self) -> Response {
-        match self {
-            VerifiedRejection::Body(e) => e.into_response(),
-            VerifiedRejection::NotVerified => {
-                tracing::error!("{self}");
-                plain_text(StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
-            }
-            VerifiedRejection::InvalidEvent(_) => {
-                plain_text(StatusCode::BAD_REQUEST, self.to_string()).into_response()
-            }
+        let text = match std::error::Error::source(&self) {
+            Some(source) => format!("{self}: {source}"),
+            None => self.to_string(),
+        };
+        if let VerifiedRejection::NotVerified = self {
+            tracing::error!("{text}");
         }
+        plain_text(self.status(), text).into_response()
     }
 }
 

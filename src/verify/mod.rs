@@ -12,42 +12,46 @@
 //! `route_layer` and plain hyper services.
 //!
 //! ```
-//! use axum::{Router, routing::post, Extension};
+//! # #[cfg(feature = "axum")] fn main() -> Result<(), eventsink::signature::SecretError> {
+//! use axum::{Router, routing::post};
 //! use eventsink::signature::Secret;
-//! use eventsink::verify::{MemoryReplayGuard, VerifiedWebhook, VerifyWebhookLayer};
+//! use eventsink::verify::{MemoryReplayGuard, VerifiedWebhook, VerifyConfig, VerifyWebhookLayer};
 //!
-//! async fn hook(Extension(webhook): Extension<VerifiedWebhook>, body: String) -> &'static str {
+//! async fn hook(webhook: VerifiedWebhook, body: String) -> &'static str {
 //!     println!("event {} (sent at {}): {body}", webhook.id, webhook.timestamp);
 //!     "ok"
 //! }
 //!
 //! let secret: Secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".parse()?;
+//! let config = VerifyConfig::new(secret).replay_guard(MemoryReplayGuard::new());
 //! let app: Router = Router::new()
 //!     .route("/webhooks", post(hook))
-//!     .route_layer(
-//!         VerifyWebhookLayer::builder(secret)
-//!             .replay_guard(MemoryReplayGuard::new())
-//!             .build(),
-//!     );
+//!     .route_layer(VerifyWebhookLayer::new(config));
 //! # let _ = app;
-//! # Ok::<(), eventsink::signature::SecretError>(())
+//! # Ok(()) }
+//! # #[cfg(not(feature = "axum"))] fn main() {}
 //! ```
+//!
+//! [`VerifyWebhookLayer::new`] takes a [`VerifyConfig`] (or just a
+//! [`Secret`]); [`VerifyWebhook::layer`] is the same, named after the
+//! service, as in tower-http.
 //!
 //! # What a request goes through
 //!
 //! | step | failure | answer |
 //! | --- | --- | --- |
 //! | `webhook-id`, `webhook-timestamp`, `webhook-signature` present, single, visible ASCII, in format (Go format: `signature`, 64 hex digits); the id follows the [rule the sender follows](crate::wire#the-rule) (`.` allowed) | missing or malformed | 400 |
-//! | timestamp within ± [tolerance](VerifyWebhookLayerBuilder::tolerance) of the [`Clock`] | too old or too far ahead | 401 |
-//! | body read through [`http_body_util::Limited`] | over [`max_body`](VerifyWebhookLayerBuilder::max_body) | 413 |
+//! | timestamp within ± [tolerance](VerifyConfig::tolerance) of the [`Clock`] | too old or too far ahead | 401 |
+//! | body read through [`http_body_util::Limited`] | over [`max_body_bytes`](VerifyConfig::max_body_bytes) | 413 |
 //! | one listed `v1,` signature matches one secret (constant time; `v1a` and other versions ignored) | none matches | 401 |
 //! | Go format: the signed body's `id` and `now` (tolerance checked on `now`) | missing / too old | 400 / 401 |
-//! | [replay guard](VerifyWebhookLayerBuilder::replay_guard), if set | id in flight / already handled / store down | 409 / 200 without calling the handler / 503 |
+//! | [replay guard](VerifyConfig::replay_guard), if set | id in flight / already handled / store down | 409 / 200 without calling the handler / 503 |
 //!
 //! Every answer of the layer has a short `text/plain` reason and never a
 //! secret. A request that passes reaches the inner service with the same
 //! bytes as body (a [`Full<Bytes>`](http_body_util::Full)) and a
-//! [`VerifiedWebhook`] extension. With a replay guard, the id is recorded as
+//! [`VerifiedWebhook`] extension (with feature `axum`, a handler takes it as
+//! an argument). With a replay guard, the id is recorded as
 //! handled only when the inner service answers 2xx, so a failed handler gets
 //! the sender's retry.
 //!
@@ -63,6 +67,7 @@
 mod body;
 mod check;
 mod clock;
+mod config;
 #[cfg(feature = "axum")]
 mod extract;
 mod replay;
@@ -73,13 +78,14 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
-use crate::signature::{self, Secret};
+use crate::signature::{self, Scheme, Secret};
 use crate::wire::{self, InvalidField};
 
 pub use self::body::ResponseBody;
+use self::check::Checks;
 pub use self::check::Rejection;
-use self::check::{Config, Replay};
 pub use self::clock::Clock;
+pub use self::config::VerifyConfig;
 #[cfg(feature = "axum")]
 pub use self::extract::{Verified, VerifiedRejection};
 #[cfg(feature = "redis")]
@@ -88,7 +94,7 @@ pub use self::replay::{
     BoxFuture, Claim, ClaimToken, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError,
     ReplayGuard,
 };
-pub use self::service::VerifyWebhook;
+pub use self::service::{ResponseFuture, VerifyWebhook};
 
 /// How far a webhook's timestamp may be from now, either way: 5 minutes, as
 /// every Standard Webhooks reference library (and the `standardwebhooks`
@@ -98,7 +104,7 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// Largest body the layer reads: 1 MiB. Standard Webhooks advises payloads
 /// under about 20 KB and senders cap them at 50 KB–512 KiB (Convoy, Svix,
 /// Hook0), so this leaves room without letting a client fill memory.
-pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// How long a replay guard remembers a handled id: 56 hours, the longest a
 /// sender on the queue's default schedule (`RetrySchedule::standard()`:
@@ -109,7 +115,7 @@ pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 /// hours. So an event whose `2xx` was lost is answered "already handled" on
 /// every retry instead of running the handler again. (A queue backlog can
 /// delay attempts further; raise
-/// [`replay_ttl`](VerifyWebhookLayerBuilder::replay_ttl) if yours does.)
+/// [`replay_ttl`](VerifyConfig::replay_ttl) if yours does.)
 ///
 /// It is never less than twice the tolerance (a request is accepted for one
 /// tolerance before and after its timestamp, so a replay can arrive up to two
@@ -124,39 +130,22 @@ pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(56 * 3600);
 /// answering 409 for that id any longer.
 pub const DEFAULT_IN_FLIGHT_TTL: Duration = Duration::from_secs(60);
 
-/// Which signature format the layer accepts.
+/// What the layer verified: a handler's argument (axum, feature `axum`) and
+/// the request's extension (any tower service).
+///
+/// With feature `axum` it is an extractor; on a route without
+/// [`VerifyWebhookLayer`] it answers 500 with a text saying so.
 ///
 /// ```
-/// use eventsink::verify::Scheme;
-/// assert_eq!(Scheme::default(), Scheme::Standard);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Scheme {
-    /// Standard Webhooks: `webhook-id`, `webhook-timestamp` and
-    /// `webhook-signature: v1,<base64>` over `"{id}.{timestamp}.{body}"`.
-    #[default]
-    Standard,
-    /// The Go original's format: `signature: <hex HMAC of the body>` keyed
-    /// with the secret's raw bytes; the id and the time to check come from
-    /// the body's `id` and `now` fields.
-    GoCompatible,
-    /// Standard when `webhook-signature` is present, else Go-compatible when
-    /// `signature` is: for migrating senders. A sender that sends both
-    /// header sets is checked as Standard.
-    Either,
-}
-
-/// What the layer verified, in the request's extensions for the handler.
-///
-/// ```
-/// use axum::Extension;
+/// # #[cfg(feature = "axum")] fn main() {
 /// use eventsink::verify::VerifiedWebhook;
 ///
-/// async fn hook(Extension(webhook): Extension<VerifiedWebhook>) -> String {
+/// async fn hook(webhook: VerifiedWebhook) -> String {
 ///     format!("got {}", webhook.id)
 /// }
 /// # let _ = axum::routing::post::<_, _, ()>(hook);
+/// # }
+/// # #[cfg(not(feature = "axum"))] fn main() {}
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -167,67 +156,37 @@ pub struct VerifiedWebhook {
     /// body's `now`.
     pub timestamp: i64,
     /// The scheme that verified: [`Scheme::Standard`] or
-    /// [`Scheme::GoCompatible`], never [`Scheme::Either`].
+    /// [`Scheme::GoCompatible`], never [`Scheme::Both`].
     pub scheme: Scheme,
 }
 
-/// Verifies webhook requests; see the [module docs](self).
+/// Verifies webhook requests; see the [module docs](self). Built from a
+/// [`VerifyConfig`], or from a [`Secret`] alone for the defaults.
 ///
 /// ```
 /// use eventsink::signature::Secret;
-/// use eventsink::verify::VerifyWebhookLayer;
+/// use eventsink::verify::{MemoryReplayGuard, VerifyConfig, VerifyWebhookLayer};
 ///
 /// // One secret, defaults for everything else.
 /// let layer = VerifyWebhookLayer::new(Secret::generate()?);
+/// // Or a configuration.
+/// let layer = VerifyWebhookLayer::new(
+///     VerifyConfig::new(Secret::generate()?).replay_guard(MemoryReplayGuard::new()),
+/// );
 /// # let _ = layer;
 /// # Ok::<(), eventsink::signature::SecretError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct VerifyWebhookLayer {
-    config: Arc<Config>,
+    checks: Arc<Checks>,
 }
 
 impl VerifyWebhookLayer {
-    /// A layer that accepts Standard Webhooks signed with `secret`, with the
-    /// default tolerance and body limit and no replay guard.
-    ///
-    /// ```
-    /// let layer = eventsink::verify::VerifyWebhookLayer::new("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".parse()?);
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn new(secret: Secret) -> Self {
-        VerifyWebhookLayer::builder(secret).build()
-    }
-
-    /// A builder starting with `secret`; add older ones with
-    /// [`secret`](VerifyWebhookLayerBuilder::secret).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use eventsink::signature::Secret;
-    /// use eventsink::verify::{MemoryReplayGuard, Scheme, VerifyWebhookLayer};
-    ///
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?)
-    ///     .secret(Secret::generate()?)                   // the previous key, during rotation
-    ///     .scheme(Scheme::Either)
-    ///     .tolerance(Duration::from_secs(60))
-    ///     .max_body(64 * 1024)
-    ///     .replay_guard(MemoryReplayGuard::new())
-    ///     .build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn builder(secret: Secret) -> VerifyWebhookLayerBuilder {
-        VerifyWebhookLayerBuilder {
-            secrets: vec![secret],
-            scheme: Scheme::default(),
-            tolerance: DEFAULT_TOLERANCE,
-            max_body: DEFAULT_MAX_BODY,
-            clock: Clock::system(),
-            replay_guard: None,
-            replay_ttl: DEFAULT_REPLAY_TTL,
-            in_flight_ttl: DEFAULT_IN_FLIGHT_TTL,
+    /// A layer that verifies with `config` (a [`VerifyConfig`] or a
+    /// [`Secret`]).
+    pub fn new(config: impl Into<VerifyConfig>) -> Self {
+        VerifyWebhookLayer {
+            checks: Arc::new(config.into().into_checks()),
         }
     }
 
@@ -250,191 +209,7 @@ impl VerifyWebhookLayer {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<VerifiedWebhook, Rejection> {
-        self.config.verify(headers, body)
-    }
-}
-
-/// Configures a [`VerifyWebhookLayer`]; from [`VerifyWebhookLayer::builder`].
-///
-/// ```
-/// use eventsink::signature::Secret;
-/// use eventsink::verify::{Scheme, VerifyWebhookLayer};
-///
-/// let layer = VerifyWebhookLayer::builder(Secret::from_raw("the-go-app-secret")?)
-///     .scheme(Scheme::GoCompatible)
-///     .build();
-/// # let _ = layer;
-/// # Ok::<(), eventsink::signature::SecretError>(())
-/// ```
-#[derive(Debug, Clone)]
-#[must_use = "call .build() to get the layer"]
-pub struct VerifyWebhookLayerBuilder {
-    secrets: Vec<Secret>,
-    scheme: Scheme,
-    tolerance: Duration,
-    max_body: usize,
-    clock: Clock,
-    replay_guard: Option<Arc<dyn ReplayGuard>>,
-    replay_ttl: Duration,
-    in_flight_ttl: Duration,
-}
-
-impl VerifyWebhookLayerBuilder {
-    /// Accepts signatures made with `secret` too: during a key rotation,
-    /// configure the new key and the old one.
-    ///
-    /// ```
-    /// # use eventsink::{signature::Secret, verify::VerifyWebhookLayer};
-    /// let (new, old) = (Secret::generate()?, Secret::generate()?);
-    /// let layer = VerifyWebhookLayer::builder(new).secret(old).build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn secret(mut self, secret: Secret) -> Self {
-        self.secrets.push(secret);
-        self
-    }
-
-    /// Which format to accept; [`Scheme::Standard`] by default.
-    ///
-    /// ```
-    /// # use eventsink::{signature::Secret, verify::{Scheme, VerifyWebhookLayer}};
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?).scheme(Scheme::Either).build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn scheme(mut self, scheme: Scheme) -> Self {
-        self.scheme = scheme;
-        self
-    }
-
-    /// How far the timestamp may be from now, either way (whole seconds);
-    /// [`DEFAULT_TOLERANCE`] by default. The Go original's docs advise 30 s
-    /// for its format.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use eventsink::{signature::Secret, verify::VerifyWebhookLayer};
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?).tolerance(Duration::from_secs(30)).build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn tolerance(mut self, tolerance: Duration) -> Self {
-        self.tolerance = tolerance;
-        self
-    }
-
-    /// The largest body accepted, in bytes; [`DEFAULT_MAX_BODY`] by default.
-    ///
-    /// ```
-    /// # use eventsink::{signature::Secret, verify::VerifyWebhookLayer};
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?).max_body(64 * 1024).build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn max_body(mut self, bytes: usize) -> Self {
-        self.max_body = bytes;
-        self
-    }
-
-    /// Where "now" comes from; the system clock by default. Tests set it to
-    /// check the tolerance without waiting.
-    ///
-    /// ```
-    /// # use eventsink::{signature::Secret, verify::{Clock, VerifyWebhookLayer}};
-    /// use chrono::{TimeZone, Utc};
-    /// let at = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?).clock(Clock::fixed(at)).build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// Deduplicates deliveries by id with `guard` (none by default): an id
-    /// already handled answers 200 without calling the handler, and one in
-    /// flight answers 409.
-    ///
-    /// ```
-    /// # use eventsink::{signature::Secret, verify::{MemoryReplayGuard, VerifyWebhookLayer}};
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?)
-    ///     .replay_guard(MemoryReplayGuard::new())
-    ///     .build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn replay_guard(mut self, guard: impl ReplayGuard) -> Self {
-        self.replay_guard = Some(Arc::new(guard));
-        self
-    }
-
-    /// How long the replay guard remembers an id; [`DEFAULT_REPLAY_TTL`] by
-    /// default (it covers the queue's default retry schedule), and never
-    /// less than twice the tolerance (a shorter value is raised to that).
-    /// Keep it at least as long as your sender keeps retrying one event, or a
-    /// retry after a lost `2xx` runs the handler again.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use eventsink::{signature::Secret, verify::{MemoryReplayGuard, VerifyWebhookLayer}};
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?)
-    ///     .replay_guard(MemoryReplayGuard::new())
-    ///     .replay_ttl(Duration::from_secs(72 * 3600)) // a sender that retries for 3 days
-    ///     .build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn replay_ttl(mut self, ttl: Duration) -> Self {
-        self.replay_ttl = ttl;
-        self
-    }
-
-    /// How long a delivery in flight holds its id (answering 409 to
-    /// duplicates); [`DEFAULT_IN_FLIGHT_TTL`] by default. A handler that runs
-    /// longer loses the hold, and a duplicate then reaches the handler too.
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use eventsink::{signature::Secret, verify::{MemoryReplayGuard, VerifyWebhookLayer}};
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?)
-    ///     .replay_guard(MemoryReplayGuard::new())
-    ///     .in_flight_ttl(Duration::from_secs(120)) // a slow handler
-    ///     .build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn in_flight_ttl(mut self, ttl: Duration) -> Self {
-        self.in_flight_ttl = ttl;
-        self
-    }
-
-    /// The layer.
-    ///
-    /// ```
-    /// # use eventsink::{signature::Secret, verify::VerifyWebhookLayer};
-    /// let layer: VerifyWebhookLayer = VerifyWebhookLayer::builder(Secret::generate()?).build();
-    /// # let _ = layer;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn build(self) -> VerifyWebhookLayer {
-        let tolerance = Duration::from_secs(self.tolerance.as_secs());
-        let replay = self.replay_guard.map(|guard| Replay {
-            guard,
-            ttl: self.replay_ttl.max(tolerance.saturating_mul(2)),
-            in_flight_ttl: self.in_flight_ttl.max(Duration::from_secs(1)),
-        });
-        VerifyWebhookLayer {
-            config: Arc::new(Config {
-                secrets: self.secrets,
-                scheme: self.scheme,
-                tolerance,
-                max_body: self.max_body,
-                clock: self.clock,
-                replay,
-            }),
-        }
+        self.checks.verify(headers, body)
     }
 }
 
@@ -486,7 +261,7 @@ pub fn sign(
 
 /// Checks a Standard Webhooks request given as headers and a body in
 /// memory, with the defaults: [`DEFAULT_TOLERANCE`] on the system clock and
-/// [`DEFAULT_MAX_BODY`]. For other settings build a layer and call
+/// [`DEFAULT_MAX_BODY_BYTES`]. For other settings build a layer and call
 /// [`VerifyWebhookLayer::verify`].
 ///
 /// # Errors
@@ -508,13 +283,7 @@ pub fn verify(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<VerifiedWebhook, Rejection> {
-    let config = Config {
-        secrets: secrets.to_vec(),
-        scheme: Scheme::Standard,
-        tolerance: DEFAULT_TOLERANCE,
-        max_body: DEFAULT_MAX_BODY,
-        clock: Clock::system(),
-        replay: None,
-    };
-    config.verify(headers, body)
+    VerifyConfig::with_secrets(secrets.to_vec())
+        .into_checks()
+        .verify(headers, body)
 }

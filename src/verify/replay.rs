@@ -234,7 +234,7 @@ impl std::error::Error for ReplayError {
 ///
 /// # Memory bound
 ///
-/// The guard keeps at most [`capacity`](MemoryReplayGuard::with_capacity)
+/// The guard keeps at most [`capacity`](MemoryReplayGuard::capacity)
 /// ids ([`DEFAULT_REPLAY_CAPACITY`] by default), handled and in flight
 /// together. Each costs about 200 bytes with a 36-byte UUID id (the id
 /// behind an `Arc` with its counts, ~64 bytes from the allocator; a map slot
@@ -311,11 +311,11 @@ impl MemoryReplayGuard {
     /// see the [memory bound](MemoryReplayGuard#memory-bound).
     ///
     /// ```
-    /// let guard = eventsink::verify::MemoryReplayGuard::new().with_capacity(1_000);
+    /// let guard = eventsink::verify::MemoryReplayGuard::new().capacity(1_000);
     /// # let _ = guard;
     /// ```
     #[must_use]
-    pub fn with_capacity(mut self, capacity: usize) -> Self {
+    pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
         self
     }
@@ -326,11 +326,11 @@ impl MemoryReplayGuard {
     /// ```
     /// use chrono::Utc;
     /// use eventsink::verify::{Clock, MemoryReplayGuard};
-    /// let guard = MemoryReplayGuard::new().with_clock(Clock::fixed(Utc::now()));
+    /// let guard = MemoryReplayGuard::new().clock(Clock::fixed(Utc::now()));
     /// # let _ = guard;
     /// ```
     #[must_use]
-    pub fn with_clock(mut self, clock: Clock) -> Self {
+    pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
     }
@@ -447,7 +447,7 @@ impl State {
                     if !self.evict_one(now_ms) {
                         return Err(ReplayError::new(format!(
                             "the in-memory replay guard is full: all {capacity} ids are \
-                             deliveries in flight; raise MemoryReplayGuard::with_capacity"
+                             deliveries in flight; raise MemoryReplayGuard::capacity"
                         )));
                     }
                 }
@@ -505,8 +505,7 @@ impl ReplayGuard for MemoryReplayGuard {
         id: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Claim, ReplayError>> {
-        let claim = self.claim_now(id, ttl);
-        Box::pin(async move { claim })
+        ready(self.claim_now(id, ttl))
     }
 
     fn complete<'a>(
@@ -515,8 +514,7 @@ impl ReplayGuard for MemoryReplayGuard {
         _token: ClaimToken,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), ReplayError>> {
-        let done = self.complete_now(id, ttl);
-        Box::pin(async move { done })
+        ready(self.complete_now(id, ttl))
     }
 
     fn release<'a>(
@@ -525,8 +523,13 @@ impl ReplayGuard for MemoryReplayGuard {
         token: ClaimToken,
     ) -> BoxFuture<'a, Result<(), ReplayError>> {
         self.release_now(id, token);
-        Box::pin(async { Ok(()) })
+        ready(Ok(()))
     }
+}
+
+/// An answer known without waiting, as the trait's future.
+fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
+    Box::pin(std::future::ready(value))
 }
 
 #[cfg(feature = "redis")]
@@ -754,7 +757,7 @@ mod tests {
     #[test]
     fn handled_ids_expire_after_the_ttl() {
         let (now, clock) = manual_clock();
-        let guard = MemoryReplayGuard::new().with_clock(clock);
+        let guard = MemoryReplayGuard::new().clock(clock);
         claimed(&guard, "a", TTL);
         guard.complete_now("a", TTL).unwrap();
         now.fetch_add(599, Ordering::SeqCst);
@@ -777,7 +780,7 @@ mod tests {
     #[test]
     fn only_the_holder_releases_a_claim() {
         let (now, clock) = manual_clock();
-        let guard = MemoryReplayGuard::new().with_clock(clock);
+        let guard = MemoryReplayGuard::new().clock(clock);
         let in_flight = Duration::from_secs(60);
         let first = claimed(&guard, "a", in_flight);
         now.fetch_add(61, Ordering::SeqCst); // the first handler is slow
@@ -791,7 +794,7 @@ mod tests {
 
     #[test]
     fn a_full_guard_evicts_handled_ids_but_never_an_in_flight_claim() {
-        let guard = MemoryReplayGuard::new().with_capacity(3);
+        let guard = MemoryReplayGuard::new().capacity(3);
         claimed(&guard, "old", TTL);
         claimed(&guard, "done", TTL);
         guard.complete_now("done", TTL).unwrap();
@@ -819,9 +822,7 @@ mod tests {
     #[test]
     fn memory_stays_bounded_by_the_capacity() {
         let (now, clock) = manual_clock();
-        let guard = MemoryReplayGuard::new()
-            .with_capacity(100)
-            .with_clock(clock);
+        let guard = MemoryReplayGuard::new().capacity(100).clock(clock);
         for n in 0..10_000 {
             let id = format!("evt_{n}");
             claimed(&guard, &id, TTL);

@@ -1,6 +1,9 @@
 //! [`VerifyWebhook`]: the service that [`VerifyWebhookLayer`] wraps around
 //! a handler.
 
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -11,97 +14,77 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{Layer, Service};
 
-use super::check::{Config, Rejection, plain_text};
+use super::check::{Checks, Rejection, plain_text};
 use super::replay::{BoxFuture, Claim, ClaimToken, ReplayError, ReplayGuard};
-use super::{ResponseBody, VerifyWebhookLayer};
+use super::{ResponseBody, VerifyConfig, VerifyWebhookLayer};
 use crate::BoxError;
 
 /// Verifies webhook requests before they reach the inner service `S`.
 ///
-/// Built by [`VerifyWebhookLayer`]; see the [module docs](super) for what it
-/// checks and answers. The inner service receives the request with the
-/// *same bytes* as a [`Full<Bytes>`] body and a
-/// [`VerifiedWebhook`](super::VerifiedWebhook) extension.
+/// Built by [`VerifyWebhookLayer`] (or [`VerifyWebhook::layer`]); see the
+/// [module docs](super) for what it checks and answers. The inner service
+/// receives the request with the *same bytes* as a [`Full<Bytes>`] body and
+/// a [`VerifiedWebhook`](super::VerifiedWebhook) extension.
 ///
 /// ```
 /// use bytes::Bytes;
 /// use http::{Request, Response};
 /// use http_body_util::Full;
 /// use eventsink::signature::Secret;
-/// use eventsink::verify::{VerifiedWebhook, VerifyWebhook, VerifyWebhookLayer};
-/// use tower::Layer;
+/// use eventsink::verify::{VerifiedWebhook, VerifyWebhook};
 ///
 /// let handler = tower::service_fn(|req: Request<Full<Bytes>>| async move {
 ///     let id = req.extensions().get::<VerifiedWebhook>().map(|w| w.id.clone());
 ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(id.unwrap_or_default()))))
 /// });
-/// let mut service: VerifyWebhook<_> = VerifyWebhookLayer::new(Secret::generate()?).layer(handler);
-/// let _inner = service.get_mut();
+/// let mut service = VerifyWebhook::new(handler, Secret::generate()?);
+/// let _handler = service.get_mut();
 /// # Ok::<(), eventsink::signature::SecretError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct VerifyWebhook<S> {
     inner: S,
-    config: Arc<Config>,
+    checks: Arc<Checks>,
 }
 
 impl<S> VerifyWebhook<S> {
-    /// Wraps `inner` with `layer`'s configuration; the same as
-    /// `layer.layer(inner)`.
-    ///
-    /// ```
-    /// use eventsink::verify::{VerifyWebhook, VerifyWebhookLayer};
-    /// let layer = VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
-    /// let service = VerifyWebhook::new(tower::service_fn(|_: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-    /// }), &layer);
-    /// # let _ = service;
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
-    pub fn new(inner: S, layer: &VerifyWebhookLayer) -> Self {
-        VerifyWebhook {
-            inner,
-            config: Arc::clone(&layer.config),
-        }
+    /// Wraps `inner`, verifying with `config` (a [`VerifyConfig`] or a
+    /// [`Secret`](crate::signature::Secret)).
+    pub fn new(inner: S, config: impl Into<VerifyConfig>) -> Self {
+        VerifyWebhookLayer::new(config).layer(inner)
     }
 
     /// The inner service.
-    ///
-    /// ```
-    /// use tower::Layer;
-    /// let layer = eventsink::verify::VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
-    /// let service = layer.layer(7_u8);
-    /// assert_eq!(*service.get_ref(), 7);
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The inner service, mutably.
-    ///
-    /// ```
-    /// use tower::Layer;
-    /// let layer = eventsink::verify::VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
-    /// let mut service = layer.layer(7_u8);
-    /// *service.get_mut() = 8;
-    /// assert_eq!(service.into_inner(), 8);
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// Unwraps the inner service.
-    ///
-    /// ```
-    /// use tower::Layer;
-    /// let layer = eventsink::verify::VerifyWebhookLayer::new(eventsink::signature::Secret::generate()?);
-    /// assert_eq!(layer.layer("inner").into_inner(), "inner");
-    /// # Ok::<(), eventsink::signature::SecretError>(())
-    /// ```
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl VerifyWebhook<()> {
+    /// The layer that wraps services with `config`; the same as
+    /// [`VerifyWebhookLayer::new`], named after the service as in
+    /// tower-http. (It sits on `VerifyWebhook<()>` so that
+    /// `VerifyWebhook::layer(..)` needs no type annotation.)
+    ///
+    /// ```
+    /// use eventsink::verify::{MemoryReplayGuard, VerifyConfig, VerifyWebhook};
+    /// let secret = eventsink::signature::Secret::generate()?;
+    /// let layer = VerifyWebhook::layer(VerifyConfig::new(secret).replay_guard(MemoryReplayGuard::new()));
+    /// # let _ = layer;
+    /// # Ok::<(), eventsink::signature::SecretError>(())
+    /// ```
+    pub fn layer(config: impl Into<VerifyConfig>) -> VerifyWebhookLayer {
+        VerifyWebhookLayer::new(config)
     }
 }
 
@@ -109,7 +92,10 @@ impl<S> Layer<S> for VerifyWebhookLayer {
     type Service = VerifyWebhook<S>;
 
     fn layer(&self, inner: S) -> VerifyWebhook<S> {
-        VerifyWebhook::new(inner, self)
+        VerifyWebhook {
+            inner,
+            checks: Arc::clone(&self.checks),
+        }
     }
 }
 
@@ -125,9 +111,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    /// Boxed: the body is read asynchronously and the replay guard is asked
-    /// before and after the inner call.
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = ResponseFuture<ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -137,13 +121,38 @@ where
         // Call the service that was polled ready; leave a fresh clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let config = Arc::clone(&self.config);
-        Box::pin(handle(config, inner, request))
+        let checks = Arc::clone(&self.checks);
+        ResponseFuture {
+            inner: Box::pin(handle(checks, inner, request)),
+        }
+    }
+}
+
+/// The future of [`VerifyWebhook`]'s `call`: the inner service's response,
+/// or the layer's own answer.
+///
+/// Boxed inside: it reads the body asynchronously and asks the replay guard
+/// before and after the inner call.
+pub struct ResponseFuture<B, E> {
+    inner: BoxFuture<'static, Result<Response<ResponseBody<B>>, E>>,
+}
+
+impl<B, E> Future for ResponseFuture<B, E> {
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<B, E> fmt::Debug for ResponseFuture<B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
 async fn handle<S, B, ResBody>(
-    config: Arc<Config>,
+    config: Arc<Checks>,
     mut inner: S,
     request: Request<B>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
@@ -202,7 +211,7 @@ type Verified = (Bytes, super::VerifiedWebhook);
 
 /// Headers, then the size-limited body, then the signature.
 async fn read_and_verify<B>(
-    config: &Config,
+    config: &Checks,
     headers: &http::HeaderMap,
     body: B,
 ) -> Result<Verified, Rejection>
@@ -212,20 +221,20 @@ where
 {
     let plan = config.plan(headers)?;
     let too_large = Rejection::BodyTooLarge {
-        limit: config.max_body,
+        limit: config.max_body_bytes,
     };
     // A declared length over the limit is refused before reading a byte.
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let limit = u64::try_from(config.max_body).unwrap_or(u64::MAX);
+    let limit = u64::try_from(config.max_body_bytes).unwrap_or(u64::MAX);
     if declared.is_some_and(|len| len > limit) || body.size_hint().lower() > limit {
         return Err(too_large);
     }
     // `Limited` stops reading as soon as the body passes the limit, so an
     // oversized body is never buffered whole.
-    let bytes = match Limited::new(body, config.max_body).collect().await {
+    let bytes = match Limited::new(body, config.max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => return Err(too_large),
         Err(_) => return Err(Rejection::BodyUnreadable),

@@ -4,14 +4,21 @@
 //! ```
 //! use eventsink::ErrorKind;
 //! use eventsink::webhook::classify::status_kind;
+//! use reqwest::StatusCode; // http::StatusCode
 //!
-//! assert_eq!(status_kind(503), ErrorKind::Transient);
-//! assert_eq!(status_kind(410), ErrorKind::Permanent);
+//! assert_eq!(status_kind(StatusCode::SERVICE_UNAVAILABLE), ErrorKind::Transient);
+//! assert_eq!(status_kind(StatusCode::GONE), ErrorKind::Permanent);
 //! ```
 
-use std::time::{Duration, SystemTime};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::ErrorKind;
+use reqwest::{Response, StatusCode};
+
+use super::Config;
+use super::egress::EgressRefused;
+use crate::{Error, ErrorKind};
 
 /// How much of a failed response's body is kept in the error: 4 KiB, enough
 /// for a JSON error document, small enough to log.
@@ -31,12 +38,13 @@ pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 ///
 /// ```
 /// use eventsink::{ErrorKind, webhook::classify::status_kind};
-/// assert_eq!(status_kind(301), ErrorKind::Transient);
-/// assert_eq!(status_kind(422), ErrorKind::Permanent);
-/// assert_eq!(status_kind(501), ErrorKind::Permanent);
+/// use reqwest::StatusCode;
+/// assert_eq!(status_kind(StatusCode::MOVED_PERMANENTLY), ErrorKind::Transient);
+/// assert_eq!(status_kind(StatusCode::UNPROCESSABLE_ENTITY), ErrorKind::Permanent);
+/// assert_eq!(status_kind(StatusCode::NOT_IMPLEMENTED), ErrorKind::Permanent);
 /// ```
-pub fn status_kind(status: u16) -> ErrorKind {
-    match status {
+pub fn status_kind(status: StatusCode) -> ErrorKind {
+    match status.as_u16() {
         300..=399 | 408 | 409 | 425 | 429 => ErrorKind::Transient,
         501 | 505 => ErrorKind::Permanent,
         500..=599 => ErrorKind::Transient,
@@ -88,19 +96,113 @@ pub fn sanitize_body(bytes: &[u8]) -> String {
     kept.trim().to_owned()
 }
 
+/// How much of a successful answer's body is read (and discarded) so that
+/// the connection can be reused: 64 KiB.
+const MAX_DRAINED_BODY_BYTES: usize = 64 * 1024;
+
+/// Waits for the answer to one attempt (`sending`) and turns it into the
+/// sink's result, recording the status and duration on the current span.
+pub(super) async fn attempt(
+    config: Arc<Config>,
+    sending: impl Future<Output = Result<Response, reqwest::Error>>,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    let outcome = sending.await;
+    let span = tracing::Span::current();
+    let result = match outcome {
+        Ok(response) => {
+            span.record("http.status", response.status().as_u16());
+            answer(&config, response).await
+        }
+        Err(error) => Err(transport_error(&config, error)),
+    };
+    span.record("duration_ms", started.elapsed().as_millis() as u64);
+    match &result {
+        Ok(()) => tracing::debug!("delivered"),
+        Err(error) => tracing::warn!("delivery failed: {error}"),
+    }
+    result
+}
+
+/// Success for 2xx; otherwise [`Error::Http`] with the status's kind, the
+/// `Retry-After` and the start of the body.
+async fn answer(config: &Config, response: Response) -> Result<(), Error> {
+    let status = response.status();
+    if status.is_success() {
+        // Read what the receiver sent so the connection can be reused; a
+        // failure here does not undo the delivery.
+        let _ = read_prefix(response, MAX_DRAINED_BODY_BYTES).await;
+        return Ok(());
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let body = read_prefix(response, MAX_ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    let kind = config
+        .status_classifier
+        .as_ref()
+        .and_then(|classify| classify(status))
+        .unwrap_or_else(|| status_kind(status));
+    Err(Error::Http {
+        url: config.display_url.clone(),
+        status: status.as_u16(),
+        kind,
+        retry_after,
+        body: sanitize_body(&body),
+    })
+}
+
+/// [`Error::Refused`] when the egress guard refused every address,
+/// otherwise [`Error::Transport`].
+fn transport_error(config: &Config, error: reqwest::Error) -> Error {
+    let url = config.display_url.clone();
+    let refused = std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .find_map(|e| e.downcast_ref::<EgressRefused>());
+    match refused {
+        Some(refused) => Error::Refused {
+            url,
+            reason: refused.to_string(),
+        },
+        None => Error::Transport {
+            url,
+            timed_out: error.is_timeout(),
+            source: Box::new(error.without_url()),
+        },
+    }
+}
+
+/// Reads at most `limit` bytes of the body.
+async fn read_prefix(mut response: Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut kept = Vec::new();
+    while kept.len() < limit {
+        match response.chunk().await? {
+            Some(chunk) => kept.extend_from_slice(&chunk[..chunk.len().min(limit - kept.len())]),
+            None => break,
+        }
+    }
+    Ok(kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_status_class() {
+        let kind = |s: u16| status_kind(StatusCode::from_u16(s).unwrap());
         for s in [
             300, 301, 302, 307, 308, 408, 409, 425, 429, 500, 502, 503, 504, 507,
         ] {
-            assert_eq!(status_kind(s), ErrorKind::Transient, "{s}");
+            assert_eq!(kind(s), ErrorKind::Transient, "{s}");
         }
         for s in [400, 401, 403, 404, 405, 410, 413, 415, 422, 501, 505] {
-            assert_eq!(status_kind(s), ErrorKind::Permanent, "{s}");
+            assert_eq!(kind(s), ErrorKind::Permanent, "{s}");
         }
     }
 

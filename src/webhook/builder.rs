@@ -1,0 +1,350 @@
+//! [`WebhookSinkBuilder`]: the configuration of a [`WebhookSink`], checked
+//! once when the sink is built.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use reqwest::{Client, StatusCode, Url};
+
+use super::egress::{EgressPolicy, EgressRefused, GuardedResolver};
+use super::{
+    BuildError, Config, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
+    StatusClassifier, USER_AGENT_VALUE, WebhookSink,
+};
+use crate::ErrorKind;
+use crate::signature::{Scheme, Secret};
+use crate::wire;
+
+/// Headers the sink sets itself; [`WebhookSinkBuilder::header`] refuses
+/// them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "host",
+    "user-agent",
+    wire::WEBHOOK_ID,
+    wire::WEBHOOK_TIMESTAMP,
+    wire::WEBHOOK_SIGNATURE,
+    wire::GO_SIGNATURE,
+];
+
+/// Builds a [`WebhookSink`]; from [`WebhookSink::builder`]. Every option has
+/// a default, so `WebhookSink::builder(url).build()` works; each setter is
+/// documented with its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventsink::signature::{Scheme, Secret};
+/// use eventsink::webhook::{EgressPolicy, WebhookSink};
+///
+/// let base = WebhookSink::builder("https://example.com/hook")
+///     .secret(Secret::generate()?)          // the current key first
+///     .secret(Secret::generate()?)          // an older one, during a rotation
+///     .scheme(Scheme::Both)                 // while receivers migrate
+///     .header("authorization", "Bearer 123")
+///     .attempt_timeout(Duration::from_secs(30))
+///     .connect_timeout(Duration::from_secs(2))
+///     .max_body_bytes(64 * 1024)
+///     .egress(EgressPolicy::public_only())  // the URL came from a user
+///     .https_only(true);
+/// let sink = base.clone().build()?;         // builders are Clone
+/// # let _ = sink;
+/// # Ok::<(), eventsink::BoxError>(())
+/// ```
+#[derive(Clone)]
+#[must_use = "call build() to get the sink"]
+pub struct WebhookSinkBuilder {
+    url: String,
+    secrets: Vec<Secret>,
+    scheme: Scheme,
+    headers: Vec<(String, String)>,
+    client: Option<Client>,
+    attempt_timeout: Duration,
+    connect_timeout: Duration,
+    max_body_bytes: usize,
+    egress: EgressPolicy,
+    https_only: bool,
+    status_classifier: Option<StatusClassifier>,
+}
+
+impl fmt::Debug for WebhookSinkBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSinkBuilder")
+            .field("scheme", &self.scheme)
+            .field("secrets", &self.secrets.len())
+            .field("attempt_timeout", &self.attempt_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookSinkBuilder {
+    pub(super) fn new(url: String) -> Self {
+        WebhookSinkBuilder {
+            url,
+            secrets: Vec::new(),
+            scheme: Scheme::default(),
+            headers: Vec::new(),
+            client: None,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            egress: EgressPolicy::default(),
+            https_only: false,
+            status_classifier: None,
+        }
+    }
+
+    /// Adds a signing secret (none by default: unsigned). Add the current
+    /// one first; every further one adds a signature entry so receivers
+    /// still holding an older key keep verifying during a rotation.
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.secrets.push(secret);
+        self
+    }
+
+    /// The signature headers and body format; [`Scheme::Standard`] by
+    /// default, and [`Scheme::Both`] sends both header sets.
+    pub fn scheme(mut self, scheme: Scheme) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
+    /// Adds a header sent with every request, such as an API key the
+    /// receiver's gateway wants (none by default). Its value never appears
+    /// in `Debug`.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Uses `client` instead of building one, to share its connection pool
+    /// or TLS settings. The client must not follow redirects (build it with
+    /// `reqwest::redirect::Policy::none()`); the sink's attempt timeout
+    /// still applies, but the connect timeout is the client's. A custom
+    /// client cannot be combined with a restricting [`EgressPolicy`], whose
+    /// DNS resolver must be installed in the client the sink builds.
+    ///
+    /// ```
+    /// let client = reqwest::Client::builder()
+    ///     .redirect(reqwest::redirect::Policy::none())
+    ///     .build()?;
+    /// let sink = eventsink::webhook::WebhookSink::builder("https://example.com/hook")
+    ///     .client(client)
+    ///     .build()?;
+    /// # Ok::<(), eventsink::BoxError>(())
+    /// ```
+    pub fn client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Timeout of one attempt, connecting and reading the answer included;
+    /// [`DEFAULT_ATTEMPT_TIMEOUT`] by default.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Timeout for establishing a connection; [`DEFAULT_CONNECT_TIMEOUT`]
+    /// by default.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Largest body sent, in bytes; [`DEFAULT_MAX_BODY_BYTES`] by default.
+    /// A larger event fails with [`Error::TooLarge`](crate::Error::TooLarge)
+    /// before any network I/O.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.max_body_bytes = limit;
+        self
+    }
+
+    /// Which addresses the sink may connect to; any by default. Use
+    /// [`EgressPolicy::public_only`] whenever URLs come from end users.
+    pub fn egress(mut self, policy: EgressPolicy) -> Self {
+        self.egress = policy;
+        self
+    }
+
+    /// Refuses `http://` URLs when `true`; `false` by default.
+    ///
+    /// ```
+    /// use eventsink::webhook::{BuildError, WebhookSink};
+    /// let err = WebhookSink::builder("http://example.com/hook").https_only(true).build().unwrap_err();
+    /// assert!(matches!(err, BuildError::HttpsRequired));
+    /// ```
+    pub fn https_only(mut self, https_only: bool) -> Self {
+        self.https_only = https_only;
+        self
+    }
+
+    /// Overrides how statuses are classified: return `Some(kind)` to decide,
+    /// `None` to keep the default ([`status_kind`](super::classify::status_kind)).
+    /// For example, a receiver that answers 404 while it deploys:
+    ///
+    /// ```
+    /// use eventsink::ErrorKind;
+    /// use reqwest::StatusCode; // http::StatusCode
+    /// let builder = eventsink::webhook::WebhookSink::builder("https://example.com/hook")
+    ///     .classify_status(|status| (status == StatusCode::NOT_FOUND).then_some(ErrorKind::Transient));
+    /// ```
+    pub fn classify_status(
+        mut self,
+        classify: impl Fn(StatusCode) -> Option<ErrorKind> + Send + Sync + 'static,
+    ) -> Self {
+        self.status_classifier = Some(Arc::new(classify));
+        self
+    }
+
+    /// Checks the configuration and builds the sink.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError`] for a URL that does not parse, is not http(s), is not
+    /// https while [`https_only`](Self::https_only) is set, or is an IP
+    /// address the egress policy refuses; for an invalid or reserved header;
+    /// for a custom client with a restricting egress policy; or if the HTTP
+    /// client cannot be built.
+    ///
+    /// ```
+    /// use eventsink::webhook::{BuildError, WebhookSink};
+    /// assert!(matches!(WebhookSink::builder("ftp://example.com").build(), Err(BuildError::UnsupportedScheme { .. })));
+    /// assert!(matches!(WebhookSink::builder("not a url").build(), Err(BuildError::InvalidUrl { .. })));
+    /// ```
+    pub fn build(self) -> Result<WebhookSink, BuildError> {
+        let url = self.checked_url()?;
+        let host = url
+            .host_str()
+            .ok_or(BuildError::InvalidUrl {
+                reason: "it has no host".into(),
+            })?
+            .to_owned();
+        check_ip_literal(&url, &self.egress)?;
+        let headers = static_headers(&self.headers)?;
+        let client = match self.client {
+            Some(_) if self.egress.is_restricted() => return Err(BuildError::ClientWithEgress),
+            Some(client) => client,
+            None => own_client(self.connect_timeout, self.egress)?,
+        };
+        Ok(WebhookSink {
+            client,
+            config: Arc::new(Config {
+                display_url: display_url(&url),
+                url,
+                host,
+                secrets: self.secrets,
+                scheme: self.scheme,
+                headers,
+                attempt_timeout: self.attempt_timeout,
+                max_body_bytes: self.max_body_bytes,
+                status_classifier: self.status_classifier,
+            }),
+        })
+    }
+
+    /// The URL, parsed, with a scheme this builder accepts.
+    fn checked_url(&self) -> Result<Url, BuildError> {
+        let url = Url::parse(&self.url).map_err(|e| BuildError::InvalidUrl {
+            reason: e.to_string(),
+        })?;
+        match url.scheme() {
+            "https" => Ok(url),
+            "http" if !self.https_only => Ok(url),
+            "http" => Err(BuildError::HttpsRequired),
+            other => Err(BuildError::UnsupportedScheme {
+                scheme: other.to_owned(),
+            }),
+        }
+    }
+}
+
+fn check_ip_literal(url: &Url, egress: &EgressPolicy) -> Result<(), BuildError> {
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(v4)) => v4.into(),
+        Some(url::Host::Ipv6(v6)) => v6.into(),
+        _ => return Ok(()),
+    };
+    egress.check(ip).map_err(|reason| {
+        BuildError::Refused(EgressRefused {
+            host: ip.to_string(),
+            addr: ip,
+            reason,
+        })
+    })
+}
+
+fn static_headers(pairs: &[(String, String)]) -> Result<HeaderMap, BuildError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    for (name, value) in pairs {
+        let invalid = || BuildError::InvalidHeader { name: name.clone() };
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+        if RESERVED_HEADERS.contains(&header.as_str()) {
+            return Err(BuildError::ReservedHeader { name: name.clone() });
+        }
+        let mut value = HeaderValue::from_str(value).map_err(|_| invalid())?;
+        value.set_sensitive(true);
+        headers.append(header, value);
+    }
+    Ok(headers)
+}
+
+fn own_client(connect_timeout: Duration, egress: EgressPolicy) -> Result<Client, BuildError> {
+    let mut builder = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(connect_timeout);
+    if egress.is_restricted() {
+        // A proxy would resolve names itself, around the guard.
+        builder = builder.no_proxy().dns_resolver(Arc::new(GuardedResolver {
+            policy: Arc::new(egress),
+        }));
+    }
+    builder.build().map_err(|e| BuildError::Client(Box::new(e)))
+}
+
+fn display_url(url: &Url) -> String {
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://{}{port}{}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.path()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_url_drops_credentials_query_and_fragment() {
+        let url = Url::parse("https://user:pw@example.com:8443/a/b?token=secret#frag").unwrap();
+        assert_eq!(display_url(&url), "https://example.com:8443/a/b");
+    }
+
+    #[test]
+    fn reserved_and_invalid_headers_are_refused() {
+        let build = |name: &str, value: &str| {
+            WebhookSink::builder("https://example.com")
+                .header(name, value)
+                .build()
+        };
+        assert!(matches!(
+            build("Webhook-Signature", "x"),
+            Err(BuildError::ReservedHeader { .. })
+        ));
+        assert!(matches!(
+            build("bad name", "x"),
+            Err(BuildError::InvalidHeader { .. })
+        ));
+        assert!(matches!(
+            build("x-ok", "line\nbreak"),
+            Err(BuildError::InvalidHeader { .. })
+        ));
+        assert!(build("x-ok", "fine").is_ok());
+    }
+}

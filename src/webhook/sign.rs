@@ -1,0 +1,146 @@
+//! The signed request of one attempt: the body in the configured
+//! [`Scheme`](crate::signature::Scheme), checked against the
+//! [wire rule](crate::wire#the-rule) and the size limit, and its headers.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::{Method, Request};
+use serde::Serialize;
+
+use super::Config;
+use crate::signature;
+use crate::{Error, Event, wire};
+
+const WEBHOOK_ID: HeaderName = HeaderName::from_static(wire::WEBHOOK_ID);
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static(wire::WEBHOOK_TIMESTAMP);
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static(wire::WEBHOOK_SIGNATURE);
+const GO_SIGNATURE: HeaderName = HeaderName::from_static(wire::GO_SIGNATURE);
+
+/// Serialises, checks and signs `event` into the request of one attempt.
+pub(super) fn request<P: Serialize>(c: &Config, event: &Event<P>) -> Result<Request, Error> {
+    // The rule the receiver checks, in every scheme: an event it would
+    // answer 400 is refused here, before anything is sent.
+    let id = wire_id(event)?;
+    let now = Utc::now().trunc_subsecs(0);
+    let body = body(c, event, now)?;
+    let mut headers = c.headers.clone();
+    if c.scheme.sends_standard() {
+        headers.insert(WEBHOOK_ID, id);
+        headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(now.timestamp()));
+        if !c.secrets.is_empty() {
+            let signatures = signature::sign(&c.secrets, &event.id, now.timestamp(), &body);
+            headers.insert(WEBHOOK_SIGNATURE, to_header_value(signatures));
+        }
+    }
+    if let (true, Some(first)) = (c.scheme.sends_go(), c.secrets.first()) {
+        let signature = signature::sign_go(first, &body);
+        headers.insert(GO_SIGNATURE, to_header_value(signature));
+    }
+    let mut request = Request::new(Method::POST, c.url.clone());
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(body.into());
+    *request.timeout_mut() = Some(c.attempt_timeout);
+    Ok(request)
+}
+
+/// The body in the configured scheme, at most `max_body_bytes` long.
+fn body<P: Serialize>(c: &Config, event: &Event<P>, now: DateTime<Utc>) -> Result<Vec<u8>, Error> {
+    let mut body = Vec::with_capacity(512);
+    if c.scheme.sends_go() {
+        serde_json::to_writer(&mut body, &GoBody::new(event, now))
+    } else {
+        serde_json::to_writer(&mut body, event)
+    }
+    .map_err(Error::Serialize)?;
+    if body.len() > c.max_body_bytes {
+        return Err(Error::TooLarge {
+            size: body.len(),
+            limit: c.max_body_bytes,
+        });
+    }
+    Ok(body)
+}
+
+/// Checks `event` against [`wire::check_event`], and gives its id as a
+/// header value (the rule allows only visible ASCII, always a valid one).
+fn wire_id<P>(event: &Event<P>) -> Result<HeaderValue, Error> {
+    wire::validate(event)?;
+    HeaderValue::from_str(&event.id).map_err(|_| Error::InvalidEvent {
+        field: "id",
+        value: event.id.to_string(),
+        problem: "it is not a valid header value",
+    })
+}
+
+/// Base64 and hex signatures are ASCII, always valid header values.
+fn to_header_value(ascii: String) -> HeaderValue {
+    HeaderValue::try_from(ascii).expect("signatures are base64 or hex ASCII")
+}
+
+/// The Go original's body: its field order, plus `now`.
+#[derive(Serialize)]
+struct GoBody<'a, P> {
+    kind: &'a str,
+    id: &'a str,
+    payload: &'a P,
+    created_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+}
+
+impl<'a, P> GoBody<'a, P> {
+    fn new(event: &'a Event<P>, now: DateTime<Utc>) -> Self {
+        GoBody {
+            kind: &event.kind,
+            id: &event.id,
+            payload: &event.payload,
+            created_at: event.created_at,
+            now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn ids_and_kinds_follow_the_wire_rule() {
+        let ok = Event::new("order.placed", ()).with_id("evt_01J.x-y");
+        assert_eq!(wire_id(&ok).unwrap(), "evt_01J.x-y");
+        let longest = "x".repeat(wire::MAX_ID_BYTES);
+        assert!(wire_id(&ok.clone().with_id(longest.as_str())).is_ok());
+        for bad in [
+            "",
+            "has space",
+            "tab\t",
+            "é",
+            &"x".repeat(wire::MAX_ID_BYTES + 1),
+        ] {
+            let err = wire_id(&ok.clone().with_id(bad)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidEvent { field: "id", .. }),
+                "{bad:?}: {err}"
+            );
+            assert_eq!(err.kind(), ErrorKind::Permanent);
+        }
+        let err = wire_id(&Event::new("a\nb", ())).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidEvent { field: "kind", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn go_body_has_the_go_field_order() {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let event = Event::new("k", serde_json::json!({"a": 1}))
+            .with_id("i")
+            .with_created_at(at);
+        let json = serde_json::to_string(&GoBody::new(&event, at)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"k","id":"i","payload":{"a":1},"created_at":"2027-01-15T08:00:00Z","now":"2027-01-15T08:00:00Z"}"#
+        );
+    }
+}
