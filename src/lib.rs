@@ -17,7 +17,7 @@
 //! | --- | --- |
 //! | `webhook` (default) | [`webhook::WebhookSink`], signed HTTP delivery over reqwest (rustls) |
 //! | `verify` (default) | [`verify::VerifyWebhookLayer`], the receiver-side checks |
-//! | `axum` | [`verify::Verified`], an axum extractor of verified events |
+//! | `axum` | [`verify::VerifiedWebhook`] and [`verify::Verified`] as axum extractors |
 //! | `sqlite` (default) | [`queue`] with its SQLite backend, the embedded default |
 //! | `postgres` | [`queue`]'s Postgres backend |
 //! | `redis` | [`queue`]'s Redis backend, and a Redis replay guard for [`verify`] |

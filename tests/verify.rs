@@ -1071,7 +1071,7 @@ mod over_http {
         // Display says what happened once; the parser's words are the source's.
         assert!(!err.to_string().contains(&serde.to_string()), "{err}");
 
-        let err = extract_with(b"[1,").await.unwrap_err();
+        let err = extract_with(br#"{"kind":"#).await.unwrap_err();
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
         let source = std::error::Error::source(&err).unwrap();
         assert!(source.downcast_ref::<serde_json::Error>().unwrap().is_eof());

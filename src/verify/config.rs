@@ -77,24 +77,24 @@ impl VerifyConfig {
     /// Which format to accept; [`Scheme::Standard`] by default, and
     /// [`Scheme::Both`] accepts either (Standard when `webhook-signature`
     /// is present).
-    pub fn scheme(mut self, scheme: Scheme) -> Self {
-        self.scheme = scheme;
-        self
+    pub fn scheme(self, scheme: Scheme) -> Self {
+        Self { scheme, ..self }
     }
 
     /// How far the timestamp may be from now, either way (whole seconds);
     /// [`DEFAULT_TOLERANCE`] by default. The Go original's docs advise 30 s
     /// for its format.
-    pub fn tolerance(mut self, tolerance: Duration) -> Self {
-        self.tolerance = tolerance;
-        self
+    pub fn tolerance(self, tolerance: Duration) -> Self {
+        Self { tolerance, ..self }
     }
 
     /// The largest body accepted, in bytes; [`DEFAULT_MAX_BODY_BYTES`] by
     /// default.
-    pub fn max_body_bytes(mut self, limit: usize) -> Self {
-        self.max_body_bytes = limit;
-        self
+    pub fn max_body_bytes(self, max_body_bytes: usize) -> Self {
+        Self {
+            max_body_bytes,
+            ..self
+        }
     }
 
     /// Where "now" comes from; the system clock by default. Tests set it to
@@ -108,9 +108,8 @@ impl VerifyConfig {
     /// # let _ = config;
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
-        self
+    pub fn clock(self, clock: Clock) -> Self {
+        Self { clock, ..self }
     }
 
     /// Deduplicates deliveries by id with `guard` (none by default): an id
@@ -126,17 +125,18 @@ impl VerifyConfig {
     /// less than twice the tolerance (a shorter value is raised to that).
     /// Keep it at least as long as your sender keeps retrying one event, or a
     /// retry after a lost `2xx` runs the handler again.
-    pub fn replay_ttl(mut self, ttl: Duration) -> Self {
-        self.replay_ttl = ttl;
-        self
+    pub fn replay_ttl(self, replay_ttl: Duration) -> Self {
+        Self { replay_ttl, ..self }
     }
 
     /// How long a delivery in flight holds its id (answering 409 to
     /// duplicates); [`DEFAULT_IN_FLIGHT_TTL`] by default. A handler that runs
     /// longer loses the hold, and a duplicate then reaches the handler too.
-    pub fn in_flight_ttl(mut self, ttl: Duration) -> Self {
-        self.in_flight_ttl = ttl;
-        self
+    pub fn in_flight_ttl(self, in_flight_ttl: Duration) -> Self {
+        Self {
+            in_flight_ttl,
+            ..self
+        }
     }
 
     /// The checks this configuration describes, TTLs raised to their floors.

@@ -10,11 +10,10 @@
 //!
 //! ```
 //! use eventsink::signature::Secret;
-//! use eventsink::verify::{MemoryReplayGuard, VerifyWebhookLayer};
+//! use eventsink::verify::{MemoryReplayGuard, VerifyConfig, VerifyWebhookLayer};
 //!
-//! let layer = VerifyWebhookLayer::builder(Secret::generate()?)
-//!     .replay_guard(MemoryReplayGuard::new())
-//!     .build();
+//! let config = VerifyConfig::new(Secret::generate()?).replay_guard(MemoryReplayGuard::new());
+//! let layer = VerifyWebhookLayer::new(config);
 //! # let _ = layer;
 //! # Ok::<(), eventsink::signature::SecretError>(())
 //! ```
@@ -120,9 +119,9 @@ pub enum Claim {
 /// [`release`](ReplayGuard::release) if it failed (so the sender's retry
 /// reaches the handler again), each with the [`ClaimToken`] the claim
 /// returned. The `ttl` of `claim` is how long the in-flight mark lasts
-/// ([`in_flight_ttl`](super::VerifyWebhookLayerBuilder::in_flight_ttl)); the
+/// ([`in_flight_ttl`](super::VerifyConfig::in_flight_ttl)); the
 /// `ttl` of `complete` is how long to remember the handled id
-/// ([`replay_ttl`](super::VerifyWebhookLayerBuilder::replay_ttl)), at least
+/// ([`replay_ttl`](super::VerifyConfig::replay_ttl)), at least
 /// twice the layer's timestamp tolerance, the window in which a replayed
 /// request could still pass the timestamp check.
 ///
@@ -573,11 +572,11 @@ mod redis_guard {
     ///
     /// ```no_run
     /// use eventsink::signature::Secret;
-    /// use eventsink::verify::{RedisReplayGuard, VerifyWebhookLayer};
+    /// use eventsink::verify::{RedisReplayGuard, VerifyConfig, VerifyWebhookLayer};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let guard = RedisReplayGuard::connect("redis://127.0.0.1:6379/", "myapp:webhooks:").await?;
-    /// let layer = VerifyWebhookLayer::builder(Secret::generate()?).replay_guard(guard).build();
+    /// let layer = VerifyWebhookLayer::new(VerifyConfig::new(Secret::generate()?).replay_guard(guard));
     /// # let _ = layer;
     /// # Ok(()) }
     /// ```

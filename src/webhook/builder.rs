@@ -80,34 +80,11 @@ impl fmt::Debug for WebhookSinkBuilder {
 }
 
 impl WebhookSinkBuilder {
-    pub(super) fn new(url: String) -> Self {
-        WebhookSinkBuilder {
-            url,
-            secrets: Vec::new(),
-            scheme: Scheme::default(),
-            headers: Vec::new(),
-            client: None,
-            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            egress: EgressPolicy::default(),
-            https_only: false,
-            status_classifier: None,
-        }
-    }
-
     /// Adds a signing secret (none by default: unsigned). Add the current
     /// one first; every further one adds a signature entry so receivers
     /// still holding an older key keep verifying during a rotation.
     pub fn secret(mut self, secret: Secret) -> Self {
         self.secrets.push(secret);
-        self
-    }
-
-    /// The signature headers and body format; [`Scheme::Standard`] by
-    /// default, and [`Scheme::Both`] sends both header sets.
-    pub fn scheme(mut self, scheme: Scheme) -> Self {
-        self.scheme = scheme;
         self
     }
 
@@ -117,6 +94,12 @@ impl WebhookSinkBuilder {
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    /// The signature headers and body format; [`Scheme::Standard`] by
+    /// default, and [`Scheme::Both`] sends both header sets.
+    pub fn scheme(self, scheme: Scheme) -> Self {
+        Self { scheme, ..self }
     }
 
     /// Uses `client` instead of building one, to share its connection pool
@@ -142,31 +125,36 @@ impl WebhookSinkBuilder {
 
     /// Timeout of one attempt, connecting and reading the answer included;
     /// [`DEFAULT_ATTEMPT_TIMEOUT`] by default.
-    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
-        self.attempt_timeout = timeout;
-        self
+    pub fn attempt_timeout(self, attempt_timeout: Duration) -> Self {
+        Self {
+            attempt_timeout,
+            ..self
+        }
     }
 
     /// Timeout for establishing a connection; [`DEFAULT_CONNECT_TIMEOUT`]
     /// by default.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
+    pub fn connect_timeout(self, connect_timeout: Duration) -> Self {
+        Self {
+            connect_timeout,
+            ..self
+        }
     }
 
     /// Largest body sent, in bytes; [`DEFAULT_MAX_BODY_BYTES`] by default.
     /// A larger event fails with [`Error::TooLarge`](crate::Error::TooLarge)
     /// before any network I/O.
-    pub fn max_body_bytes(mut self, limit: usize) -> Self {
-        self.max_body_bytes = limit;
-        self
+    pub fn max_body_bytes(self, max_body_bytes: usize) -> Self {
+        Self {
+            max_body_bytes,
+            ..self
+        }
     }
 
     /// Which addresses the sink may connect to; any by default. Use
     /// [`EgressPolicy::public_only`] whenever URLs come from end users.
-    pub fn egress(mut self, policy: EgressPolicy) -> Self {
-        self.egress = policy;
-        self
+    pub fn egress(self, egress: EgressPolicy) -> Self {
+        Self { egress, ..self }
     }
 
     /// Refuses `http://` URLs when `true`; `false` by default.
@@ -176,9 +164,8 @@ impl WebhookSinkBuilder {
     /// let err = WebhookSink::builder("http://example.com/hook").https_only(true).build().unwrap_err();
     /// assert!(matches!(err, BuildError::HttpsRequired));
     /// ```
-    pub fn https_only(mut self, https_only: bool) -> Self {
-        self.https_only = https_only;
-        self
+    pub fn https_only(self, https_only: bool) -> Self {
+        Self { https_only, ..self }
     }
 
     /// Overrides how statuses are classified: return `Some(kind)` to decide,
@@ -243,6 +230,23 @@ impl WebhookSinkBuilder {
                 status_classifier: self.status_classifier,
             }),
         })
+    }
+
+    /// The defaults, for `url`.
+    pub(super) fn new(url: String) -> Self {
+        WebhookSinkBuilder {
+            url,
+            secrets: Vec::new(),
+            scheme: Scheme::default(),
+            headers: Vec::new(),
+            client: None,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            egress: EgressPolicy::default(),
+            https_only: false,
+            status_classifier: None,
+        }
     }
 
     /// The URL, parsed, with a scheme this builder accepts.

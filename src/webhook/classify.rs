@@ -1,4 +1,4 @@
-//! How a receiver's answer becomes an [`Error`](crate::Error): status
+//! How a receiver's answer becomes an [`Error`]: status
 //! classes, `Retry-After`, and the response body kept for the error.
 //!
 //! ```
