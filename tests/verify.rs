@@ -216,7 +216,10 @@ async fn the_tolerance_is_configurable() {
     let old = signed("evt_1", NOW - 31, BODY);
     let (status, text, _) = send(&layer, request(old, BODY)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(&text[..], b"webhook timestamp is too old");
+    assert!(
+        text.starts_with(b"webhook timestamp is too old;"),
+        "{text:?}"
+    );
     assert_eq!(
         status_of(&layer, signed("evt_1", NOW - 30, BODY), BODY).await,
         StatusCode::OK
@@ -318,7 +321,10 @@ async fn a_2_mib_body_is_413() {
     let big = vec![b'x'; 2 * 1024 * 1024];
     let (status, text, calls) = send(&layer, request(signed("evt_1", NOW, &big), big)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(text, "webhook body is larger than 1048576 bytes");
+    assert_eq!(
+        text,
+        "webhook body is larger than 1048576 bytes; send a smaller event"
+    );
     assert_eq!(calls, 0);
 }
 

@@ -120,16 +120,20 @@ impl fmt::Display for Rejection {
             Rejection::MalformedHeader { header, problem } => {
                 write!(f, "malformed {header} header: {problem}")
             }
-            Rejection::TimestampTooOld => f.write_str("webhook timestamp is too old"),
+            Rejection::TimestampTooOld => f.write_str(
+                "webhook timestamp is too old; sign each attempt as it is sent, and check the sender's clock",
+            ),
             Rejection::TimestampInFuture => {
-                f.write_str("webhook timestamp is too far in the future")
+                f.write_str("webhook timestamp is too far in the future; check the sender's clock")
             }
             Rejection::BodyTooLarge { limit } => {
-                write!(f, "webhook body is larger than {limit} bytes")
+                write!(f, "webhook body is larger than {limit} bytes; send a smaller event")
             }
-            Rejection::BodyUnreadable => f.write_str("could not read the webhook body"),
+            Rejection::BodyUnreadable => f.write_str("could not read the webhook body; send it again"),
             Rejection::MalformedBody { problem } => write!(f, "malformed webhook body: {problem}"),
-            Rejection::SignatureMismatch => f.write_str("no webhook signature matches"),
+            Rejection::SignatureMismatch => f.write_str(
+                "no webhook signature matches; check that both sides use the same secret and the body is sent unchanged",
+            ),
             Rejection::InFlight => {
                 f.write_str("this webhook id is being handled by another delivery; retry later")
             }

@@ -146,7 +146,7 @@ impl fmt::Display for VerifiedRejection {
                 "webhook not verified: add VerifyWebhookLayer to this route before extracting \
                  VerifiedWebhook or Verified",
             ),
-            VerifiedRejection::Body(_) => f.write_str("could not read the webhook body"),
+            VerifiedRejection::Body(_) => f.write_str("could not read the webhook body; if it is large, raise axum's DefaultBodyLimit too"),
             VerifiedRejection::Json(_) if self.status() == StatusCode::BAD_REQUEST => {
                 f.write_str("the webhook body is not valid JSON")
             }
