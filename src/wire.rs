@@ -190,6 +190,7 @@ pub fn check_event<P>(event: &Event<P>) -> Result<(), InvalidField> {
 /// [`check_event`] as the crate's [`Error::InvalidEvent`](crate::Error::InvalidEvent),
 /// with the value that was refused: what the senders (the webhook sink,
 /// the task queue's publishing service) answer.
+#[cfg(any(feature = "webhook", feature = "queue"))]
 pub(crate) fn validate<P>(event: &Event<P>) -> Result<(), crate::Error> {
     check_event(event).map_err(|e| {
         let value = if e.field() == "id" {
