@@ -20,7 +20,8 @@
 //! | `axum` | [`verify::Verified`], an axum extractor of verified events |
 //! | `sqlite` (default) | [`queue`] with its SQLite backend, the embedded default |
 //! | `postgres` | [`queue`]'s Postgres backend |
-//! | `redis` | [`queue`]'s Redis backend, and a Redis replay guard for [`verify`] |
+//! | `redis` | [`queue`]'s Redis backend |
+//! | `redis-replay` | a Redis replay guard for [`verify`], shared by several receiver processes |
 //! | `queue` | [`queue`] with only the in-memory backend (implied by the three above) |
 //!
 //! # The recommended stack

@@ -82,7 +82,7 @@ use self::check::{Config, Replay};
 pub use self::clock::Clock;
 #[cfg(feature = "axum")]
 pub use self::extract::{Verified, VerifiedRejection};
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 pub use self::replay::RedisReplayGuard;
 pub use self::replay::{
     BoxFuture, Claim, ClaimToken, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError,

@@ -20,7 +20,7 @@
 //! ```
 //!
 //! [`MemoryReplayGuard`] serves one process; [`RedisReplayGuard`] (feature
-//! `redis`) serves several receiver processes behind a load balancer.
+//! `redis-replay`) serves several receiver processes behind a load balancer.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -229,7 +229,7 @@ impl std::error::Error for ReplayError {
 /// An in-process [`ReplayGuard`] with bounded memory.
 ///
 /// Clones share one store. Ids are lost when the process stops: use
-/// [`RedisReplayGuard`] (feature `redis`) for several processes or
+/// [`RedisReplayGuard`] (feature `redis-replay`) for several processes or
 /// restarts.
 ///
 /// # Memory bound
@@ -529,10 +529,10 @@ impl ReplayGuard for MemoryReplayGuard {
     }
 }
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 pub use self::redis_guard::RedisReplayGuard;
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 mod redis_guard {
     use std::time::Duration;
 
