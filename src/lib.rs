@@ -22,6 +22,7 @@
 //! | `postgres` | [`queue`]'s Postgres backend |
 //! | `redis` | [`queue`]'s Redis backend, and a Redis replay guard for [`verify`] |
 //! | `queue` | [`queue`] with only the in-memory backend (implied by the three above) |
+//! | `test-util` | failure injection for tests: `RecordingSink::fail_next`, `Error::Simulated` |
 //!
 //! # The recommended stack
 //!
@@ -55,7 +56,10 @@
 //!   and its bound gives backpressure: publishers wait when it is full.
 //!   Set the bound at least to the number of concurrent publishers.
 //! - **Errors.** `Timeout` and `Buffer` box their errors into [`BoxError`];
-//!   [`classify`] tells whether any of them is worth retrying.
+//!   its [`Retryable`] implementation tells whether any of them is worth
+//!   retrying. [`RetryPolicy`] retries any service whose error is
+//!   [`Retryable`], and describes its waits with a [`Backoff`], as the
+//!   queue's persisted retries do.
 //!
 //! # Delivery guarantee
 //!
@@ -82,6 +86,7 @@
     missing_debug_implementations
 )]
 
+pub mod backoff;
 pub mod error;
 pub mod event;
 pub mod fs;
@@ -99,7 +104,8 @@ pub mod verify;
 pub mod webhook;
 pub mod wire;
 
-pub use error::{BoxError, Error, ErrorKind, classify};
+pub use backoff::Backoff;
+pub use error::{BoxError, Error, Retryable};
 pub use event::Event;
 pub use fs::FsSink;
 pub use noop::NoopSink;

@@ -3,7 +3,7 @@ mod support;
 
 use std::time::Duration;
 
-use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+use eventsink::{Event, RecordingSink, Retryable, SinkExt};
 use serde_json::json;
 use support::conformance::{self, ARRIVAL_TIMEOUT, Destination};
 
@@ -99,13 +99,13 @@ async fn waiting_while_events_keep_arriving_does_not_deadlock() {
 #[tokio::test]
 async fn failures_are_counted_as_calls_and_not_recorded() {
     let mut recorder = RecordingSink::new();
-    recorder.fail_next(2, ErrorKind::Transient);
+    recorder.fail_next(2);
     for _ in 0..2 {
         let err = recorder
             .publish(Event::new("a", json!(1)))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Transient);
+        assert!(err.is_retryable());
     }
     recorder.publish(Event::new("a", json!(1))).await.unwrap();
     assert_eq!(recorder.calls(), 3);
