@@ -209,7 +209,11 @@ impl Backoff {
 
     /// [`delay`](Self::delay) for a step given from outside (the fixed
     /// steps of a `RetrySchedule`).
-    pub(crate) fn delay_from_step(&self, step: Duration, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn delay_from_step(
+        &self,
+        step: Duration,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         let delay = spread(step, self.jitter);
         match retry_after {
             Some(asked) => delay.max(asked.min(self.max)),

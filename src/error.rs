@@ -346,7 +346,9 @@ impl Retryable for io::Error {
     fn is_retryable(&self) -> bool {
         !matches!(
             self.kind(),
-            io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData | io::ErrorKind::InvalidFilename
+            io::ErrorKind::InvalidInput
+                | io::ErrorKind::InvalidData
+                | io::ErrorKind::InvalidFilename
         )
     }
 }

@@ -129,7 +129,11 @@ impl RetryPolicy {
         }
         let delay = self.backoff.delay(self.retries, error.retry_after());
         self.retries += 1;
-        tracing::debug!(attempt = self.retries + 1, ?delay, "retrying after: {error}");
+        tracing::debug!(
+            attempt = self.retries + 1,
+            ?delay,
+            "retrying after: {error}"
+        );
         Some(tokio::time::sleep(delay))
     }
 }

@@ -11,8 +11,8 @@ use eventsink::{
 };
 use serde_json::json;
 use tokio::time::Instant;
-use tower::retry::budget::TpsBudget;
 use tower::retry::Policy;
+use tower::retry::budget::TpsBudget;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -84,7 +84,10 @@ async fn a_timed_out_attempt_is_retried_with_the_same_event() {
 async fn attempts_stop_at_the_maximum_and_return_the_last_error() {
     let recorder = RecordingSink::new();
     recorder.fail_next(usize::MAX);
-    let mut sink = stack(RetryPolicy::new(Backoff::new().attempts(4)), recorder.clone());
+    let mut sink = stack(
+        RetryPolicy::new(Backoff::new().attempts(4)),
+        recorder.clone(),
+    );
     let err = sink.publish(Event::new("a", json!(1))).await.unwrap_err();
     assert!(err.is_retryable());
     assert_eq!(recorder.calls(), 4);
@@ -184,7 +187,10 @@ where
 #[tokio::test]
 async fn the_retry_policy_fits_every_sink_of_the_crate() {
     let event = || Event::new("a", json!(1));
-    retried::<_, Event>(NoopSink::new()).publish(event()).await.unwrap();
+    retried::<_, Event>(NoopSink::new())
+        .publish(event())
+        .await
+        .unwrap();
     let recorder = RecordingSink::new();
     retried(recorder.clone()).publish(event()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();

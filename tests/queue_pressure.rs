@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventsink::queue::{QueueError, SqliteQueue, ThroughTaskQueue, Worker};
-use eventsink::{Event, RecordingSink};
+use eventsink::{Event, RecordingSink, Retryable};
 use futures::FutureExt;
 use serde_json::json;
 use sqlx::Connection;

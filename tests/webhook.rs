@@ -12,7 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use eventsink::signature::Secret;
 use eventsink::webhook::{BuildError, EgressPolicy, Signing, WebhookSink};
-use eventsink::{Backoff, Error, Event, Retryable, RetryPolicy, SinkExt};
+use eventsink::{Backoff, Error, Event, RetryPolicy, Retryable, SinkExt};
 use hmac::{KeyInit, Mac};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -558,7 +558,9 @@ async fn with_retry_policy_two_503s_then_204_deliver_once_after_three_attempts()
     let webhook = sink(&receiver, |b| b.secret(SECRET.parse().unwrap()));
     let mut stack = tower::ServiceBuilder::new()
         .buffer(8)
-        .retry(RetryPolicy::new(Backoff::new().min(Duration::from_millis(10))))
+        .retry(RetryPolicy::new(
+            Backoff::new().min(Duration::from_millis(10)),
+        ))
         .timeout(Duration::from_secs(15))
         .service(webhook);
     let event = Event::new("order.placed", json!({"order_id": 1}));
@@ -574,7 +576,9 @@ async fn a_permanent_answer_is_not_retried_by_the_stack() {
     receiver.script([Reply::status(410)]);
     let mut stack = tower::ServiceBuilder::new()
         .buffer(8)
-        .retry(RetryPolicy::new(Backoff::new().min(Duration::from_millis(10))))
+        .retry(RetryPolicy::new(
+            Backoff::new().min(Duration::from_millis(10)),
+        ))
         .timeout(Duration::from_secs(15))
         .service(sink(&receiver, |b| b));
     let err = stack.publish(Event::new("k", json!(1))).await.unwrap_err();

@@ -151,7 +151,6 @@ impl QueueError {
         };
         (0..n).map(|_| copy()).collect()
     }
-
 }
 
 impl Retryable for QueueError {

@@ -248,7 +248,10 @@ mod tests {
 
     #[test]
     fn exponential_stops_after_its_attempts() {
-        let backoff = Backoff::new().min(Duration::from_secs(1)).attempts(3).jitter(0.0);
+        let backoff = Backoff::new()
+            .min(Duration::from_secs(1))
+            .attempts(3)
+            .jitter(0.0);
         let s = RetrySchedule::from(backoff);
         assert_eq!(s.delay_after(1, None), Some(Duration::from_secs(1)));
         assert_eq!(s.delay_after(2, None), Some(Duration::from_secs(2)));

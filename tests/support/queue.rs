@@ -581,12 +581,7 @@ pub async fn an_event_the_wire_rule_refuses_is_refused_at_publish(backends: &imp
         Event::new("line\nbreak", json!(1)),
     ] {
         let err = sink.publish(bad.clone()).await.expect_err("refused");
-        assert!(
-            !err.is_retryable(),
-            "{:?}/{:?}: {err}",
-            bad.kind,
-            bad.id
-        );
+        assert!(!err.is_retryable(), "{:?}/{:?}: {err}", bad.kind, bad.id);
     }
     let good = Event::new("test.good", json!(2)).with_id("evt_01J.x-y");
     sink.publish(good.clone()).await.expect("publish");
