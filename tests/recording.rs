@@ -130,3 +130,24 @@ async fn assert_published_compares_kinds() {
     recorder.publish(Event::new("a", json!(1))).await.unwrap();
     recorder.assert_published(&[Event::new("b", json!(1))]);
 }
+
+#[tokio::test]
+async fn permanent_failures_are_not_retryable_and_throttling_carries_retry_after() {
+    let mut recorder = RecordingSink::new();
+    recorder.fail_next_permanently(1);
+    let err = recorder
+        .publish(Event::new("a", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert_eq!(err.retry_after(), None);
+    recorder.fail_next_with_retry_after(1, std::time::Duration::from_secs(9));
+    let err = recorder
+        .publish(Event::new("a", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(err.retry_after(), Some(std::time::Duration::from_secs(9)));
+    recorder.publish(Event::new("a", json!(1))).await.unwrap();
+    assert_eq!(recorder.calls(), 3);
+}
