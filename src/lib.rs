@@ -36,7 +36,7 @@
 //! # let dir = tmp.path();
 //! let sink = ServiceBuilder::new()
 //!     .buffer(1024)                        // outermost: makes the stack Clone
-//!     .retry(RetryPolicy::default())       // transient errors, jittered backoff
+//!     .retry(RetryPolicy::default())       // retryable errors, jittered backoff
 //!     .timeout(Duration::from_secs(15))    // per attempt, inside the retry
 //!     .service(FsSink::new(dir)?);
 //!
