@@ -2,16 +2,13 @@
 //! classes, `Retry-After`, and the response body kept for the error.
 //!
 //! ```
-//! use eventsink::ErrorKind;
-//! use eventsink::webhook::classify::status_kind;
+//! use eventsink::webhook::classify::is_retryable_status;
 //!
-//! assert_eq!(status_kind(503), ErrorKind::Transient);
-//! assert_eq!(status_kind(410), ErrorKind::Permanent);
+//! assert!(is_retryable_status(503));
+//! assert!(!is_retryable_status(410));
 //! ```
 
 use std::time::{Duration, SystemTime};
-
-use crate::ErrorKind;
 
 /// How much of a failed response's body is kept in the error: 4 KiB, enough
 /// for a JSON error document, small enough to log.
@@ -30,17 +27,17 @@ pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 /// - Other 4xx, 410 included: permanent.
 ///
 /// ```
-/// use eventsink::{ErrorKind, webhook::classify::status_kind};
-/// assert_eq!(status_kind(301), ErrorKind::Transient);
-/// assert_eq!(status_kind(422), ErrorKind::Permanent);
-/// assert_eq!(status_kind(501), ErrorKind::Permanent);
+/// use eventsink::webhook::classify::is_retryable_status;
+/// assert!(is_retryable_status(301));
+/// assert!(!is_retryable_status(422));
+/// assert!(!is_retryable_status(501));
 /// ```
-pub fn status_kind(status: u16) -> ErrorKind {
+pub fn is_retryable_status(status: u16) -> bool {
     match status {
-        300..=399 | 408 | 409 | 425 | 429 => ErrorKind::Transient,
-        501 | 505 => ErrorKind::Permanent,
-        500..=599 => ErrorKind::Transient,
-        _ => ErrorKind::Permanent,
+        300..=399 | 408 | 409 | 425 | 429 => true,
+        501 | 505 => false,
+        500..=599 => true,
+        _ => false,
     }
 }
 
@@ -97,10 +94,10 @@ mod tests {
         for s in [
             300, 301, 302, 307, 308, 408, 409, 425, 429, 500, 502, 503, 504, 507,
         ] {
-            assert_eq!(status_kind(s), ErrorKind::Transient, "{s}");
+            assert!(is_retryable_status(s), "{s}");
         }
         for s in [400, 401, 403, 404, 405, 410, 413, 415, 422, 501, 505] {
-            assert_eq!(status_kind(s), ErrorKind::Permanent, "{s}");
+            assert!(!is_retryable_status(s), "{s}");
         }
     }
 

@@ -72,7 +72,7 @@ use tower::Service;
 use tracing::Instrument;
 
 use crate::signature::{self, Secret};
-use crate::{Error, ErrorKind, Event, wire};
+use crate::{Error, Event, wire};
 pub use egress::EgressPolicy;
 use egress::{EgressRefused, GuardedResolver};
 
@@ -149,9 +149,9 @@ impl Signing {
     }
 }
 
-/// Overrides the classification of an HTTP status: return `Some(kind)` to
-/// decide, `None` to keep the default ([`classify::status_kind`]).
-pub type StatusClassifier = Arc<dyn Fn(u16) -> Option<ErrorKind> + Send + Sync>;
+/// Overrides the classification of an HTTP status: return `Some(retryable)`
+/// to decide, `None` to keep the default ([`classify::is_retryable_status`]).
+pub type StatusClassifier = Arc<dyn Fn(u16) -> Option<bool> + Send + Sync>;
 
 /// A sink that POSTs each event to one URL. Cheap to clone: clones share the
 /// HTTP client, its connection pool and the configuration.
@@ -391,18 +391,17 @@ impl WebhookSinkBuilder {
         self
     }
 
-    /// Overrides how statuses are classified: return `Some(kind)` to decide,
-    /// `None` to keep the default. For example, a receiver that answers 404
-    /// while it deploys:
+    /// Overrides how statuses are classified: return `Some(true)` to retry,
+    /// `Some(false)` to give up, `None` to keep the default. For example, a
+    /// receiver that answers 404 while it deploys:
     ///
     /// ```
-    /// use eventsink::ErrorKind;
     /// let builder = eventsink::webhook::WebhookSink::builder("https://example.com/hook")
-    ///     .classify_status(|status| (status == 404).then_some(ErrorKind::Transient));
+    ///     .classify_status(|status| (status == 404).then_some(true));
     /// ```
     pub fn classify_status(
         mut self,
-        classify: impl Fn(u16) -> Option<ErrorKind> + Send + Sync + 'static,
+        classify: impl Fn(u16) -> Option<bool> + Send + Sync + 'static,
     ) -> Self {
         self.status_classifier = Some(Arc::new(classify));
         self
@@ -619,13 +618,14 @@ impl std::error::Error for BuildError {
 /// The future of [`WebhookSink`]'s `call`: one signed HTTP attempt.
 ///
 /// ```
+/// use eventsink::Retryable;
 /// use eventsink::webhook::{ResponseFuture, WebhookSink};
 /// use tower::Service;
 ///
 /// # #[tokio::main] async fn main() -> Result<(), eventsink::BoxError> {
 /// let mut sink = WebhookSink::builder("http://127.0.0.1:9/unreachable").build()?;
 /// let attempt: ResponseFuture = sink.call(eventsink::Event::new("ping", ()));
-/// assert!(attempt.await.unwrap_err().kind().is_transient());
+/// assert!(attempt.await.unwrap_err().is_retryable());
 /// # Ok(()) }
 /// ```
 pub type ResponseFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
@@ -787,16 +787,16 @@ impl Attempt {
         let body = read_prefix(response, classify::MAX_ERROR_BODY_BYTES)
             .await
             .unwrap_or_default();
-        let kind = self
+        let retryable = self
             .config
             .status_classifier
             .as_ref()
             .and_then(|classify| classify(status))
-            .unwrap_or_else(|| classify::status_kind(status));
+            .unwrap_or_else(|| classify::is_retryable_status(status));
         Err(Error::Http {
             url: self.config.display_url.clone(),
             status,
-            kind,
+            retryable,
             retry_after,
             body: classify::sanitize_body(&body),
         })
@@ -838,6 +838,7 @@ async fn read_prefix(mut response: Response, limit: usize) -> Result<Vec<u8>, re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Retryable;
 
     #[test]
     fn display_url_drops_credentials_query_and_fragment() {
@@ -863,7 +864,7 @@ mod tests {
                 matches!(err, Error::InvalidEvent { field: "id", .. }),
                 "{bad:?}: {err}"
             );
-            assert_eq!(err.kind(), ErrorKind::Permanent);
+            assert!(!err.is_retryable());
         }
         let err = wire_id(&Event::new("a\nb", ())).unwrap_err();
         assert!(
