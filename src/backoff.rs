@@ -5,7 +5,8 @@
 //! One description, one piece of arithmetic: the delay before retry `n`
 //! (from 0) is the *step* `min × 2ⁿ`, at most `max`, spread by ± `jitter`.
 //! A receiver's `Retry-After` follows one rule everywhere (see
-//! [`Backoff::delay`]): it can lengthen a wait up to `max`, never shorten it.
+//! [`Backoff::delay`]): it can lengthen a wait to twice its step (never past
+//! `max`), never shorten it.
 //!
 //! tower's `ExponentialBackoff` yields `Sleep` futures, not durations, so it
 //! cannot compute the due time of a persisted retry; this module keeps the
@@ -23,9 +24,9 @@
 //! assert_eq!(backoff.step(0), Duration::from_millis(100));
 //! assert_eq!(backoff.step(3), Duration::from_millis(800));
 //! assert_eq!(backoff.step(9), Duration::from_secs(2));
-//! // A receiver's Retry-After lengthens the wait, up to the maximum.
-//! assert_eq!(backoff.delay(0, Some(Duration::from_secs(1))), Duration::from_secs(1));
-//! assert_eq!(backoff.delay(0, Some(Duration::from_secs(60))), Duration::from_secs(2));
+//! // A receiver's Retry-After lengthens the wait, up to twice the step.
+//! assert_eq!(backoff.delay(3, Some(Duration::from_secs(1))), Duration::from_millis(1000));
+//! assert_eq!(backoff.delay(3, Some(Duration::from_secs(60))), Duration::from_millis(1600));
 //! ```
 
 use std::time::Duration;
@@ -34,7 +35,8 @@ use std::time::Duration;
 /// `RETRY_INITIAL_BACKOFF_SECS`.
 pub const DEFAULT_MIN: Duration = Duration::from_secs(1);
 
-/// The longest step, and the cap on a receiver's `Retry-After`. 30 s, as
+/// The longest step, and the longest wait a receiver's `Retry-After` can
+/// ask for. 30 s, as
 /// Vector's `RETRY_MAX_DURATION_SECS`.
 pub const DEFAULT_MAX: Duration = Duration::from_secs(30);
 
@@ -109,7 +111,8 @@ impl Backoff {
         self
     }
 
-    /// The longest step, and the cap on a receiver's `Retry-After`. A
+    /// The longest step, and the longest wait a receiver's `Retry-After` can
+    /// ask for. A
     /// maximum below the minimum lowers the minimum to it.
     ///
     /// ```
@@ -190,8 +193,10 @@ impl Backoff {
     /// **The `Retry-After` rule**, the same for in-process and queued
     /// retries: wait at least the backoff delay (a `Retry-After: 0` or a
     /// date in the past cannot make every publisher retry at once), and
-    /// longer if the receiver asked, but at most `max` (a receiver cannot
-    /// park an event for days).
+    /// longer if the receiver asked, but at most twice the step and at most
+    /// `max` (a receiver cannot park an event for days, and the whole
+    /// series stays within twice its planned length, which is what a
+    /// receiver's replay window is sized by).
     ///
     /// ```
     /// use std::time::Duration;
@@ -199,8 +204,9 @@ impl Backoff {
     /// let secs = Duration::from_secs;
     /// assert_eq!(backoff.delay(1, None), secs(2));
     /// assert_eq!(backoff.delay(1, Some(secs(0))), secs(2));
-    /// assert_eq!(backoff.delay(1, Some(secs(7))), secs(7));
-    /// assert_eq!(backoff.delay(1, Some(secs(3600))), secs(30));
+    /// assert_eq!(backoff.delay(1, Some(secs(3))), secs(3));
+    /// assert_eq!(backoff.delay(1, Some(secs(7))), secs(4));
+    /// assert_eq!(backoff.delay(9, Some(secs(3600))), secs(30));
     /// ```
     #[must_use]
     pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
@@ -216,7 +222,7 @@ impl Backoff {
     ) -> Duration {
         let delay = spread(step, self.jitter);
         match retry_after {
-            Some(asked) => delay.max(asked.min(self.max)),
+            Some(asked) => delay.max(asked.min(step.saturating_mul(2)).min(self.max)),
             None => delay,
         }
     }
@@ -267,12 +273,13 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_lengthens_up_to_the_maximum_and_never_shortens() {
+    fn retry_after_lengthens_up_to_twice_the_step_within_the_maximum_and_never_shortens() {
         let backoff = Backoff::new().jitter(0.0);
         let secs = Duration::from_secs;
         assert_eq!(backoff.delay(2, Some(Duration::ZERO)), secs(4));
-        assert_eq!(backoff.delay(2, Some(secs(10))), secs(10));
-        assert_eq!(backoff.delay(2, Some(secs(86_400))), secs(30));
+        assert_eq!(backoff.delay(2, Some(secs(6))), secs(6));
+        assert_eq!(backoff.delay(2, Some(secs(10))), secs(8));
+        assert_eq!(backoff.delay(4, Some(secs(86_400))), secs(30));
     }
 
     #[test]

@@ -44,7 +44,7 @@ use crate::{Backoff, Retryable};
 /// around them ([`BoxError`](crate::BoxError)), and your own services once
 /// their error implements [`Retryable`]. An error that carries a
 /// `Retry-After` follows [`Backoff::delay`]'s rule: it lengthens the wait up
-/// to the backoff's maximum, never shortens it.
+/// to twice its step (never past the backoff's maximum), never shortens it.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -207,12 +207,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_larger_retry_after_wins_up_to_the_maximum() {
+    async fn a_larger_retry_after_wins_up_to_twice_the_step_within_the_maximum() {
         let policy = no_jitter();
+        let asked = Some(Duration::from_millis(1500));
+        assert_eq!(delay_after(&policy, asked), Duration::from_millis(1500));
         let asked = Some(Duration::from_secs(10));
-        assert_eq!(delay_after(&policy, asked), Duration::from_secs(10));
+        assert_eq!(delay_after(&policy, asked), Duration::from_secs(2));
+        let capped = RetryPolicy::new(
+            Backoff::new()
+                .min(Duration::from_secs(1))
+                .max(Duration::from_millis(1200))
+                .jitter(0.0),
+        );
         let asked = Some(Duration::from_secs(3600));
-        assert_eq!(delay_after(&policy, asked), Duration::from_secs(30));
+        assert_eq!(delay_after(&capped, asked), Duration::from_millis(1200));
     }
 
     #[tokio::test(start_paused = true)]

@@ -127,11 +127,19 @@ async fn without_jitter_the_retries_wait_the_doubling_steps() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn retry_after_is_honoured_and_clamped_to_the_cap() {
-    for (asked, expected) in [(7, 7), (600, 30)] {
+async fn retry_after_is_honoured_up_to_twice_the_step_within_the_cap() {
+    let default = RetryPolicy::default();
+    // Steps of 20 s (jittered to 10–30 s) under a 30 s cap.
+    let slow = RetryPolicy::new(
+        Backoff::new()
+            .min(Duration::from_secs(20))
+            .max(Duration::from_secs(30)),
+    );
+    // The first step is 1 s, jittered to at most 1.5 s: the 2 s asked wins.
+    for (policy, asked, expected) in [(&default, 2, 2), (&default, 600, 2), (&slow, 600, 30)] {
         let recorder = RecordingSink::new();
         recorder.fail_next_with_retry_after(1, Duration::from_secs(asked));
-        let mut sink = stack(RetryPolicy::default(), recorder.clone());
+        let mut sink = stack(policy.clone(), recorder.clone());
         let started = Instant::now();
         sink.publish(Event::new("a", json!(1))).await.unwrap();
         let waited = started.elapsed();

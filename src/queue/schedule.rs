@@ -34,9 +34,9 @@ pub const STANDARD_JITTER: f64 = 0.2;
 ///
 /// `delay_after(n)` is the wait after failed attempt `n` (counted from 1)
 /// before attempt `n + 1`. A receiver's `Retry-After` follows
-/// [`Backoff`]'s rule: it lengthens the wait up to the longest step, never
-/// shortens it, so a receiver can neither make the queue hammer it nor park
-/// an event for days.
+/// [`Backoff`]'s rule: it lengthens the wait up to twice its step and at
+/// most the longest step, never shortens it, so a receiver can neither make
+/// the queue hammer it nor park an event for days.
 ///
 /// ```
 /// use std::time::Duration;
@@ -44,9 +44,11 @@ pub const STANDARD_JITTER: f64 = 0.2;
 ///
 /// let schedule = RetrySchedule::fixed([Duration::from_millis(5), Duration::from_millis(10)]);
 /// assert_eq!(schedule.max_attempts(), 3);
-/// // Retry-After lengthens the wait up to the longest step.
+/// // Retry-After lengthens the wait up to twice the step, within the longest.
 /// let asked = Some(Duration::from_secs(60));
 /// assert_eq!(schedule.delay_after(1, asked), Some(Duration::from_millis(10)));
+/// assert_eq!(schedule.delay_after(2, asked), Some(Duration::from_millis(10)));
+/// assert_eq!(schedule.delay_after(3, asked), None);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 #[must_use]
@@ -238,12 +240,21 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_kept_between_the_step_and_the_longest_step() {
-        let s = RetrySchedule::fixed([Duration::from_secs(10), Duration::from_secs(20)]);
-        let d = |secs| s.delay_after(1, Some(Duration::from_secs(secs))).unwrap();
-        assert_eq!(d(1), Duration::from_secs(10));
-        assert_eq!(d(15), Duration::from_secs(15));
-        assert_eq!(d(3600), Duration::from_secs(20));
+    fn retry_after_is_kept_between_the_step_and_twice_the_step_within_the_longest() {
+        let s = RetrySchedule::fixed([
+            Duration::from_secs(10),
+            Duration::from_secs(40),
+            Duration::from_secs(30),
+        ]);
+        let d = |attempt, secs| {
+            s.delay_after(attempt, Some(Duration::from_secs(secs)))
+                .unwrap()
+        };
+        assert_eq!(d(1, 1), Duration::from_secs(10));
+        assert_eq!(d(1, 15), Duration::from_secs(15));
+        assert_eq!(d(1, 3600), Duration::from_secs(20));
+        assert_eq!(d(3, 3600), Duration::from_secs(40));
+        assert_eq!(d(2, 3600), Duration::from_secs(40));
     }
 
     #[test]
