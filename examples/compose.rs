@@ -1,11 +1,12 @@
 //! The recommended tower stack around a sink, and what each layer does when
 //! the sink misbehaves.
 //!
-//! Run with `cargo run --example compose`.
+//! Run with `cargo run --example compose --features test-util` (the
+//! feature lets `RecordingSink` fail on purpose).
 
 use std::time::{Duration, Instant};
 
-use eventsink::{BoxError, ErrorKind, Event, RecordingSink, RetryPolicy, SinkExt, classify};
+use eventsink::{Backoff, BoxError, Event, RecordingSink, RetryPolicy, Retryable, SinkExt};
 use serde_json::json;
 use tower::ServiceBuilder;
 
@@ -19,19 +20,19 @@ async fn main() -> Result<(), BoxError> {
         // Outermost: a bounded queue in front of the stack. It makes the
         // stack Clone (one handle per publisher) and gives backpressure.
         .buffer(1024)
-        // Retries transient errors with jittered exponential backoff.
-        .retry(
-            RetryPolicy::new()
-                .min_backoff(Duration::from_millis(100))
-                .max_backoff(Duration::from_secs(2))
-                .max_attempts(4),
-        )
+        // Retries retryable errors with jittered exponential backoff.
+        .retry(RetryPolicy::new(
+            Backoff::new()
+                .min(Duration::from_millis(100))
+                .max(Duration::from_secs(2))
+                .attempts(4),
+        ))
         // Innermost: bounds each attempt, so a hung attempt is retried.
         .timeout(Duration::from_secs(15))
         .service(recorder.clone());
 
     // Two transient failures: the third attempt succeeds.
-    recorder.fail_next(2, ErrorKind::Transient);
+    recorder.fail_next(2);
     let started = Instant::now();
     sink.clone()
         .publish(Event::new("order.placed", json!({"order_id": 1})))
@@ -43,7 +44,7 @@ async fn main() -> Result<(), BoxError> {
     );
 
     // A permanent failure: returned at once, never retried.
-    recorder.fail_next(1, ErrorKind::Permanent);
+    recorder.fail_next_permanently(1);
     let calls_before = recorder.calls();
     let err = sink
         .clone()
@@ -51,9 +52,9 @@ async fn main() -> Result<(), BoxError> {
         .await
         .unwrap_err();
     println!(
-        "permanent failure after {} call: {err} (classified {:?})",
+        "permanent failure after {} call: {err} (retryable: {})",
         recorder.calls() - calls_before,
-        classify(&err)
+        err.is_retryable()
     );
 
     println!("events delivered: {}", recorder.events().len());

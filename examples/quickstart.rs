@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use eventsink::queue::{RetrySchedule, SqliteQueue, ThroughTaskQueue};
 use eventsink::signature::Secret;
 use eventsink::verify::{MemoryReplayGuard, VerifyConfig, VerifyWebhookLayer};
-use eventsink::{BoxError, Event, SinkExt, WebhookSink};
+use eventsink::{Backoff, BoxError, Event, SinkExt, WebhookSink};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tower::Layer;
@@ -46,7 +46,11 @@ async fn main() -> Result<(), BoxError> {
     let webhook = WebhookSink::builder(&receiver.url).secret(secret).build()?;
     let queue = SqliteQueue::open(dir.path().join("queue.db"), "quickstart").await?;
     let mut sink = ThroughTaskQueue::new(queue).layer(webhook);
-    let schedule = RetrySchedule::exponential(Duration::from_secs(1), Duration::from_secs(4), 10);
+    let backoff = Backoff::new()
+        .min(Duration::from_secs(1))
+        .max(Duration::from_secs(4))
+        .attempts(10);
+    let schedule = RetrySchedule::exponential(backoff);
     let worker = sink.worker().schedule(schedule).spawn();
 
     let started = Instant::now();

@@ -1,19 +1,21 @@
-//! The sinks' [`Error`], whether it is worth retrying ([`ErrorKind`]), and
-//! [`classify`] for the boxed errors of a whole tower stack.
+//! The sinks' [`Error`], and [`Retryable`]: whether an error is worth
+//! retrying, for this crate's errors, the boxed errors of a whole tower
+//! stack, and your own.
 //!
-//! Callers of a sink have one question: *will trying again later help?* Every
-//! [`Error`] answers it with [`Error::kind`]. Layers such as
+//! Callers of a sink have one question: *will trying again later help?*
+//! [`Retryable::is_retryable`] answers it. Layers such as
 //! [`Timeout`](tower::timeout::Timeout) and [`Buffer`](tower::buffer::Buffer)
-//! box their errors, so [`classify`] looks through a [`BoxError`] (and its
-//! `source()` chain) and also knows tower's own error types.
+//! box their errors, so the implementation for [`BoxError`] looks through
+//! the `source()` chain and also knows tower's own error types.
 //!
 //! ```
-//! use eventsink::{classify, BoxError, ErrorKind};
+//! use eventsink::{BoxError, Retryable};
 //!
 //! let timed_out: BoxError = tower::timeout::error::Elapsed::new().into();
-//! assert_eq!(classify(&timed_out), ErrorKind::Transient);
+//! assert!(timed_out.is_retryable());
 //! ```
 
+use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
@@ -23,57 +25,63 @@ use std::time::Duration;
 /// The boxed error type of tower layers (`Timeout`, `Buffer`, ...).
 ///
 /// ```
-/// use eventsink::{BoxError, Error, ErrorKind};
+/// use eventsink::{BoxError, Error};
 ///
-/// let boxed: BoxError = Error::Simulated { kind: ErrorKind::Transient, retry_after: None }.into();
+/// let boxed: BoxError = Error::TooLarge { size: 10, limit: 5 }.into();
 /// assert!(boxed.is::<Error>());
 /// ```
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// Whether a failed delivery can succeed when tried again later.
+/// Whether a failed attempt can succeed when tried again later, and how long
+/// the other side asked us to wait.
+///
+/// [`RetryPolicy`](crate::RetryPolicy) retries any service whose error
+/// implements it, and the queue's worker asks it before scheduling the next
+/// attempt. Implement it for your own service's error:
 ///
 /// ```
-/// use eventsink::ErrorKind;
+/// use eventsink::Retryable;
 ///
-/// assert!(ErrorKind::Transient.is_transient());
-/// assert!(!ErrorKind::Permanent.is_transient());
+/// #[derive(Debug)]
+/// enum MyError { Busy, Rejected }
+///
+/// impl Retryable for MyError {
+///     fn is_retryable(&self) -> bool {
+///         matches!(self, MyError::Busy)
+///     }
+/// }
+/// assert!(MyError::Busy.is_retryable());
+/// assert!(!MyError::Rejected.is_retryable());
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// Trying again later can help: the receiver was down, slow or busy.
-    Transient,
-    /// Trying again cannot help: the event or the destination is wrong.
-    Permanent,
-}
+pub trait Retryable {
+    /// `true` if trying again later can help (the receiver was down, slow
+    /// or busy); `false` if it cannot (the event or the destination is
+    /// wrong).
+    fn is_retryable(&self) -> bool;
 
-impl ErrorKind {
-    /// `true` for [`ErrorKind::Transient`].
+    /// How long the receiver asked us to wait before the next attempt (an
+    /// HTTP `Retry-After`), if it said. `None` by default.
     ///
-    /// ```
-    /// assert!(eventsink::ErrorKind::Transient.is_transient());
-    /// ```
-    pub fn is_transient(self) -> bool {
-        self == ErrorKind::Transient
-    }
-
-    fn verdict(self) -> &'static str {
-        match self {
-            ErrorKind::Transient => "transient, retrying later can help",
-            ErrorKind::Permanent => "permanent, not retrying",
-        }
+    /// Both [`RetryPolicy`](crate::RetryPolicy) and the queue's
+    /// `RetrySchedule` apply it by one rule ([`Backoff::delay`](crate::Backoff::delay)):
+    /// the wait is at least the backoff delay and at most the backoff's
+    /// maximum; within those, the receiver's wish wins.
+    fn retry_after(&self) -> Option<Duration> {
+        None
     }
 }
 
 /// Why a sink failed to deliver an event.
 ///
-/// Match on the variant for details, or ask [`Error::kind`] whether a retry
-/// can help. The `Display` text says what failed and what to do about it.
+/// Match on the variant for details, or ask [`Retryable::is_retryable`]
+/// whether a retry can help. The `Display` text says what failed and what to
+/// do about it; the cause is its [`source`](StdError::source).
 ///
 /// ```
-/// use eventsink::{Error, ErrorKind};
+/// use eventsink::{Error, Retryable};
 ///
-/// let err = Error::Simulated { kind: ErrorKind::Permanent, retry_after: None };
-/// assert_eq!(err.kind(), ErrorKind::Permanent);
+/// let err = Error::TooLarge { size: 300_000, limit: 262_144 };
+/// assert!(!err.is_retryable());
 /// assert!(err.to_string().contains("not retrying"));
 /// ```
 #[derive(Debug)]
@@ -100,16 +108,16 @@ pub enum Error {
         /// The operating system's error.
         source: io::Error,
     },
-    /// An HTTP receiver answered with a status outside 2xx. Its kind follows
-    /// the status: 3xx, 408, 425, 429 and most 5xx are transient, other 4xx
-    /// permanent (a sink may let users override that).
+    /// An HTTP receiver answered with a status outside 2xx. Whether it is
+    /// retryable follows the status: 3xx, 408, 425, 429 and most 5xx are,
+    /// other 4xx not (a sink may let users override that).
     Http {
         /// The destination, without credentials or query string.
         url: String,
         /// The status code.
         status: u16,
         /// Whether retrying can help, decided from the status.
-        kind: ErrorKind,
+        retryable: bool,
         /// The receiver's `Retry-After`, if it sent one.
         retry_after: Option<Duration>,
         /// The first bytes of the response body, with control characters
@@ -144,61 +152,24 @@ pub enum Error {
     },
     /// A failure injected by
     /// [`RecordingSink::fail_next`](crate::RecordingSink::fail_next), for
-    /// tests of retries and queues.
+    /// tests of retries and queues (feature `test-util`).
+    #[cfg(feature = "test-util")]
     Simulated {
-        /// The kind of failure to report.
-        kind: ErrorKind,
+        /// Whether to report the failure as retryable.
+        retryable: bool,
         /// A `Retry-After` hint to carry, as an HTTP receiver would send.
         retry_after: Option<Duration>,
     },
 }
 
 impl Error {
-    /// Whether retrying later can help.
-    ///
-    /// ```
-    /// use eventsink::{Error, ErrorKind};
-    ///
-    /// let err = Error::Simulated { kind: ErrorKind::Transient, retry_after: None };
-    /// assert!(err.kind().is_transient());
-    /// ```
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            Error::Serialize(_)
-            | Error::InvalidEvent { .. }
-            | Error::TooLarge { .. }
-            | Error::Refused { .. } => ErrorKind::Permanent,
-            Error::Io { source, .. } => io_kind(source),
-            Error::Transport { .. } => ErrorKind::Transient,
-            Error::Http { kind, .. } | Error::Simulated { kind, .. } => *kind,
-        }
-    }
-
-    /// How long the receiver asked us to wait before the next attempt, if it
-    /// said (an HTTP `Retry-After`).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use eventsink::{Error, ErrorKind};
-    ///
-    /// let wait = Some(Duration::from_secs(30));
-    /// let err = Error::Simulated { kind: ErrorKind::Transient, retry_after: wait };
-    /// assert_eq!(err.retry_after(), wait);
-    /// ```
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Error::Http { retry_after, .. } | Error::Simulated { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
     /// Finds an [`Error`] in `err` or in its chain of `source()`s, as left by
     /// layers that wrap or box errors.
     ///
     /// ```
-    /// use eventsink::{BoxError, Error, ErrorKind};
+    /// use eventsink::{BoxError, Error};
     ///
-    /// let boxed: BoxError = Error::Simulated { kind: ErrorKind::Permanent, retry_after: None }.into();
+    /// let boxed: BoxError = Error::TooLarge { size: 10, limit: 5 }.into();
     /// assert!(Error::find(&*boxed).is_some());
     /// ```
     pub fn find<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a Error> {
@@ -206,12 +177,42 @@ impl Error {
     }
 }
 
+impl Retryable for Error {
+    /// ```
+    /// use eventsink::{Error, Retryable};
+    /// assert!(!Error::TooLarge { size: 10, limit: 5 }.is_retryable());
+    /// ```
+    fn is_retryable(&self) -> bool {
+        match self {
+            Error::Serialize(_)
+            | Error::InvalidEvent { .. }
+            | Error::TooLarge { .. }
+            | Error::Refused { .. } => false,
+            Error::Io { source, .. } => source.is_retryable(),
+            Error::Transport { .. } => true,
+            Error::Http { retryable, .. } => *retryable,
+            #[cfg(feature = "test-util")]
+            Error::Simulated { retryable, .. } => *retryable,
+        }
+    }
+
+    /// The receiver's `Retry-After`, carried by [`Error::Http`].
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Http { retry_after, .. } => *retry_after,
+            #[cfg(feature = "test-util")]
+            Error::Simulated { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Serialize(e) => write!(
+            Error::Serialize(_) => write!(
                 f,
-                "the event could not be serialised to JSON ({e}); fix the payload type's \
+                "the event could not be serialised to JSON; fix the payload type's \
                  Serialize implementation"
             )?,
             Error::InvalidEvent {
@@ -223,9 +224,9 @@ impl fmt::Display for Error {
                 "event {field} {value:?} cannot be delivered by this sink: {problem}; \
                  publish it with a {field} made of letters, digits, '.', '_' and '-'"
             )?,
-            Error::Io { path, source } => write!(
+            Error::Io { path, .. } => write!(
                 f,
-                "file operation on {} failed ({source}); check that the directory exists, \
+                "file operation on {} failed; check that the directory exists, \
                  is writable and has free space",
                 path.display()
             )?,
@@ -249,11 +250,10 @@ impl fmt::Display for Error {
                 f,
                 "webhook {url} did not answer in time; the receiver is slow or unreachable"
             )?,
-            Error::Transport { url, source, .. } => write!(
+            Error::Transport { url, .. } => write!(
                 f,
-                "webhook {url} could not be reached ({}); check the URL and that the \
-                 receiver is up",
-                chain_text(&**source)
+                "webhook {url} could not be reached; check the URL and that the \
+                 receiver is up"
             )?,
             Error::TooLarge { size, limit } => write!(
                 f,
@@ -265,16 +265,17 @@ impl fmt::Display for Error {
                 "the egress policy refused webhook {url}: {reason}; allow the address \
                  explicitly if it is trusted"
             )?,
-            Error::Simulated { kind, .. } => write!(
+            #[cfg(feature = "test-util")]
+            Error::Simulated { .. } => write!(
                 f,
-                "simulated {} failure requested with RecordingSink::fail_next",
-                match kind {
-                    ErrorKind::Transient => "transient",
-                    ErrorKind::Permanent => "permanent",
-                }
+                "simulated failure requested with RecordingSink::fail_next"
             )?,
         }
-        write!(f, " ({})", self.kind().verdict())
+        f.write_str(if self.is_retryable() {
+            " (transient, retrying later can help)"
+        } else {
+            " (permanent, not retrying)"
+        })
     }
 }
 
@@ -284,65 +285,100 @@ impl StdError for Error {
             Error::Serialize(e) => Some(e),
             Error::Io { source, .. } => Some(source),
             Error::Transport { source, .. } => Some(&**source),
-            Error::InvalidEvent { .. }
-            | Error::Simulated { .. }
-            | Error::Http { .. }
-            | Error::TooLarge { .. }
-            | Error::Refused { .. } => None,
+            _ => None,
         }
     }
 }
 
-/// Tells whether the error of any sink or stack of layers is worth retrying.
+/// Reads a boxed error of any sink or stack of layers.
 ///
-/// It walks `err` and its `source()` chain and answers from the first error
-/// it recognises:
+/// It walks the error and its `source()` chain and answers from the first
+/// error it recognises:
 ///
-/// - this crate's [`Error`]: its [`kind`](Error::kind);
+/// - this crate's [`Error`] and `queue::QueueError`: their own answer;
 /// - tower's `timeout::error::Elapsed` and tokio's `time::error::Elapsed`:
-///   transient (the next attempt may be faster);
-/// - tower's `load_shed::error::Overloaded`: transient;
+///   retryable (the next attempt may be faster);
+/// - tower's `load_shed::error::Overloaded`: retryable;
 /// - tower's `buffer::error::Closed` and `buffer::error::ServiceError`:
-///   transient (the event itself was fine; that buffer stopped, a new stack
+///   retryable (the event itself was fine; that buffer stopped, a new stack
 ///   or a queued retry can deliver it);
-/// - an [`std::io::Error`]: transient unless it says the input is invalid.
+/// - an [`std::io::Error`]: retryable unless it says the input is invalid.
 ///
-/// Anything else is transient too: an error we cannot read is no proof that
+/// Anything else is retryable too: an error we cannot read is no proof that
 /// the event is undeliverable, and at-least-once delivery prefers a needless
 /// retry to a lost event.
 ///
 /// ```
-/// use eventsink::{classify, BoxError, Error, ErrorKind};
+/// use eventsink::{BoxError, Error, Retryable};
 ///
-/// let err: BoxError = Error::Simulated { kind: ErrorKind::Permanent, retry_after: None }.into();
-/// assert_eq!(classify(&err), ErrorKind::Permanent);
+/// let err: BoxError = Error::TooLarge { size: 10, limit: 5 }.into();
+/// assert!(!err.is_retryable());
 ///
 /// let overloaded: BoxError = tower::load_shed::error::Overloaded::new().into();
-/// assert_eq!(classify(&overloaded), ErrorKind::Transient);
+/// assert!(overloaded.is_retryable());
 /// ```
-pub fn classify(err: &BoxError) -> ErrorKind {
-    classify_dyn(&**err)
-}
-
-/// [`classify`] for a borrowed `dyn Error`.
-pub(crate) fn classify_dyn(err: &(dyn StdError + 'static)) -> ErrorKind {
-    for e in chain(err) {
-        if let Some(ours) = e.downcast_ref::<Error>() {
-            return ours.kind();
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return io_kind(io);
-        }
-        if is_tower_transient(e) {
-            return ErrorKind::Transient;
-        }
+impl Retryable for BoxError {
+    fn is_retryable(&self) -> bool {
+        first_known(&**self).is_none_or(|known| known.is_retryable())
     }
-    ErrorKind::Transient
+
+    fn retry_after(&self) -> Option<Duration> {
+        first_known(&**self).and_then(|known| known.retry_after())
+    }
 }
 
-/// The `Retry-After` hint carried anywhere in a boxed error's chain.
-pub(crate) fn retry_after_dyn(err: &(dyn StdError + 'static)) -> Option<Duration> {
-    Error::find(err).and_then(Error::retry_after)
+/// Never fails, so never retried ([`NoopSink`](crate::NoopSink)'s error).
+impl Retryable for Infallible {
+    fn is_retryable(&self) -> bool {
+        match *self {}
+    }
+}
+
+/// Retryable unless the error says the input itself is invalid.
+///
+/// ```
+/// use eventsink::Retryable;
+/// use std::io;
+/// assert!(io::Error::from(io::ErrorKind::ConnectionReset).is_retryable());
+/// assert!(!io::Error::from(io::ErrorKind::InvalidData).is_retryable());
+/// ```
+impl Retryable for io::Error {
+    fn is_retryable(&self) -> bool {
+        !matches!(
+            self.kind(),
+            io::ErrorKind::InvalidInput
+                | io::ErrorKind::InvalidData
+                | io::ErrorKind::InvalidFilename
+        )
+    }
+}
+
+/// The answer for tower's and tokio's own errors: always retryable.
+struct TowerError;
+
+impl Retryable for TowerError {
+    fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// The first error of `err`'s `source()` chain that has a known answer.
+fn first_known<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a dyn Retryable> {
+    chain(err).find_map(known)
+}
+
+fn known<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Retryable> {
+    if let Some(ours) = e.downcast_ref::<Error>() {
+        return Some(ours);
+    }
+    #[cfg(feature = "queue")]
+    if let Some(queue) = e.downcast_ref::<crate::queue::QueueError>() {
+        return Some(queue);
+    }
+    if let Some(io) = e.downcast_ref::<io::Error>() {
+        return Some(io);
+    }
+    is_tower_transient(e).then_some(&TowerError)
 }
 
 /// What an HTTP status usually means for the sender, in a few words.
@@ -362,27 +398,12 @@ fn status_advice(status: u16) -> &'static str {
     }
 }
 
-/// An error and its sources, joined with ": ".
-fn chain_text(err: &(dyn StdError + 'static)) -> String {
-    let parts: Vec<String> = chain(err).map(ToString::to_string).collect();
-    parts.join(": ")
-}
-
 fn is_tower_transient(e: &(dyn StdError + 'static)) -> bool {
     e.is::<tower::timeout::error::Elapsed>()
         || e.is::<tokio::time::error::Elapsed>()
         || e.is::<tower::load_shed::error::Overloaded>()
         || e.is::<tower::buffer::error::Closed>()
         || e.is::<tower::buffer::error::ServiceError>()
-}
-
-fn io_kind(e: &io::Error) -> ErrorKind {
-    match e.kind() {
-        io::ErrorKind::InvalidInput
-        | io::ErrorKind::InvalidData
-        | io::ErrorKind::InvalidFilename => ErrorKind::Permanent,
-        _ => ErrorKind::Transient,
-    }
 }
 
 fn chain<'a>(
@@ -396,10 +417,7 @@ mod tests {
     use super::*;
 
     fn permanent() -> Error {
-        Error::Simulated {
-            kind: ErrorKind::Permanent,
-            retry_after: None,
-        }
+        Error::TooLarge { size: 2, limit: 1 }
     }
 
     #[derive(Debug)]
@@ -416,20 +434,41 @@ mod tests {
     }
 
     #[test]
-    fn classify_finds_our_error_behind_a_wrapper() {
+    fn a_boxed_error_finds_ours_behind_a_wrapper() {
         let err: BoxError = Box::new(Wrapper(permanent()));
-        assert_eq!(classify(&err), ErrorKind::Permanent);
+        assert!(!err.is_retryable());
     }
 
     #[test]
-    fn tower_errors_are_transient() {
+    fn an_unknown_error_is_retryable() {
+        let err: BoxError = "something odd".into();
+        assert!(err.is_retryable());
+        assert_eq!(err.retry_after(), None);
+    }
+
+    #[test]
+    fn tower_errors_are_retryable() {
         let errs: Vec<BoxError> = vec![
             tower::timeout::error::Elapsed::new().into(),
             tower::load_shed::error::Overloaded::new().into(),
         ];
         for e in &errs {
-            assert_eq!(classify(e), ErrorKind::Transient, "{e}");
+            assert!(e.is_retryable(), "{e}");
         }
+    }
+
+    #[test]
+    fn a_boxed_http_error_carries_its_retry_after() {
+        let wait = Some(Duration::from_secs(30));
+        let err: BoxError = Box::new(Wrapper(Error::Http {
+            url: "https://example.com/hook".into(),
+            status: 503,
+            retryable: true,
+            retry_after: wait,
+            body: String::new(),
+        }));
+        assert!(err.is_retryable());
+        assert_eq!(err.retry_after(), wait);
     }
 
     /// A service whose readiness fails with a permanent error.
@@ -450,7 +489,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dead_buffer_is_transient_whatever_killed_it() {
+    async fn a_dead_buffer_is_retryable_whatever_killed_it() {
         use tower::{Service, ServiceExt};
         let mut buffer = tower::buffer::Buffer::new(Broken, 1);
         // The buffer's worker meets the failing readiness with the first request.
@@ -461,15 +500,15 @@ mod tests {
             .expect_err("the inner service is broken");
         assert!(err.is::<tower::buffer::error::ServiceError>(), "{err}");
         // The event was never tried: a new stack or a queued retry can deliver it.
-        assert_eq!(classify(&err), ErrorKind::Transient);
+        assert!(err.is_retryable());
     }
 
     #[test]
-    fn io_errors_classify_by_kind() {
+    fn io_errors_are_read_by_kind() {
         let invalid: BoxError = io::Error::new(io::ErrorKind::InvalidInput, "bad").into();
         let denied: BoxError = io::Error::new(io::ErrorKind::PermissionDenied, "no").into();
-        assert_eq!(classify(&invalid), ErrorKind::Permanent);
-        assert_eq!(classify(&denied), ErrorKind::Transient);
+        assert!(!invalid.is_retryable());
+        assert!(denied.is_retryable());
     }
 
     #[test]
@@ -483,5 +522,30 @@ mod tests {
         assert!(text.contains("\"../etc\""), "{text}");
         assert!(text.contains("contains a path separator"), "{text}");
         assert!(text.contains("not retrying"), "{text}");
+    }
+
+    #[test]
+    fn display_does_not_repeat_the_source() {
+        let source = io::Error::other("disk on fire");
+        let errs = [
+            Error::Io {
+                path: "/tmp/x".into(),
+                source: io::Error::other("disk on fire"),
+            },
+            Error::Transport {
+                url: "https://example.com/hook".into(),
+                timed_out: false,
+                source: Box::new(Wrapper(Error::Io {
+                    path: "/tmp/x".into(),
+                    source,
+                })),
+            },
+            Error::Serialize(serde_json::from_str::<u8>("\"disk on fire\"").unwrap_err()),
+        ];
+        for err in errs {
+            let text = err.to_string();
+            assert!(!text.contains("disk on fire"), "{text}");
+            assert!(err.source().is_some(), "{text}");
+        }
     }
 }

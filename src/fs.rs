@@ -322,6 +322,7 @@ impl Future for ResponseFuture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Retryable;
 
     fn named(kind: &str, id: &str) -> Result<String, Error> {
         FsSink::file_name(&Event::new(kind, ()).with_id(id))
@@ -340,7 +341,7 @@ mod tests {
             ("a", "c:d"),
         ] {
             let err = named(kind, id).expect_err(&format!("{kind:?} {id:?}"));
-            assert!(!err.kind().is_transient());
+            assert!(!err.is_retryable());
         }
         assert!(named(&"k".repeat(101), "1").is_err());
     }

@@ -20,8 +20,10 @@
 //! | `axum` | [`verify::VerifiedWebhook`] and [`verify::Verified`] as axum extractors |
 //! | `sqlite` (default) | [`queue`] with its SQLite backend, the embedded default |
 //! | `postgres` | [`queue`]'s Postgres backend |
-//! | `redis` | [`queue`]'s Redis backend, and a Redis replay guard for [`verify`] |
+//! | `redis` | [`queue`]'s Redis backend |
+//! | `redis-replay` | a Redis replay guard for [`verify`], shared by several receiver processes |
 //! | `queue` | [`queue`] with only the in-memory backend (implied by the three above) |
+//! | `test-util` | failure injection for tests: `RecordingSink::fail_next`, `Error::Simulated` |
 //!
 //! # The recommended stack
 //!
@@ -35,7 +37,7 @@
 //! # let dir = tmp.path();
 //! let sink = ServiceBuilder::new()
 //!     .buffer(1024)                        // outermost: makes the stack Clone
-//!     .retry(RetryPolicy::default())       // transient errors, jittered backoff
+//!     .retry(RetryPolicy::default())       // retryable errors, jittered backoff
 //!     .timeout(Duration::from_secs(15))    // per attempt, inside the retry
 //!     .service(FsSink::new(dir)?);
 //!
@@ -55,7 +57,10 @@
 //!   and its bound gives backpressure: publishers wait when it is full.
 //!   Set the bound at least to the number of concurrent publishers.
 //! - **Errors.** `Timeout` and `Buffer` box their errors into [`BoxError`];
-//!   [`classify`] tells whether any of them is worth retrying.
+//!   its [`Retryable`] implementation tells whether any of them is worth
+//!   retrying. [`RetryPolicy`] retries any service whose error is
+//!   [`Retryable`], and describes its waits with a [`Backoff`], as the
+//!   queue's persisted retries do.
 //!
 //! # Delivery guarantee
 //!
@@ -82,6 +87,7 @@
     missing_debug_implementations
 )]
 
+pub mod backoff;
 pub mod error;
 pub mod event;
 pub mod fs;
@@ -99,7 +105,8 @@ pub mod verify;
 pub mod webhook;
 pub mod wire;
 
-pub use error::{BoxError, Error, ErrorKind, classify};
+pub use backoff::Backoff;
+pub use error::{BoxError, Error, Retryable};
 pub use event::Event;
 pub use fs::FsSink;
 pub use noop::NoopSink;

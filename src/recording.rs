@@ -6,8 +6,8 @@
 //! position the `kind` and `payload`, ignoring `id` and `created_at`, which
 //! are random in real code. [`wait_for`](RecordingSink::wait_for) waits for
 //! events that arrive asynchronously (through a queue worker), and
-//! [`fail_next`](RecordingSink::fail_next) makes the next calls fail, to test
-//! retries.
+//! with the `test-util` feature, `fail_next` makes the next calls fail, to
+//! test retries.
 //!
 //! ```
 //! use eventsink::{Event, RecordingSink, SinkExt};
@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tower::Service;
 
-use crate::{Error, ErrorKind, Event};
+use crate::{Error, Event};
 
 /// A sink that records every event it accepts. Cloning gives another handle
 /// to the same record; it is safe to publish from many tasks at once.
@@ -50,13 +50,17 @@ struct Shared<P> {
 struct State<P> {
     events: Vec<Event<P>>,
     calls: usize,
-    failures_left: usize,
-    failure: Failure,
+    /// Failures injected by `fail_next` (feature `test-util`).
+    #[cfg(feature = "test-util")]
+    failing: Failing,
 }
 
-#[derive(Clone, Copy)]
-struct Failure {
-    kind: ErrorKind,
+/// The next `left` calls fail with `Error::Simulated`.
+#[cfg(feature = "test-util")]
+#[derive(Debug, Clone, Copy, Default)]
+struct Failing {
+    left: usize,
+    retryable: bool,
     retry_after: Option<Duration>,
 }
 
@@ -73,11 +77,8 @@ impl<P> RecordingSink<P> {
                 state: Mutex::new(State {
                     events: Vec::new(),
                     calls: 0,
-                    failures_left: 0,
-                    failure: Failure {
-                        kind: ErrorKind::Transient,
-                        retry_after: None,
-                    },
+                    #[cfg(feature = "test-util")]
+                    failing: Failing::default(),
                 }),
                 recorded: watch::channel(0).0,
             }),
@@ -103,62 +104,70 @@ impl<P> RecordingSink<P> {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+    /// use eventsink::{Event, RecordingSink, SinkExt};
     /// let mut recorder = RecordingSink::new();
-    /// recorder.fail_next(1, ErrorKind::Transient);
-    /// assert!(recorder.publish(Event::new("a", ())).await.is_err());
+    /// recorder.publish(Event::new("a", ())).await.unwrap();
     /// assert_eq!(recorder.calls(), 1);
-    /// assert!(recorder.events().is_empty());
     /// # }
     /// ```
     pub fn calls(&self) -> usize {
         self.lock().calls
     }
 
-    /// Makes the next `n` calls fail with [`Error::Simulated`] of `kind`
-    /// instead of recording the event.
+    /// Makes the next `n` calls fail with a retryable [`Error::Simulated`]
+    /// instead of recording the event (feature `test-util`).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+    /// use eventsink::{Event, RecordingSink, Retryable, SinkExt};
     /// let mut recorder = RecordingSink::new();
-    /// recorder.fail_next(1, ErrorKind::Permanent);
+    /// recorder.fail_next(1);
     /// let err = recorder.publish(Event::new("a", ())).await.unwrap_err();
-    /// assert_eq!(err.kind(), ErrorKind::Permanent);
+    /// assert!(err.is_retryable());
+    /// assert_eq!(recorder.calls(), 1);
+    /// assert!(recorder.events().is_empty());
+    /// # }
+    /// ```
+    #[cfg(feature = "test-util")]
+    pub fn fail_next(&self, n: usize) {
+        self.set_failing(n, true, None);
+    }
+
+    /// Makes the next `n` calls fail with an [`Error::Simulated`] that is
+    /// not retryable (feature `test-util`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use eventsink::{Event, RecordingSink, Retryable, SinkExt};
+    /// let mut recorder = RecordingSink::new();
+    /// recorder.fail_next_permanently(1);
+    /// let err = recorder.publish(Event::new("a", ())).await.unwrap_err();
+    /// assert!(!err.is_retryable());
     /// recorder.publish(Event::new("a", ())).await.unwrap();
     /// # }
     /// ```
-    pub fn fail_next(&self, n: usize, kind: ErrorKind) {
-        self.set_failures(
-            n,
-            Failure {
-                kind,
-                retry_after: None,
-            },
-        );
+    #[cfg(feature = "test-util")]
+    pub fn fail_next_permanently(&self, n: usize) {
+        self.set_failing(n, false, None);
     }
 
-    /// Makes the next `n` calls fail transiently, carrying a `Retry-After`
-    /// hint of `retry_after`, as a throttling HTTP receiver would.
+    /// Makes the next `n` calls fail with a retryable [`Error::Simulated`]
+    /// carrying a `Retry-After` hint of `retry_after`, as a throttling HTTP
+    /// receiver would (feature `test-util`).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// use std::time::Duration;
-    /// use eventsink::{Event, RecordingSink, SinkExt};
+    /// use eventsink::{Event, RecordingSink, Retryable, SinkExt};
     /// let mut recorder = RecordingSink::new();
     /// recorder.fail_next_with_retry_after(1, Duration::from_secs(3));
     /// let err = recorder.publish(Event::new("a", ())).await.unwrap_err();
     /// assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
     /// # }
     /// ```
+    #[cfg(feature = "test-util")]
     pub fn fail_next_with_retry_after(&self, n: usize, retry_after: Duration) {
-        self.set_failures(
-            n,
-            Failure {
-                kind: ErrorKind::Transient,
-                retry_after: Some(retry_after),
-            },
-        );
+        self.set_failing(n, true, Some(retry_after));
     }
 
     /// Waits until at least `n` events were recorded and returns them all,
@@ -200,10 +209,13 @@ impl<P> RecordingSink<P> {
         }
     }
 
-    fn set_failures(&self, n: usize, failure: Failure) {
-        let mut state = self.lock();
-        state.failures_left = n;
-        state.failure = failure;
+    #[cfg(feature = "test-util")]
+    fn set_failing(&self, left: usize, retryable: bool, retry_after: Option<Duration>) {
+        self.lock().failing = Failing {
+            left,
+            retryable,
+            retry_after,
+        };
     }
 
     fn lock(&self) -> MutexGuard<'_, State<P>> {
@@ -311,10 +323,13 @@ impl<P> Service<Event<P>> for RecordingSink<P> {
     fn call(&mut self, event: Event<P>) -> Self::Future {
         let mut state = self.lock();
         state.calls += 1;
-        if state.failures_left > 0 {
-            state.failures_left -= 1;
-            let Failure { kind, retry_after } = state.failure;
-            return ready(Err(Error::Simulated { kind, retry_after }));
+        #[cfg(feature = "test-util")]
+        if state.failing.left > 0 {
+            state.failing.left -= 1;
+            return ready(Err(Error::Simulated {
+                retryable: state.failing.retryable,
+                retry_after: state.failing.retry_after,
+            }));
         }
         state.events.push(event);
         self.shared.recorded.send_replace(state.events.len());
@@ -339,11 +354,13 @@ impl<P> Default for RecordingSink<P> {
 impl<P> fmt::Debug for RecordingSink<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.lock();
-        f.debug_struct("RecordingSink")
+        let mut debug = f.debug_struct("RecordingSink");
+        debug
             .field("events", &state.events.len())
-            .field("calls", &state.calls)
-            .field("failures_left", &state.failures_left)
-            .finish()
+            .field("calls", &state.calls);
+        #[cfg(feature = "test-util")]
+        debug.field("failing", &state.failing);
+        debug.finish()
     }
 }
 

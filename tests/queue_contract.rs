@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use apalis::prelude::{BoxDynError, Data};
 use eventsink::queue::{QueueBackend, QueuedEvent, RetrySchedule, ThroughTaskQueue};
-use eventsink::{ErrorKind, Event, NoopSink, SinkExt};
+use eventsink::{Event, NoopSink, Retryable, SinkExt};
 use serde_json::{Value, json};
 use support::queue::unique_name;
 use tower::Layer;
@@ -72,7 +72,7 @@ async fn write_retry_job<B: QueueBackend<Value>>(backend: &B) -> Event {
             let _ = called.send(());
             async {
                 Err::<(), _>(eventsink::Error::Simulated {
-                    kind: ErrorKind::Transient,
+                    retryable: true,
                     retry_after: None,
                 })
             }
@@ -453,7 +453,7 @@ mod sqlite {
             matches!(err, QueueError::NewerSchema { .. }),
             "want QueueError::NewerSchema, got {err:?}"
         );
-        assert!(!err.kind().is_transient(), "retrying cannot help");
+        assert!(!err.is_retryable(), "retrying cannot help");
         for part in [
             "29991231000000".to_owned(),
             newest_known.to_string(),

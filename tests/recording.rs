@@ -3,7 +3,7 @@ mod support;
 
 use std::time::Duration;
 
-use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+use eventsink::{Event, RecordingSink, Retryable, SinkExt};
 use serde_json::json;
 use support::conformance::{self, ARRIVAL_TIMEOUT, Destination};
 
@@ -99,13 +99,13 @@ async fn waiting_while_events_keep_arriving_does_not_deadlock() {
 #[tokio::test]
 async fn failures_are_counted_as_calls_and_not_recorded() {
     let mut recorder = RecordingSink::new();
-    recorder.fail_next(2, ErrorKind::Transient);
+    recorder.fail_next(2);
     for _ in 0..2 {
         let err = recorder
             .publish(Event::new("a", json!(1)))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Transient);
+        assert!(err.is_retryable());
     }
     recorder.publish(Event::new("a", json!(1))).await.unwrap();
     assert_eq!(recorder.calls(), 3);
@@ -129,4 +129,25 @@ async fn assert_published_compares_kinds() {
     let mut recorder = RecordingSink::new();
     recorder.publish(Event::new("a", json!(1))).await.unwrap();
     recorder.assert_published(&[Event::new("b", json!(1))]);
+}
+
+#[tokio::test]
+async fn permanent_failures_are_not_retryable_and_throttling_carries_retry_after() {
+    let mut recorder = RecordingSink::new();
+    recorder.fail_next_permanently(1);
+    let err = recorder
+        .publish(Event::new("a", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert_eq!(err.retry_after(), None);
+    recorder.fail_next_with_retry_after(1, std::time::Duration::from_secs(9));
+    let err = recorder
+        .publish(Event::new("a", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(err.retry_after(), Some(std::time::Duration::from_secs(9)));
+    recorder.publish(Event::new("a", json!(1))).await.unwrap();
+    assert_eq!(recorder.calls(), 3);
 }

@@ -1093,7 +1093,7 @@ mod over_http {
 // --- the Redis replay guard (ignored unless EVENTSINK_REDIS_URL was set at
 // build time, see build.rs; CI sets it)
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 mod redis_guard {
     use super::*;
     use eventsink::verify::RedisReplayGuard;

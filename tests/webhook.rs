@@ -12,7 +12,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use eventsink::signature::{Scheme, Secret};
 use eventsink::webhook::{BuildError, EgressPolicy, WebhookSink};
-use eventsink::{Error, ErrorKind, Event, RetryPolicy, SinkExt, classify};
+use eventsink::{Backoff, Error, Event, RetryPolicy, Retryable, SinkExt};
 use hmac::{KeyInit, Mac};
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -268,21 +268,21 @@ async fn statuses_are_classified_and_carry_the_response_body() {
         (200, None),
         (201, None),
         (204, None),
-        (301, Some(ErrorKind::Transient)),
-        (400, Some(ErrorKind::Permanent)),
-        (401, Some(ErrorKind::Permanent)),
-        (404, Some(ErrorKind::Permanent)),
-        (408, Some(ErrorKind::Transient)),
-        (409, Some(ErrorKind::Transient)),
-        (410, Some(ErrorKind::Permanent)),
-        (422, Some(ErrorKind::Permanent)),
-        (425, Some(ErrorKind::Transient)),
-        (429, Some(ErrorKind::Transient)),
-        (500, Some(ErrorKind::Transient)),
-        (501, Some(ErrorKind::Permanent)),
-        (502, Some(ErrorKind::Transient)),
-        (503, Some(ErrorKind::Transient)),
-        (504, Some(ErrorKind::Transient)),
+        (301, Some(true)),
+        (400, Some(false)),
+        (401, Some(false)),
+        (404, Some(false)),
+        (408, Some(true)),
+        (409, Some(true)),
+        (410, Some(false)),
+        (422, Some(false)),
+        (425, Some(true)),
+        (429, Some(true)),
+        (500, Some(true)),
+        (501, Some(false)),
+        (502, Some(true)),
+        (503, Some(true)),
+        (504, Some(true)),
     ];
     let receiver = Receiver::start().await;
     let mut sink = sink(&receiver, |b| b);
@@ -294,15 +294,15 @@ async fn statuses_are_classified_and_carry_the_response_body() {
         match (expected, result) {
             (None, Ok(())) => {}
             (
-                Some(kind),
+                Some(retryable),
                 Err(Error::Http {
                     status: got,
-                    kind: got_kind,
+                    retryable: got_retryable,
                     body,
                     ..
                 }),
             ) => {
-                assert_eq!((got, got_kind), (status, kind), "status {status}");
+                assert_eq!((got, got_retryable), (status, retryable), "status {status}");
                 assert_eq!(
                     body,
                     format!("answer {status}"),
@@ -336,7 +336,7 @@ async fn a_redirect_is_not_followed() {
     let mut sink = sink(&receiver, |b| b);
     let err = sink.publish(Event::new("k", json!(1))).await.unwrap_err();
     assert!(matches!(err, Error::Http { status: 302, .. }), "{err:?}");
-    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert!(err.is_retryable());
     // Nothing followed: prove it with a later request that arrives second.
     sink.publish(Event::new("k", json!(2))).await.unwrap();
     let paths: Vec<_> = receiver.requests().into_iter().map(|r| r.path).collect();
@@ -359,7 +359,7 @@ async fn a_slow_server_times_out_transiently() {
         ),
         "{err:?}"
     );
-    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert!(err.is_retryable());
 }
 
 #[tokio::test]
@@ -382,7 +382,7 @@ async fn a_closed_port_is_a_transient_connect_error() {
         ),
         "{err:?}"
     );
-    assert_eq!(err.kind(), ErrorKind::Transient);
+    assert!(err.is_retryable());
     assert!(err.to_string().contains("could not be reached"), "{err}");
 }
 
@@ -398,7 +398,7 @@ async fn a_body_over_the_limit_is_refused_before_any_request() {
         matches!(err, Error::TooLarge { limit: 1024, .. }),
         "{err:?}"
     );
-    assert_eq!(err.kind(), ErrorKind::Permanent);
+    assert!(!err.is_retryable());
     let small = Event::new("k", json!(1));
     sink.publish(small.clone()).await.unwrap();
     let requests = receiver.requests();
@@ -469,7 +469,7 @@ async fn public_only_refuses_private_destinations_without_sending() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Refused { .. }), "{err:?}");
-    assert_eq!(err.kind(), ErrorKind::Permanent);
+    assert!(!err.is_retryable());
     assert!(err.to_string().contains("loopback"), "{err}");
 
     // With an allow-list entry, loopback is reachable again.
@@ -500,25 +500,15 @@ async fn the_status_classification_can_be_overridden() {
     receiver.script([Reply::status(404), Reply::status(503)]);
     let mut sink = sink(&receiver, |b| {
         b.classify_status(|s| match s {
-            StatusCode::NOT_FOUND => Some(ErrorKind::Transient),
-            StatusCode::SERVICE_UNAVAILABLE => Some(ErrorKind::Permanent),
+            StatusCode::NOT_FOUND => Some(true),
+            StatusCode::SERVICE_UNAVAILABLE => Some(false),
             _ => None,
         })
     });
-    assert_eq!(
-        sink.publish(Event::new("k", json!(1)))
-            .await
-            .unwrap_err()
-            .kind(),
-        ErrorKind::Transient
-    );
-    assert_eq!(
-        sink.publish(Event::new("k", json!(1)))
-            .await
-            .unwrap_err()
-            .kind(),
-        ErrorKind::Permanent
-    );
+    let err = sink.publish(Event::new("k", json!(1))).await.unwrap_err();
+    assert!(err.is_retryable(), "404 overridden to retryable: {err}");
+    let err = sink.publish(Event::new("k", json!(1))).await.unwrap_err();
+    assert!(!err.is_retryable(), "503 overridden to permanent: {err}");
 }
 
 #[tokio::test]
@@ -569,7 +559,9 @@ async fn with_retry_policy_two_503s_then_204_deliver_once_after_three_attempts()
     let webhook = sink(&receiver, |b| b.secret(SECRET.parse().unwrap()));
     let mut stack = tower::ServiceBuilder::new()
         .buffer(8)
-        .retry(RetryPolicy::new().min_backoff(Duration::from_millis(10)))
+        .retry(RetryPolicy::new(
+            Backoff::new().min(Duration::from_millis(10)),
+        ))
         .timeout(Duration::from_secs(15))
         .service(webhook);
     let event = Event::new("order.placed", json!({"order_id": 1}));
@@ -585,11 +577,13 @@ async fn a_permanent_answer_is_not_retried_by_the_stack() {
     receiver.script([Reply::status(410)]);
     let mut stack = tower::ServiceBuilder::new()
         .buffer(8)
-        .retry(RetryPolicy::new().min_backoff(Duration::from_millis(10)))
+        .retry(RetryPolicy::new(
+            Backoff::new().min(Duration::from_millis(10)),
+        ))
         .timeout(Duration::from_secs(15))
         .service(sink(&receiver, |b| b));
     let err = stack.publish(Event::new("k", json!(1))).await.unwrap_err();
-    assert_eq!(classify(&err), ErrorKind::Permanent);
+    assert!(!err.is_retryable());
     assert_eq!(receiver.requests().len(), 1);
 }
 

@@ -18,7 +18,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use eventsink::signature::{Scheme, Secret};
 use eventsink::verify::{VerifiedWebhook, VerifyConfig, VerifyWebhookLayer};
 use eventsink::webhook::WebhookSink;
-use eventsink::{Error, ErrorKind, Event, SinkExt, wire};
+use eventsink::{Error, Event, Retryable, SinkExt, wire};
 use proptest::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
@@ -283,7 +283,7 @@ async fn run(case: Case) -> Result<(), TestCaseError> {
                 &*event.id,
                 &*event.kind
             );
-            prop_assert_eq!(error.kind(), ErrorKind::Permanent);
+            prop_assert!(!error.is_retryable());
             prop_assert!(
                 !rule_accepts,
                 "the rule accepts what publish refused: {error}"

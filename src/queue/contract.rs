@@ -177,7 +177,7 @@ mod tests {
     fn an_unknown_migration_is_a_permanent_error_naming_both_versions() {
         let q: Arc<str> = "q".into();
         let err = compare(&q, "apalis-x", [1, 2, 7, 5], &migrator()).unwrap_err();
-        assert!(!err.kind().is_transient());
+        assert!(!crate::Retryable::is_retryable(&err));
         match &err {
             QueueError::NewerSchema {
                 unknown,

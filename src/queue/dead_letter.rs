@@ -9,12 +9,14 @@
 //!
 //! ```
 //! use eventsink::queue::{MemoryQueue, RetrySchedule, ThroughTaskQueue};
-//! use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+//! use eventsink::{Event, RecordingSink, SinkExt};
 //! use tower::Layer;
 //!
+//! # #[cfg(not(feature = "test-util"))] fn main() {}
+//! # #[cfg(feature = "test-util")]
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
 //! let recorder = RecordingSink::new();
-//! recorder.fail_next(1, ErrorKind::Permanent);
+//! recorder.fail_next_permanently(1); // feature `test-util`
 //! let queue = MemoryQueue::new("demo");
 //! let mut sink = ThroughTaskQueue::new(queue.clone()).layer(recorder.clone());
 //! let worker = sink.worker().spawn();

@@ -6,20 +6,20 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{BoxError, ErrorKind};
+use crate::{BoxError, Retryable};
 
 /// A failure of the queue itself (not of the delivery behind it).
 ///
 /// Every variant is transient except [`QueueError::Encode`], whose source is
 /// an [`eventsink::Error::Serialize`](crate::Error::Serialize), so
-/// [`classify`](crate::classify) answers correctly for a boxed `QueueError`.
+/// [`Retryable`] answers correctly for a boxed `QueueError`.
 ///
 /// ```
 /// use eventsink::queue::QueueError;
-/// use eventsink::{classify, BoxError, ErrorKind};
+/// use eventsink::{BoxError, Retryable};
 ///
 /// let err: BoxError = QueueError::Stopped { queue: "orders".into() }.into();
-/// assert_eq!(classify(&err), ErrorKind::Transient);
+/// assert!(err.is_retryable());
 /// assert!(err.to_string().contains("orders"));
 /// ```
 #[derive(Debug)]
@@ -151,18 +151,18 @@ impl QueueError {
         };
         (0..n).map(|_| copy()).collect()
     }
+}
 
-    /// Whether retrying later can help.
-    ///
+impl Retryable for QueueError {
     /// ```
-    /// use eventsink::queue::QueueError;
-    /// assert!(QueueError::NoRuntime.kind().is_transient());
+    /// use eventsink::{Retryable, queue::QueueError};
+    /// assert!(QueueError::NoRuntime.is_retryable());
     /// ```
-    pub fn kind(&self) -> ErrorKind {
+    fn is_retryable(&self) -> bool {
         match self {
-            QueueError::Encode { source, .. } => source.kind(),
-            QueueError::NewerSchema { .. } => ErrorKind::Permanent,
-            _ => ErrorKind::Transient,
+            QueueError::Encode { source, .. } => source.is_retryable(),
+            QueueError::NewerSchema { .. } => false,
+            _ => true,
         }
     }
 }
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(each.len(), 3);
         for e in &each {
             assert!(matches!(e, QueueError::Backend { .. }), "{e:?}");
-            assert!(e.kind().is_transient());
+            assert!(e.is_retryable());
             assert_eq!(
                 e.to_string().matches("connection refused").count(),
                 1,
@@ -281,7 +281,7 @@ mod tests {
             queue: "orders".into(),
             after: Duration::from_secs(2),
         };
-        assert!(err.kind().is_transient());
+        assert!(err.is_retryable());
         let text = err.to_string();
         for part in ["orders", "2s", "may or may not be stored", "same id"] {
             assert!(text.contains(part), "{text:?} lacks {part:?}");

@@ -50,7 +50,7 @@
 //!   that fails on a backend error is restarted with backoff under a new
 //!   name; one stopped gracefully finishes its deliveries and hands back the
 //!   jobs it had fetched but not started.
-//! - **Retries.** A transient failure (see [`classify`](crate::classify)),
+//! - **Retries.** A retryable failure (see [`Retryable`](crate::Retryable)),
 //!   including an attempt that exceeds its timeout, writes the next attempt
 //!   into the backend as a new job due after the [`RetrySchedule`]'s delay
 //!   (a `Retry-After` from the receiver is honoured within limits). The

@@ -6,17 +6,25 @@
 //! due at `now + delay`, so it survives a restart of every process in the
 //! meantime. After the last attempt the event becomes a dead letter.
 //!
+//! It is described by the same [`Backoff`] as the in-process
+//! [`RetryPolicy`](crate::RetryPolicy), or by a fixed list of steps, and
+//! follows the same `Retry-After` rule (see [`Backoff::delay`]).
+//!
 //! ```
 //! use std::time::Duration;
+//! use eventsink::Backoff;
 //! use eventsink::queue::RetrySchedule;
 //!
-//! let schedule = RetrySchedule::exponential(Duration::from_secs(1), Duration::from_secs(60), 5);
+//! let backoff = Backoff::new().min(Duration::from_secs(1)).max(Duration::from_secs(60)).attempts(5).jitter(0.0);
+//! let schedule = RetrySchedule::exponential(backoff);
 //! assert_eq!(schedule.max_attempts(), 5);
 //! assert_eq!(schedule.delay_after(1, None), Some(Duration::from_secs(1)));
 //! assert_eq!(schedule.delay_after(5, None), None); // out of attempts
 //! ```
 
 use std::time::Duration;
+
+use crate::Backoff;
 
 /// Jitter of the [`standard`](RetrySchedule::standard) schedule: ±20 %, as
 /// Svix spreads its retries.
@@ -25,9 +33,10 @@ pub const STANDARD_JITTER: f64 = 0.2;
 /// Delays between attempts, and how many attempts there are.
 ///
 /// `delay_after(n)` is the wait after failed attempt `n` (counted from 1)
-/// before attempt `n + 1`. A receiver's `Retry-After` is honoured but kept
-/// between the step and twice the step, so a receiver can neither make the
-/// queue hammer it nor park an event for days.
+/// before attempt `n + 1`. A receiver's `Retry-After` follows
+/// [`Backoff`]'s rule: it lengthens the wait up to twice its step and at
+/// most the longest step, never shortens it, so a receiver can neither make
+/// the queue hammer it nor park an event for days.
 ///
 /// ```
 /// use std::time::Duration;
@@ -35,20 +44,31 @@ pub const STANDARD_JITTER: f64 = 0.2;
 ///
 /// let schedule = RetrySchedule::fixed([Duration::from_millis(5), Duration::from_millis(10)]);
 /// assert_eq!(schedule.max_attempts(), 3);
-/// // Retry-After is clamped to [step, 2 × step].
+/// // Retry-After lengthens the wait up to twice the step, within the longest.
 /// let asked = Some(Duration::from_secs(60));
 /// assert_eq!(schedule.delay_after(1, asked), Some(Duration::from_millis(10)));
+/// assert_eq!(schedule.delay_after(2, asked), Some(Duration::from_millis(10)));
+/// assert_eq!(schedule.delay_after(3, asked), None);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[must_use]
 pub struct RetrySchedule {
-    steps: Vec<Duration>,
-    jitter: f64,
+    backoff: Backoff,
+    /// Steps given one by one; `None` for doubling steps of `backoff`.
+    steps: Option<Vec<Duration>>,
 }
 
 impl Default for RetrySchedule {
     /// The [`standard`](RetrySchedule::standard) schedule.
     fn default() -> Self {
         Self::standard()
+    }
+}
+
+impl From<Backoff> for RetrySchedule {
+    /// [`RetrySchedule::exponential`].
+    fn from(backoff: Backoff) -> Self {
+        Self::exponential(backoff)
     }
 }
 
@@ -73,10 +93,7 @@ impl RetrySchedule {
             10 * HOUR,
             10 * HOUR,
         ];
-        RetrySchedule {
-            steps: secs.into_iter().map(Duration::from_secs).collect(),
-            jitter: STANDARD_JITTER,
-        }
+        Self::fixed(secs.into_iter().map(Duration::from_secs)).jitter(STANDARD_JITTER)
     }
 
     /// The Go original's schedule: 10 attempts, the `n`-th failure waits
@@ -89,32 +106,26 @@ impl RetrySchedule {
     /// assert_eq!(schedule.delay_after(3, None), Some(Duration::from_secs(9 * 60)));
     /// ```
     pub fn go_original() -> Self {
-        RetrySchedule {
-            steps: (1..10u64)
-                .map(|n| Duration::from_secs(n * n * 60))
-                .collect(),
-            jitter: 0.0,
-        }
+        Self::fixed((1..10u64).map(|n| Duration::from_secs(n * n * 60)))
     }
 
-    /// `attempts` attempts in all; the delays double from `min` and stop
-    /// growing at `max`. No jitter (add some with
-    /// [`jitter`](RetrySchedule::jitter)). `attempts` of 0 counts as 1.
+    /// The steps of `backoff`: `backoff.attempts` attempts in all, the
+    /// delays doubling from `min` up to `max`, spread by its jitter.
     ///
     /// ```
     /// use std::time::Duration;
-    /// let s = eventsink::queue::RetrySchedule::exponential(Duration::from_millis(10), Duration::from_millis(30), 4);
+    /// use eventsink::{Backoff, queue::RetrySchedule};
+    ///
+    /// let ms = Duration::from_millis;
+    /// let s = RetrySchedule::exponential(Backoff::new().min(ms(10)).max(ms(30)).attempts(4).jitter(0.0));
     /// let delays: Vec<_> = (1..4).map(|n| s.delay_after(n, None).unwrap().as_millis()).collect();
     /// assert_eq!(delays, [10, 20, 30]);
     /// ```
-    pub fn exponential(min: Duration, max: Duration, attempts: u32) -> Self {
-        let mut steps = Vec::new();
-        let mut delay = min.min(max);
-        for _ in 1..attempts.max(1) {
-            steps.push(delay);
-            delay = delay.saturating_mul(2).min(max);
+    pub fn exponential(backoff: Backoff) -> Self {
+        RetrySchedule {
+            backoff,
+            steps: None,
         }
-        RetrySchedule { steps, jitter: 0.0 }
     }
 
     /// Exactly these delays, no jitter: one attempt more than delays. For
@@ -126,14 +137,23 @@ impl RetrySchedule {
     /// assert_eq!(s.max_attempts(), 2);
     /// ```
     pub fn fixed(delays: impl IntoIterator<Item = Duration>) -> Self {
+        let steps: Vec<Duration> = delays.into_iter().collect();
+        let attempts = u32::try_from(steps.len())
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1);
+        let backoff = Backoff::new()
+            .min(steps.first().copied().unwrap_or_default())
+            .max(steps.iter().copied().max().unwrap_or_default())
+            .attempts(attempts)
+            .jitter(0.0);
         RetrySchedule {
-            steps: delays.into_iter().collect(),
-            jitter: 0.0,
+            backoff,
+            steps: Some(steps),
         }
     }
 
-    /// Spreads each delay randomly by ± `fraction` (clamped to 0..=1), so
-    /// that many events failing together do not retry together.
+    /// Spreads each delay randomly by ± `fraction` (clamped to 0..=1), as
+    /// [`Backoff::jitter`].
     ///
     /// ```
     /// use std::time::Duration;
@@ -142,11 +162,7 @@ impl RetrySchedule {
     /// assert!(d >= Duration::from_secs(5) && d <= Duration::from_secs(15));
     /// ```
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = if fraction.is_finite() {
-            fraction.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        self.backoff = self.backoff.jitter(fraction);
         self
     }
 
@@ -155,38 +171,38 @@ impl RetrySchedule {
     /// ```
     /// assert_eq!(eventsink::queue::RetrySchedule::go_original().max_attempts(), 10);
     /// ```
+    #[must_use]
     pub fn max_attempts(&self) -> u32 {
-        u32::try_from(self.steps.len())
-            .unwrap_or(u32::MAX - 1)
-            .saturating_add(1)
+        self.backoff.max_attempts()
     }
 
     /// The wait after failed attempt `attempt` (from 1) before the next one,
     /// or `None` when that was the last attempt. `retry_after` is the
-    /// receiver's hint, clamped to between the step and twice the step.
+    /// receiver's hint, applied by [`Backoff::delay`]'s rule: at least the
+    /// step, at most the longest step.
     ///
     /// ```
     /// use std::time::Duration;
-    /// let s = eventsink::queue::RetrySchedule::fixed([Duration::from_secs(4)]);
-    /// assert_eq!(s.delay_after(1, Some(Duration::from_secs(1))), Some(Duration::from_secs(4)));
-    /// assert_eq!(s.delay_after(1, Some(Duration::from_secs(6))), Some(Duration::from_secs(6)));
-    /// assert_eq!(s.delay_after(2, None), None);
+    /// let secs = Duration::from_secs;
+    /// let s = eventsink::queue::RetrySchedule::fixed([secs(4), secs(8)]);
+    /// assert_eq!(s.delay_after(1, Some(secs(1))), Some(secs(4)));
+    /// assert_eq!(s.delay_after(1, Some(secs(6))), Some(secs(6)));
+    /// assert_eq!(s.delay_after(1, Some(secs(60))), Some(secs(8)));
+    /// assert_eq!(s.delay_after(3, None), None);
     /// ```
+    #[must_use]
     pub fn delay_after(&self, attempt: u32, retry_after: Option<Duration>) -> Option<Duration> {
-        let index = usize::try_from(attempt.checked_sub(1)?).ok()?;
-        let step = *self.steps.get(index)?;
-        if let Some(asked) = retry_after {
-            return Some(asked.clamp(step, step.saturating_mul(2)));
+        let retry = attempt.checked_sub(1)?;
+        if attempt >= self.max_attempts() {
+            return None;
         }
-        if self.jitter == 0.0 {
-            return Some(step);
-        }
-        // A factor in [1 - jitter, 1 + jitter].
-        let factor = 1.0 + self.jitter * (fastrand::f64() * 2.0 - 1.0);
-        Some(step.mul_f64(factor.max(0.0)))
+        let step = match &self.steps {
+            Some(steps) => *steps.get(usize::try_from(retry).ok()?)?,
+            None => self.backoff.step(retry),
+        };
+        Some(self.backoff.delay_from_step(step, retry_after))
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,18 +234,39 @@ mod tests {
     #[test]
     fn attempt_zero_and_single_attempt_schedules_have_no_delay() {
         assert_eq!(RetrySchedule::standard().delay_after(0, None), None);
-        let once = RetrySchedule::exponential(Duration::from_secs(1), Duration::from_secs(2), 0);
+        let once = RetrySchedule::exponential(Backoff::new().attempts(0));
         assert_eq!(once.max_attempts(), 1);
         assert_eq!(once.delay_after(1, None), None);
     }
 
     #[test]
-    fn retry_after_is_clamped_to_step_and_twice_step() {
-        let s = RetrySchedule::fixed([Duration::from_secs(10)]);
-        let d = |secs| s.delay_after(1, Some(Duration::from_secs(secs))).unwrap();
-        assert_eq!(d(1), Duration::from_secs(10));
-        assert_eq!(d(15), Duration::from_secs(15));
-        assert_eq!(d(3600), Duration::from_secs(20));
+    fn retry_after_is_kept_between_the_step_and_twice_the_step_within_the_longest() {
+        let s = RetrySchedule::fixed([
+            Duration::from_secs(10),
+            Duration::from_secs(40),
+            Duration::from_secs(30),
+        ]);
+        let d = |attempt, secs| {
+            s.delay_after(attempt, Some(Duration::from_secs(secs)))
+                .unwrap()
+        };
+        assert_eq!(d(1, 1), Duration::from_secs(10));
+        assert_eq!(d(1, 15), Duration::from_secs(15));
+        assert_eq!(d(1, 3600), Duration::from_secs(20));
+        assert_eq!(d(3, 3600), Duration::from_secs(40));
+        assert_eq!(d(2, 3600), Duration::from_secs(40));
+    }
+
+    #[test]
+    fn exponential_stops_after_its_attempts() {
+        let backoff = Backoff::new()
+            .min(Duration::from_secs(1))
+            .attempts(3)
+            .jitter(0.0);
+        let s = RetrySchedule::from(backoff);
+        assert_eq!(s.delay_after(1, None), Some(Duration::from_secs(1)));
+        assert_eq!(s.delay_after(2, None), Some(Duration::from_secs(2)));
+        assert_eq!(s.delay_after(3, None), None);
     }
 
     #[test]

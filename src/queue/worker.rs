@@ -23,7 +23,7 @@ use super::backend::QueueBackend;
 use super::dead_letter::{DeadLetter, DeathCause};
 use super::schedule::RetrySchedule;
 use super::{QueuedEvent, already_queued_is_ok};
-use crate::error::{classify_dyn, retry_after_dyn};
+use crate::{Backoff, Retryable};
 use crate::{BoxError, Event, Sink};
 
 /// Deliveries running at once per worker. 16, as the default: enough
@@ -281,7 +281,11 @@ where
         let maintenance =
             tokio::spawn(maintain(self.backend.clone(), self.retention, stop.clone()));
         let instance = worker_instance();
-        let mut backoff = MIN_RESTART_BACKOFF;
+        let restart_backoff = Backoff::new()
+            .min(MIN_RESTART_BACKOFF)
+            .max(MAX_RESTART_BACKOFF)
+            .jitter(0.0);
+        let mut failed_runs = 0;
         for run in 0u64.. {
             if *stop.borrow() {
                 break;
@@ -353,20 +357,21 @@ where
                 }
                 break;
             }
+            if started.elapsed() >= HEALTHY_RUN {
+                failed_runs = 0;
+            }
+            let backoff = restart_backoff.step(failed_runs);
             match result {
                 Ok(()) => tracing::warn!(worker = %name, "worker ended unasked; restarting"),
                 Err(e) => tracing::error!(
                     worker = %name, error = %e, ?backoff, "worker failed; restarting after backoff"
                 ),
             }
-            if started.elapsed() >= HEALTHY_RUN {
-                backoff = MIN_RESTART_BACKOFF;
-            }
             if sleep_or_stop(backoff, &stop).await {
                 break;
             }
             restarts.fetch_add(1, Ordering::Relaxed);
-            backoff = (backoff * 2).min(MAX_RESTART_BACKOFF);
+            failed_runs += 1;
         }
         maintenance.abort();
     }
@@ -724,7 +729,7 @@ where
             let (err, transient): (BoxError, bool) = match attempt.await {
                 Ok(Ok(Ok(()))) => return Ok(()),
                 Ok(Ok(Err(e))) => {
-                    let transient = classify_dyn(&*e).is_transient();
+                    let transient = e.is_retryable();
                     (e, transient)
                 }
                 Ok(Err(elapsed)) => (elapsed.into(), true),
@@ -736,7 +741,7 @@ where
                 ),
             };
             let delay = if transient {
-                schedule.delay_after(job.attempt, retry_after_dyn(&*err))
+                schedule.delay_after(job.attempt, err.retry_after())
             } else {
                 None
             };

@@ -88,7 +88,7 @@ pub use self::clock::Clock;
 pub use self::config::VerifyConfig;
 #[cfg(feature = "axum")]
 pub use self::extract::{Verified, VerifiedRejection};
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 pub use self::replay::RedisReplayGuard;
 pub use self::replay::{
     BoxFuture, Claim, ClaimToken, DEFAULT_REPLAY_CAPACITY, MemoryReplayGuard, ReplayError,

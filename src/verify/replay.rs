@@ -19,7 +19,7 @@
 //! ```
 //!
 //! [`MemoryReplayGuard`] serves one process; [`RedisReplayGuard`] (feature
-//! `redis`) serves several receiver processes behind a load balancer.
+//! `redis-replay`) serves several receiver processes behind a load balancer.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -228,7 +228,7 @@ impl std::error::Error for ReplayError {
 /// An in-process [`ReplayGuard`] with bounded memory.
 ///
 /// Clones share one store. Ids are lost when the process stops: use
-/// [`RedisReplayGuard`] (feature `redis`) for several processes or
+/// [`RedisReplayGuard`] (feature `redis-replay`) for several processes or
 /// restarts.
 ///
 /// # Memory bound
@@ -531,10 +531,10 @@ fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
     Box::pin(std::future::ready(value))
 }
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 pub use self::redis_guard::RedisReplayGuard;
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 mod redis_guard {
     use std::time::Duration;
 

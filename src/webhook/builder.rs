@@ -13,7 +13,6 @@ use super::{
     BuildError, Config, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
     StatusClassifier, USER_AGENT_VALUE, WebhookSink,
 };
-use crate::ErrorKind;
 use crate::signature::{Scheme, Secret};
 use crate::wire;
 
@@ -168,19 +167,19 @@ impl WebhookSinkBuilder {
         Self { https_only, ..self }
     }
 
-    /// Overrides how statuses are classified: return `Some(kind)` to decide,
-    /// `None` to keep the default ([`status_kind`](super::classify::status_kind)).
+    /// Overrides how statuses are classified: return `Some(true)` to retry,
+    /// `Some(false)` to give up, `None` to keep the default
+    /// ([`is_retryable_status`](super::classify::is_retryable_status)).
     /// For example, a receiver that answers 404 while it deploys:
     ///
     /// ```
-    /// use eventsink::ErrorKind;
     /// use reqwest::StatusCode; // http::StatusCode
     /// let builder = eventsink::webhook::WebhookSink::builder("https://example.com/hook")
-    ///     .classify_status(|status| (status == StatusCode::NOT_FOUND).then_some(ErrorKind::Transient));
+    ///     .classify_status(|status| (status == StatusCode::NOT_FOUND).then_some(true));
     /// ```
     pub fn classify_status(
         mut self,
-        classify: impl Fn(StatusCode) -> Option<ErrorKind> + Send + Sync + 'static,
+        classify: impl Fn(StatusCode) -> Option<bool> + Send + Sync + 'static,
     ) -> Self {
         self.status_classifier = Some(Arc::new(classify));
         self

@@ -2,12 +2,11 @@
 //! classes, `Retry-After`, and the response body kept for the error.
 //!
 //! ```
-//! use eventsink::ErrorKind;
-//! use eventsink::webhook::classify::status_kind;
+//! use eventsink::webhook::classify::is_retryable_status;
 //! use reqwest::StatusCode; // http::StatusCode
 //!
-//! assert_eq!(status_kind(StatusCode::SERVICE_UNAVAILABLE), ErrorKind::Transient);
-//! assert_eq!(status_kind(StatusCode::GONE), ErrorKind::Permanent);
+//! assert!(is_retryable_status(StatusCode::SERVICE_UNAVAILABLE));
+//! assert!(!is_retryable_status(StatusCode::GONE));
 //! ```
 
 use std::future::Future;
@@ -18,7 +17,7 @@ use reqwest::{Response, StatusCode};
 
 use super::Config;
 use super::egress::EgressRefused;
-use crate::{Error, ErrorKind};
+use crate::Error;
 
 /// How much of a failed response's body is kept in the error: 4 KiB, enough
 /// for a JSON error document, small enough to log.
@@ -37,18 +36,18 @@ pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 /// - Other 4xx, 410 included: permanent.
 ///
 /// ```
-/// use eventsink::{ErrorKind, webhook::classify::status_kind};
+/// use eventsink::webhook::classify::is_retryable_status;
 /// use reqwest::StatusCode;
-/// assert_eq!(status_kind(StatusCode::MOVED_PERMANENTLY), ErrorKind::Transient);
-/// assert_eq!(status_kind(StatusCode::UNPROCESSABLE_ENTITY), ErrorKind::Permanent);
-/// assert_eq!(status_kind(StatusCode::NOT_IMPLEMENTED), ErrorKind::Permanent);
+/// assert!(is_retryable_status(StatusCode::MOVED_PERMANENTLY));
+/// assert!(!is_retryable_status(StatusCode::UNPROCESSABLE_ENTITY));
+/// assert!(!is_retryable_status(StatusCode::NOT_IMPLEMENTED));
 /// ```
-pub fn status_kind(status: StatusCode) -> ErrorKind {
+pub fn is_retryable_status(status: StatusCode) -> bool {
     match status.as_u16() {
-        300..=399 | 408 | 409 | 425 | 429 => ErrorKind::Transient,
-        501 | 505 => ErrorKind::Permanent,
-        500..=599 => ErrorKind::Transient,
-        _ => ErrorKind::Permanent,
+        300..=399 | 408 | 409 | 425 | 429 => true,
+        501 | 505 => false,
+        500..=599 => true,
+        _ => false,
     }
 }
 
@@ -124,7 +123,7 @@ pub(super) async fn attempt(
     result
 }
 
-/// Success for 2xx; otherwise [`Error::Http`] with the status's kind, the
+/// Success for 2xx; otherwise [`Error::Http`] retryable or not by its status, the
 /// `Retry-After` and the start of the body.
 async fn answer(config: &Config, response: Response) -> Result<(), Error> {
     let status = response.status();
@@ -142,15 +141,15 @@ async fn answer(config: &Config, response: Response) -> Result<(), Error> {
     let body = read_prefix(response, MAX_ERROR_BODY_BYTES)
         .await
         .unwrap_or_default();
-    let kind = config
+    let retryable = config
         .status_classifier
         .as_ref()
         .and_then(|classify| classify(status))
-        .unwrap_or_else(|| status_kind(status));
+        .unwrap_or_else(|| is_retryable_status(status));
     Err(Error::Http {
         url: config.display_url.clone(),
         status: status.as_u16(),
-        kind,
+        retryable,
         retry_after,
         body: sanitize_body(&body),
     })
@@ -195,14 +194,14 @@ mod tests {
 
     #[test]
     fn every_status_class() {
-        let kind = |s: u16| status_kind(StatusCode::from_u16(s).unwrap());
+        let retryable = |s: u16| is_retryable_status(StatusCode::from_u16(s).unwrap());
         for s in [
             300, 301, 302, 307, 308, 408, 409, 425, 429, 500, 502, 503, 504, 507,
         ] {
-            assert_eq!(kind(s), ErrorKind::Transient, "{s}");
+            assert!(retryable(s), "{s}");
         }
         for s in [400, 401, 403, 404, 405, 410, 413, 415, 422, 501, 505] {
-            assert_eq!(kind(s), ErrorKind::Permanent, "{s}");
+            assert!(!retryable(s), "{s}");
         }
     }
 

@@ -82,7 +82,7 @@ pub use self::egress::EgressPolicy;
 pub use self::error::BuildError;
 pub use crate::signature::Scheme;
 use crate::signature::Secret;
-use crate::{Error, ErrorKind, Event};
+use crate::{Error, Event};
 
 /// Per-attempt timeout, connecting and reading the answer included. 15 s:
 /// the Go original gave each delivery 15 s, and Standard Webhooks
@@ -100,9 +100,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// The `user-agent` header: `eventsink/<version>`.
 pub const USER_AGENT_VALUE: &str = concat!("eventsink/", env!("CARGO_PKG_VERSION"));
 
-/// Overrides the classification of an HTTP status: return `Some(kind)` to
-/// decide, `None` to keep the default ([`classify::status_kind`]).
-pub type StatusClassifier = Arc<dyn Fn(StatusCode) -> Option<ErrorKind> + Send + Sync>;
+/// Overrides the classification of an HTTP status: return `Some(retryable)`
+/// to decide, `None` to keep the default ([`classify::is_retryable_status`]).
+pub type StatusClassifier = Arc<dyn Fn(StatusCode) -> Option<bool> + Send + Sync>;
 
 /// A sink that POSTs each event to one URL. Cheap to clone: clones share the
 /// HTTP client, its connection pool and the configuration.
@@ -204,13 +204,14 @@ impl<P: Serialize> Service<Event<P>> for WebhookSink {
 /// error of an event refused before sending.
 ///
 /// ```
+/// use eventsink::Retryable;
 /// use eventsink::webhook::{ResponseFuture, WebhookSink};
 /// use tower::Service;
 ///
 /// # #[tokio::main] async fn main() -> Result<(), eventsink::BoxError> {
 /// let mut sink = WebhookSink::builder("http://127.0.0.1:9/unreachable").build()?;
 /// let attempt: ResponseFuture = sink.call(eventsink::Event::new("ping", ()));
-/// assert!(attempt.await.unwrap_err().kind().is_transient());
+/// assert!(attempt.await.unwrap_err().is_retryable());
 /// # Ok(()) }
 /// ```
 pub struct ResponseFuture {

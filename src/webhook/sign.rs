@@ -102,7 +102,7 @@ impl<'a, P> GoBody<'a, P> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
+    use crate::Retryable;
 
     #[test]
     fn ids_and_kinds_follow_the_wire_rule() {
@@ -122,7 +122,7 @@ mod tests {
                 matches!(err, Error::InvalidEvent { field: "id", .. }),
                 "{bad:?}: {err}"
             );
-            assert_eq!(err.kind(), ErrorKind::Permanent);
+            assert!(!err.is_retryable());
         }
         let err = wire_id(&Event::new("a\nb", ())).unwrap_err();
         assert!(

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod conformance;
+#[cfg(feature = "test-util")]
 pub mod queue;
 pub mod receiver;
 

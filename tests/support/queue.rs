@@ -10,7 +10,7 @@ use std::time::Duration;
 use eventsink::queue::{
     DeathCause, QueueBackend, RetrySchedule, TaskQueue, ThroughTaskQueue, WorkerHandle,
 };
-use eventsink::{ErrorKind, Event, RecordingSink, SinkExt};
+use eventsink::{Event, RecordingSink, Retryable, SinkExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -120,7 +120,7 @@ pub async fn delivers_each_event_exactly_once(backends: &impl Backends) {
 pub async fn transient_failures_are_retried_then_delivered(backends: &impl Backends) {
     let backend = backends.make::<Value>().await;
     let recorder = RecordingSink::new();
-    recorder.fail_next(2, ErrorKind::Transient);
+    recorder.fail_next(2);
     let mut sink = publisher(&backend, &recorder);
     let worker = spawn_worker(&sink, fast_schedule(5));
     let event = Event::new("test.retry", json!({"x": 1}));
@@ -148,7 +148,7 @@ pub async fn permanent_failure_is_a_dead_letter_at_once(backends: &impl Backends
     let backend = backends.make::<Value>().await;
     let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
     let recorder = RecordingSink::new();
-    recorder.fail_next(1, ErrorKind::Permanent);
+    recorder.fail_next_permanently(1);
     let mut sink = publisher(&backend, &recorder);
     let worker = spawn_worker(&sink, fast_schedule(5));
     let event = Event::new("test.permanent", json!({"x": 2}));
@@ -188,7 +188,7 @@ pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
     let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
     let recorder = RecordingSink::new();
     // 3 events × 2 attempts each.
-    recorder.fail_next(6, ErrorKind::Transient);
+    recorder.fail_next(6);
     let mut sink = publisher(&backend, &recorder);
     let worker = spawn_worker(&sink, fast_schedule(2));
     let sent: Vec<_> = (0..3)
@@ -235,7 +235,7 @@ pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
     assert_eq!(ids(&got), ids(&sent));
 
     // Purge: bury one more, then purge it.
-    recorder.fail_next(1, ErrorKind::Permanent);
+    recorder.fail_next_permanently(1);
     sink.publish(Event::new("test.dead", json!("last")))
         .await
         .expect("publish");
@@ -424,7 +424,7 @@ fn failing_sink(
         async move {
             calls.add();
             Err(eventsink::Error::Simulated {
-                kind: ErrorKind::Permanent,
+                retryable: false,
                 retry_after: None,
             })
         }
@@ -491,7 +491,7 @@ pub async fn two_kinds_sharing_an_id_keep_two_dead_letters(backends: &impl Backe
     let backend = backends.make::<Value>().await;
     let dead = eventsink::queue::DeadLetters::<_, Value>::new(backend.clone());
     let recorder = RecordingSink::new();
-    recorder.fail_next(2, ErrorKind::Permanent);
+    recorder.fail_next_permanently(2);
     let mut sink = publisher(&backend, &recorder);
     let worker = spawn_worker(&sink, fast_schedule(3));
     let a = Event::new("test.kind.a", json!("a")).with_id("shared-id");
@@ -530,7 +530,7 @@ pub async fn republished_event_never_meets_an_old_chains_retries<Bk: Backends>(b
     let recorder = RecordingSink::new();
     // Chain 1: attempts 1 and 2 fail, attempt 3 waits an hour. Chain 2:
     // attempt 1 fails, attempt 2 delivers.
-    recorder.fail_next(3, ErrorKind::Transient);
+    recorder.fail_next(3);
     let mut sink = publisher(&backend, &recorder);
     let schedule = RetrySchedule::fixed([Duration::from_secs(3), Duration::from_secs(3600)]);
     let worker = sink
@@ -581,13 +581,7 @@ pub async fn an_event_the_wire_rule_refuses_is_refused_at_publish(backends: &imp
         Event::new("line\nbreak", json!(1)),
     ] {
         let err = sink.publish(bad.clone()).await.expect_err("refused");
-        assert_eq!(
-            err.kind(),
-            ErrorKind::Permanent,
-            "{:?}/{:?}: {err}",
-            bad.kind,
-            bad.id
-        );
+        assert!(!err.is_retryable(), "{:?}/{:?}: {err}", bad.kind, bad.id);
     }
     let good = Event::new("test.good", json!(2)).with_id("evt_01J.x-y");
     sink.publish(good.clone()).await.expect("publish");
