@@ -80,8 +80,7 @@ use tracing::Instrument;
 pub use self::builder::WebhookSinkBuilder;
 pub use self::egress::EgressPolicy;
 pub use self::error::BuildError;
-pub use crate::signature::Scheme;
-use crate::signature::Secret;
+use crate::signature::{Scheme, Secret};
 use crate::{Error, Event};
 
 /// Per-attempt timeout, connecting and reading the answer included. 15 s:
