@@ -222,9 +222,20 @@ impl Backoff {
     ) -> Duration {
         let delay = spread(step, self.jitter);
         match retry_after {
-            Some(asked) => delay.max(asked.min(step.saturating_mul(2)).min(self.max)),
+            Some(asked) => delay.max(asked.min(self.most_asked(step))),
             None => delay,
         }
+    }
+
+    /// The longest wait a `Retry-After` can ask for after `step`.
+    fn most_asked(&self, step: Duration) -> Duration {
+        step.saturating_mul(2).min(self.max)
+    }
+
+    /// The longest [`delay_from_step`](Self::delay_from_step) can be:
+    /// `step` at the top of its jitter, or the most a `Retry-After` can ask.
+    pub(crate) fn longest_from_step(&self, step: Duration) -> Duration {
+        step.mul_f64(1.0 + self.jitter).max(self.most_asked(step))
     }
 }
 

@@ -154,7 +154,7 @@ async fn memory_guard_a_slow_failed_handler_does_not_release_a_later_claim() {
     .await;
 }
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-replay")]
 #[tokio::test]
 #[cfg_attr(
     not(eventsink_redis),
@@ -208,19 +208,22 @@ async fn redis_guard_a_slow_failed_handler_does_not_release_a_later_claim() {
 #[cfg(feature = "queue")]
 #[test]
 fn the_default_replay_window_covers_the_default_retry_schedule() {
-    use eventsink::queue::{DEFAULT_ATTEMPT_TIMEOUT, RetrySchedule, STANDARD_JITTER};
+    use eventsink::queue::{DEFAULT_ATTEMPT_TIMEOUT, RetrySchedule};
 
     let schedule = RetrySchedule::standard();
-    let mut longest = Duration::ZERO;
+    // Every wait of a chain, as long as the jitter or a receiver's
+    // Retry-After can make it (the most either can ask, sampled) ...
+    let mut waits = Duration::ZERO;
     for attempt in 1..schedule.max_attempts() {
-        // The step itself (a Retry-After below it is raised to it) ...
-        let step = schedule.delay_after(attempt, Some(Duration::ZERO)).unwrap();
-        // ... stretched by the jitter, or by a receiver's Retry-After.
-        let jittered = step.mul_f64(1.0 + STANDARD_JITTER);
-        let asked = schedule.delay_after(attempt, Some(Duration::MAX)).unwrap();
-        longest += jittered.max(asked);
+        let longest = (0..200)
+            .map(|_| schedule.delay_after(attempt, Some(Duration::MAX)).unwrap())
+            .max()
+            .unwrap();
+        waits += longest;
     }
-    longest += DEFAULT_ATTEMPT_TIMEOUT * schedule.max_attempts();
+    assert!(waits <= schedule.longest_span(), "{waits:?}");
+    // ... plus the attempts themselves.
+    let longest = schedule.longest_span() + DEFAULT_ATTEMPT_TIMEOUT * schedule.max_attempts();
     assert!(
         verify::DEFAULT_REPLAY_TTL >= longest,
         "DEFAULT_REPLAY_TTL is {:?}, but the default schedule can retry for {longest:?}",

@@ -179,7 +179,7 @@ impl RetrySchedule {
     /// The wait after failed attempt `attempt` (from 1) before the next one,
     /// or `None` when that was the last attempt. `retry_after` is the
     /// receiver's hint, applied by [`Backoff::delay`]'s rule: at least the
-    /// step, at most the longest step.
+    /// step, at most twice the step and the longest step.
     ///
     /// ```
     /// use std::time::Duration;
@@ -196,16 +196,52 @@ impl RetrySchedule {
         if attempt >= self.max_attempts() {
             return None;
         }
-        let step = match &self.steps {
-            Some(steps) => *steps.get(usize::try_from(retry).ok()?)?,
-            None => self.backoff.step(retry),
-        };
-        Some(self.backoff.delay_from_step(step, retry_after))
+        Some(self.backoff.delay_from_step(self.step(retry)?, retry_after))
+    }
+
+    /// The longest the waits of one delivery chain can add up to: every
+    /// step at the top of its jitter, or stretched by a receiver's
+    /// `Retry-After` as far as the rule lets it, whichever is longer.
+    /// Size a receiver's replay window by it (plus the attempts'
+    /// timeouts): `verify::DEFAULT_REPLAY_TTL` is sized by the standard
+    /// schedule's.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let secs = Duration::from_secs;
+    /// let s = eventsink::queue::RetrySchedule::fixed([secs(4), secs(8)]);
+    /// assert_eq!(s.longest_span(), secs(8 + 8));
+    /// ```
+    #[must_use]
+    pub fn longest_span(&self) -> Duration {
+        (0..self.max_attempts() - 1)
+            .filter_map(|retry| self.step(retry))
+            .map(|step| self.backoff.longest_from_step(step))
+            .fold(Duration::ZERO, Duration::saturating_add)
+    }
+
+    /// The step before retry `retry` (from 0), if there is one.
+    fn step(&self, retry: u32) -> Option<Duration> {
+        match &self.steps {
+            Some(steps) => steps.get(usize::try_from(retry).ok()?).copied(),
+            None => Some(self.backoff.step(retry)),
+        }
     }
 }
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_standard_schedules_longest_span_is_39_hours_10_minutes() {
+        // The five short steps at twice their length (a Retry-After), the
+        // two 10 h steps at +20 % (jitter; a Retry-After stops at 10 h).
+        let short = 2 * (5 + 300 + 1800 + 7200 + 18_000);
+        let long = 2 * 43_200;
+        let span = RetrySchedule::standard().longest_span();
+        assert_eq!(span, Duration::from_secs(short + long));
+        assert_eq!(span.as_secs(), 39 * 3600 + 10 * 60 + 10);
+    }
 
     #[test]
     fn standard_is_svix_with_twenty_percent_jitter() {

@@ -106,13 +106,14 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// Hook0), so this leaves room without letting a client fill memory.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// How long a replay guard remembers a handled id: 56 hours, the longest a
+/// How long a replay guard remembers a handled id: 40 hours, the longest a
 /// sender on the queue's default schedule (`RetrySchedule::standard()`:
 /// steps of 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h, 27 h 35 min in all)
-/// can keep retrying one event. Jitter (+20 %) stretches that to 33 h 6 min;
-/// a receiver's `Retry-After`, honoured up to twice each step, to 55 h
-/// 10 min; eight attempts of at most 15 s add 2 min; rounded up to whole
-/// hours. So an event whose `2xx` was lost is answered "already handled" on
+/// can keep retrying one event. A receiver's `Retry-After` can stretch a
+/// wait to twice its step but not past the longest step (10 h), and jitter
+/// adds up to 20 % to each: at most 39 h 10 min of waits
+/// (`RetrySchedule::longest_span`); eight attempts of at most 15 s add
+/// 2 min; rounded up to whole hours. So an event whose `2xx` was lost is answered "already handled" on
 /// every retry instead of running the handler again. (A queue backlog can
 /// delay attempts further; raise
 /// [`replay_ttl`](VerifyConfig::replay_ttl) if yours does.)
@@ -121,7 +122,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// tolerance before and after its timestamp, so a replay can arrive up to two
 /// tolerances after it). With [`MemoryReplayGuard`] the
 /// [capacity](MemoryReplayGuard#memory-bound), not this window, bounds memory.
-pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(56 * 3600);
+pub const DEFAULT_REPLAY_TTL: Duration = Duration::from_secs(40 * 3600);
 
 /// How long an id stays claimed by a delivery still in flight: 1 minute.
 /// Standard Webhooks senders give up on an attempt after 15–30 s, so by

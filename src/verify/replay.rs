@@ -245,7 +245,7 @@ impl std::error::Error for ReplayError {
 /// When it is full, a new id first sweeps expired ids, then evicts the
 /// **oldest handled id** (in the order they were written). With the default
 /// 56-hour window the capacity is what bounds memory, so on a busy receiver
-/// an evicted id is one handled less than 56 hours ago: if its sender
+/// an evicted id is one handled less than 40 hours ago: if its sender
 /// retries it after that (a lost `2xx`), the handler runs a second time —
 /// never concurrently with another run, because **in-flight claims are never
 /// evicted**. If every stored id is in flight (as many deliveries running at
