@@ -14,18 +14,11 @@
 //! correctly signed sample event: run it twice to see `200` from the handler
 //! and then `200 already handled`; change a byte of the body to see `401`.
 
-#[cfg(feature = "axum")]
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     app::main().await
 }
 
-#[cfg(not(feature = "axum"))]
-fn main() {
-    eprintln!("this example needs the axum feature: cargo run --example receiver --features axum");
-}
-
-#[cfg(feature = "axum")]
 mod app {
 
     use axum::Router;
