@@ -10,7 +10,6 @@ use futures::future::BoxFuture;
 use super::QueuedEvent;
 use super::dead_letter::DeadLetter;
 use super::error::QueueError;
-use super::worker::{Deliver, RunOptions};
 use crate::BoxError;
 
 /// A queue backend: [`MemoryQueue`](super::MemoryQueue), and with their
@@ -40,7 +39,7 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
     /// `older_than` ago; how many. A job is completed when its outcome is
     /// recorded: delivered, its next attempt stored, or its dead letter
     /// written. Jobs that are not (due, scheduled, running, or left failed
-    /// by apalis) are never removed. The [`Worker`](super::Worker) does
+    /// by apalis) are never removed. The [`QueueWorker`](super::QueueWorker) does
     /// this hourly (its `retention`); call it yourself if you turned that
     /// off. Completed jobs hold the idempotency keys, so this also ends the
     /// window in which publishing the same event again is ignored. The
@@ -59,7 +58,7 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
         &self,
         older_than: Duration,
     ) -> BoxFuture<'static, Result<u64, QueueError>> {
-        self.delete_completed(older_than)
+        ops::Store::delete_completed(self.store(), older_than)
     }
 }
 
@@ -68,7 +67,69 @@ impl<P, T> QueueBackend<P> for T where T: ops::Ops<P> + Clone + Send + Sync + fm
 pub(crate) mod ops {
     use super::*;
 
-    /// A page of [`Ops::dead_after`]: the letters, and the place (stored
+    /// The job handler a worker gives the backend's apalis worker: one
+    /// delivery attempt of a job, then its consequence. Boxed, so that a
+    /// backend needs nothing of the worker.
+    pub struct Delivery<P>(
+        tower::util::BoxCloneService<apalis_core::task::Task<QueuedEvent<P>>, (), BoxError>,
+    );
+
+    impl<P> Delivery<P> {
+        /// Boxes the worker's handler.
+        pub(crate) fn new<S>(handler: S) -> Self
+        where
+            S: tower::Service<
+                    apalis_core::task::Task<QueuedEvent<P>>,
+                    Response = (),
+                    Error = BoxError,
+                    Future = BoxFuture<'static, Result<(), BoxError>>,
+                > + Clone
+                + Send
+                + 'static,
+        {
+            Delivery(tower::util::BoxCloneService::new(handler))
+        }
+    }
+
+    impl<P> fmt::Debug for Delivery<P> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("Delivery").finish_non_exhaustive()
+        }
+    }
+
+    impl<P> Clone for Delivery<P> {
+        fn clone(&self) -> Self {
+            Delivery(self.0.clone())
+        }
+    }
+
+    impl<P> tower::Service<apalis_core::task::Task<QueuedEvent<P>>> for Delivery<P> {
+        type Response = ();
+        type Error = BoxError;
+        type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, task: apalis_core::task::Task<QueuedEvent<P>>) -> Self::Future {
+            self.0.call(task)
+        }
+    }
+
+    /// Settings the backend needs to run one apalis worker.
+    #[derive(Debug, Clone)]
+    pub struct RunOptions {
+        /// Deliveries at once.
+        pub concurrency: usize,
+        /// Idle polling interval.
+        pub poll_interval: Duration,
+    }
+
+    /// A page of [`Store::dead_after`]: the letters, and the place (stored
     /// failure time, key) of the last one in the order (`None` for an empty
     /// page). The place comes from the order itself: a letter rewritten since
     /// may carry a later time than the one it was listed at.
@@ -80,9 +141,16 @@ pub(crate) mod ops {
         pub last: Option<(i64, String)>,
     }
 
-    /// The operations behind [`QueueBackend`]. Every future is `'static`
-    /// (it owns a clone of the pool or connection).
+    /// The operations behind [`QueueBackend`] that move jobs: publishing
+    /// and running apalis' worker. Every future is `'static` (it owns a
+    /// clone of the pool or connection).
     pub trait Ops<P> {
+        /// Where the backend keeps dead letters and does its upkeep.
+        type Store: Store<P>;
+
+        /// The backend's [`Store`].
+        fn store(&self) -> &Self::Store;
+
         /// The queue's name.
         fn queue_name(&self) -> &str;
 
@@ -100,6 +168,52 @@ pub(crate) mod ops {
             1
         }
 
+        /// Whether a stopping worker drops its apalis run at once (and lets
+        /// its deliveries finish on their own tasks) instead of letting
+        /// apalis stop it. SQLite: a stopping apalis worker no longer polls
+        /// a fetch it is in the middle of, whose transaction then holds the
+        /// file's write lock until the run is dropped. The store's
+        /// [`release_worker`](Store::release_worker) must hand the run's
+        /// jobs back.
+        fn drops_run_on_stop(&self) -> bool {
+            false
+        }
+
+        /// The heartbeat interval, and the lease: how long after a worker's
+        /// last heartbeat other workers take over its jobs.
+        fn lease(&self) -> (Duration, Duration) {
+            lease(
+                super::super::DEFAULT_HEARTBEAT_INTERVAL,
+                super::super::DEFAULT_MISSED_HEARTBEATS,
+            )
+        }
+
+        /// Runs one apalis worker named `name` until `stop` resolves (then
+        /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
+        fn run_worker(
+            &self,
+            name: String,
+            deliver: Delivery<P>,
+            options: &RunOptions,
+            stop: BoxFuture<'static, ()>,
+        ) -> BoxFuture<'static, Result<(), BoxError>>;
+    }
+
+    /// The heartbeat interval and the lease of `missed` heartbeats.
+    pub(crate) fn lease(beat: Duration, missed: usize) -> (Duration, Duration) {
+        let missed = u32::try_from(missed).unwrap_or(u32::MAX);
+        (beat, beat.saturating_mul(missed))
+    }
+
+    /// The operations behind [`QueueBackend`] that keep records: dead
+    /// letters, and the worker's upkeep of apalis' jobs.
+    pub trait Store<P>: Send + Sync {
+        /// Creates what the store keeps its records in, or upgrades it;
+        /// run once when the backend opens.
+        fn prepare(&self) -> BoxFuture<'static, Result<(), QueueError>> {
+            Box::pin(async { Ok(()) })
+        }
+
         /// Stores a dead letter, replacing the one with the same key.
         fn bury(&self, dead: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>>;
 
@@ -112,7 +226,7 @@ pub(crate) mod ops {
 
         /// Up to `limit` dead letters stored as failed at or before `until`
         /// (Unix microseconds) after the place `after` (failure time in
-        /// microseconds, key) in the order of [`dead_page`](Ops::dead_page),
+        /// microseconds, key) in the order of [`dead_page`](Store::dead_page),
         /// with the place of the last one listed: the next call's `after`.
         fn dead_after(
             &self,
@@ -153,17 +267,6 @@ pub(crate) mod ops {
             Box::pin(async { Ok(0) })
         }
 
-        /// Whether a stopping worker drops its apalis run at once (and lets
-        /// its deliveries finish on their own tasks) instead of letting
-        /// apalis stop it. SQLite: a stopping apalis worker no longer polls
-        /// a fetch it is in the middle of, whose transaction then holds the
-        /// file's write lock until the run is dropped. The backend's
-        /// [`release_worker`](Ops::release_worker) must hand the run's jobs
-        /// back.
-        fn drops_run_on_stop(&self) -> bool {
-            false
-        }
-
         /// Ends a worker run's hold on its jobs, so that others need not
         /// wait for its lease to expire: the jobs in `done` (whose outcome
         /// the run recorded, but apalis may not have acknowledged) are
@@ -185,28 +288,55 @@ pub(crate) mod ops {
         fn keep_alive(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
             Box::pin(async { Ok(()) })
         }
-
-        /// The heartbeat interval, and the lease: how long after a worker's
-        /// last heartbeat other workers take over its jobs.
-        fn lease(&self) -> (Duration, Duration) {
-            let beat = super::super::DEFAULT_HEARTBEAT_INTERVAL;
-            let missed = u32::try_from(super::super::DEFAULT_MISSED_HEARTBEATS).unwrap_or(1);
-            (beat, beat.saturating_mul(missed))
-        }
-
-        /// Runs one apalis worker named `name` until `stop` resolves (then
-        /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
-        fn run_worker(
-            &self,
-            name: String,
-            deliver: Deliver<P, Self>,
-            options: &RunOptions,
-            stop: BoxFuture<'static, ()>,
-        ) -> BoxFuture<'static, Result<(), BoxError>>
-        where
-            Self: Sized;
     }
 }
+
+/// Runs one apalis worker named `$name` on the apalis backend `$storage`
+/// with `$deliver` ([`Delivery`](ops::Delivery)) and `$options.concurrency`
+/// deliveries at once, until the future `$stop` resolves; a `'static`
+/// future of `Result<(), BoxError>`. Every backend's `run_worker` ends
+/// here. A macro because apalis' `Worker::run` puts bounds on the backend
+/// that are long and different for each storage type.
+macro_rules! run_apalis {
+    ($storage:expr, $name:expr, $deliver:expr, $options:expr, $stop:expr) => {{
+        use apalis::prelude::WorkerBuilderExt as _;
+        let worker = apalis_core::worker::builder::WorkerBuilder::new($name)
+            .backend($storage)
+            .concurrency($options.concurrency)
+            .build($deliver);
+        let stop: futures::future::BoxFuture<'static, ()> = $stop;
+        async move {
+            let ran: Result<(), crate::BoxError> = worker
+                .run_until(async move {
+                    stop.await;
+                    Ok::<(), apalis_core::error::WorkerError>(())
+                })
+                .await
+                .map_err(Into::into);
+            ran
+        }
+    }};
+}
+pub(crate) use run_apalis;
+
+/// A durable backend's apalis storage `$storage` (cloned) with its config
+/// `$config`, fetching as many jobs at once as the worker delivers (at
+/// least 10), polling every `$options.poll_interval` and whenever the
+/// stream `$wake` yields.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+macro_rules! polled {
+    ($storage:expr, $config:expr, $wake:expr, $options:expr) => {{
+        use apalis_core::backend::ext::BackendExt as _;
+        let config = $config.clone().batch_size($options.concurrency.max(10));
+        $storage.clone().with_config(config).poll_with_strategy(
+            apalis_core::backend::ext::poll_strategy::Strategy::new()
+                .stream($wake)
+                .interval($options.poll_interval),
+        )
+    }};
+}
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) use polled;
 
 /// The first whole Unix second at least `delay` from now: the durable
 /// backends store due times in seconds, and rounding down would run a

@@ -38,6 +38,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::backend::QueueBackend;
+use super::backend::ops::Store;
 use super::error::QueueError;
 use super::{QueuedEvent, push_each};
 use crate::Event;
@@ -194,7 +195,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn list(&self, offset: u64, limit: u64) -> Result<Vec<DeadLetter<P>>, QueueError> {
-        self.backend.dead_page(offset, limit).await
+        self.backend.store().dead_page(offset, limit).await
     }
 
     /// How many dead letters there are.
@@ -206,7 +207,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn count(&self) -> Result<u64, QueueError> {
-        self.backend.dead_count().await
+        self.backend.store().dead_count().await
     }
 
     /// The dead letter with this key (`{queue}:{kind}:{id}`), if there is
@@ -219,7 +220,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn get(&self, key: &str) -> Result<Option<DeadLetter<P>>, QueueError> {
-        self.backend.dead_get(key).await
+        self.backend.store().dead_get(key).await
     }
 
     /// The key of `event`'s dead letter in this queue, for
@@ -271,7 +272,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         // this one's could date their letters before `until`.
         let mut ours = std::collections::HashSet::new();
         loop {
-            let page = self.backend.dead_after(after, until, REPLAY_PAGE).await?;
+            let page = self.backend.store().dead_after(after, until, REPLAY_PAGE).await?;
             let Some(last) = page.last else {
                 return Ok(replayed);
             };
@@ -295,7 +296,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn purge(&self) -> Result<u64, QueueError> {
-        self.backend.dead_purge().await
+        self.backend.store().dead_purge().await
     }
 
     /// Waits until there are at least `n` dead letters (polling every
@@ -340,7 +341,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
             result?;
         }
         for letter in &letters {
-            self.backend.dead_remove(letter).await?;
+            self.backend.store().dead_remove(letter).await?;
         }
         Ok(chains)
     }

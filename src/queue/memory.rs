@@ -5,20 +5,16 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use apalis::prelude::WorkerBuilderExt;
 use apalis_core::backend::dequeue::VecDequeBackend;
-use apalis_core::error::WorkerError;
-use apalis_core::worker::builder::WorkerBuilder;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::QueuedEvent;
-use super::backend::ops::{DeadPage, Ops};
-use super::backend::{push_error, push_tasks};
+use super::backend::ops::{DeadPage, Delivery, Ops, RunOptions, Store};
+use super::backend::{push_error, push_tasks, run_apalis};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
-use super::worker::{Deliver, RunOptions};
 use crate::BoxError;
 
 /// An in-memory queue on apalis' `VecDequeBackend` (cloneable and safe with
@@ -112,6 +108,12 @@ impl<P> Ops<P> for MemoryQueue<P>
 where
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
+    type Store = Self;
+
+    fn store(&self) -> &Self {
+        self
+    }
+
     fn queue_name(&self) -> &str {
         &self.name
     }
@@ -145,6 +147,21 @@ where
         })
     }
 
+    fn run_worker(
+        &self,
+        name: String,
+        deliver: Delivery<P>,
+        options: &RunOptions,
+        stop: BoxFuture<'static, ()>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(run_apalis!(self.storage.clone(), name, deliver, options, stop))
+    }
+}
+
+impl<P> Store<P> for MemoryQueue<P>
+where
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
     fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
         let mut dead = self.dead();
         dead.retain(|d| d.key != letter.key);
@@ -217,27 +234,5 @@ where
     fn delete_completed(&self, _age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
         // Completed jobs are not kept in memory.
         Box::pin(async { Ok(0) })
-    }
-
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Deliver<P, Self>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        let worker = WorkerBuilder::new(name)
-            .backend(self.storage.clone())
-            .concurrency(options.concurrency)
-            .build(deliver);
-        Box::pin(async move {
-            worker
-                .run_until(async move {
-                    stop.await;
-                    Ok::<(), WorkerError>(())
-                })
-                .await
-                .map_err(Into::into)
-        })
     }
 }

@@ -4,7 +4,7 @@
 //! Publishing to a webhook on the request path ties the request to the
 //! receiver's health, and in-process retries die with the process. Put the
 //! sink behind a task queue instead: `publish` returns as soon as the
-//! backend has stored the event as a job, and a [`Worker`] delivers it with
+//! backend has stored the event as a job, and a [`QueueWorker`] delivers it with
 //! bounded concurrency, a timeout per attempt and a retry schedule that is
 //! written into the backend, so it survives restarts. Concurrent publishes
 //! are written together (group commit), which is what makes a durable
@@ -22,9 +22,9 @@
 //! # let path = tmp.path().join("events.db");
 //! # let webhook = RecordingSink::new();
 //!
-//! let queue = SqliteQueue::open(&path, "webhooks").await?;  // own file, WAL, migrations
-//! let mut sink = ThroughTaskQueue::new(queue).layer(webhook.clone());
-//! let worker = sink.worker().spawn();                       // delivers in the background
+//! let queue = ThroughTaskQueue::new(SqliteQueue::open(&path, "webhooks").await?); // own file, WAL
+//! let mut sink = queue.layer(webhook.clone());              // publishes: stores jobs
+//! let worker = queue.worker(webhook.clone()).spawn();       // delivers in the background
 //!
 //! sink.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
 //! # webhook.wait_for(1, std::time::Duration::from_secs(10)).await?;
@@ -170,6 +170,8 @@ mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod schedule;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod worker;
@@ -188,7 +190,7 @@ pub use schedule::{RetrySchedule, STANDARD_JITTER};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SQLITE_BUSY_TIMEOUT, SqliteQueue, SqliteQueueBuilder};
 pub use worker::{
-    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION, Worker,
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION, QueueWorker,
     WorkerHandle,
 };
 
@@ -343,7 +345,10 @@ impl<P> Clone for QueuedEvent<P> {
 }
 
 /// A layer that publishes events into a task queue instead of calling the
-/// sink it wraps; a [`Worker`] calls that sink for every queued event.
+/// sink it wraps. Three roles, three types: this layer holds the queue's
+/// backend, the [`QueuePublisher`] it wraps a sink in stores each event as
+/// a job, and a [`QueueWorker`] ([`ThroughTaskQueue::worker`]) calls the
+/// sink for every queued event.
 ///
 /// ```
 /// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
@@ -351,11 +356,15 @@ impl<P> Clone for QueuedEvent<P> {
 /// use tower::Layer;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let sink = ThroughTaskQueue::new(MemoryQueue::<serde_json::Value>::new("demo")).layer(NoopSink::new());
+/// let queue = ThroughTaskQueue::new(MemoryQueue::new("demo"));
+/// let sink = queue.layer(NoopSink::new());
+/// let worker = queue.worker(NoopSink::new()).spawn();
 /// # let _ = sink;
+/// worker.shutdown().await;
 /// # }
 /// ```
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct ThroughTaskQueue<B> {
     backend: B,
     max_batch: usize,
@@ -407,13 +416,36 @@ impl<B> ThroughTaskQueue<B> {
         self.publish_timeout = timeout;
         self
     }
+
+    /// A worker that delivers this queue's events to `sink`; configure it,
+    /// then [`spawn`](QueueWorker::spawn) or
+    /// [`run_until`](QueueWorker::run_until) it. Built from the queue, not
+    /// from the publishing service, so it stays reachable when that service
+    /// is wrapped (in `Buffer`, `Timeout`, a [`BoxSink`](crate::BoxSink)…).
+    /// The same as [`QueueWorker::new`] with this layer's backend.
+    ///
+    /// ```
+    /// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
+    /// use eventsink::NoopSink;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let queue = ThroughTaskQueue::new(MemoryQueue::new("q"));
+    /// queue.worker(NoopSink::new()).concurrency(4).spawn().shutdown().await;
+    /// # }
+    /// ```
+    pub fn worker<S, P>(&self, sink: S) -> QueueWorker<S, B, P>
+    where
+        B: QueueBackend<P>,
+    {
+        QueueWorker::new(self.backend.clone(), sink)
+    }
 }
 
 impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
-    type Service = TaskQueue<S, B>;
+    type Service = QueuePublisher<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TaskQueue {
+        QueuePublisher {
             inner,
             backend: self.backend.clone(),
             committer: Arc::new(Committer {
@@ -467,7 +499,7 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
 /// worker.shutdown().await;
 /// # Ok(()) }
 /// ```
-pub struct TaskQueue<S, B> {
+pub struct QueuePublisher<S, B> {
     inner: S,
     backend: B,
     committer: Arc<Committer>,
@@ -484,7 +516,7 @@ enum Slot {
     Reserved(OwnedSemaphorePermit),
 }
 
-impl<S, B> TaskQueue<S, B> {
+impl<S, B> QueuePublisher<S, B> {
     /// The wrapped sink (the one the worker calls).
     ///
     /// ```
@@ -529,9 +561,9 @@ impl<S, B> TaskQueue<S, B> {
         &self.backend
     }
 
-    /// A worker that delivers this queue's events to the wrapped sink;
-    /// configure it, then [`spawn`](Worker::spawn) or
-    /// [`run_until`](Worker::run_until) it.
+    /// A worker that delivers this queue's events to the wrapped sink: the
+    /// same as [`ThroughTaskQueue::worker`] with that sink. Once this
+    /// service is wrapped, build the worker from the layer instead.
     ///
     /// ```
     /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
@@ -540,12 +572,12 @@ impl<S, B> TaskQueue<S, B> {
     /// sink.worker().concurrency(4).spawn().shutdown().await;
     /// # }
     /// ```
-    pub fn worker<P>(&self) -> Worker<S, B, P>
+    pub fn worker<P>(&self) -> QueueWorker<S, B, P>
     where
         S: Clone,
         B: QueueBackend<P>,
     {
-        Worker::new(self.backend.clone(), self.inner.clone())
+        QueueWorker::new(self.backend.clone(), self.inner.clone())
     }
 
     /// The reserved slot, if `poll_ready` got one (and forgets it).
@@ -558,9 +590,9 @@ impl<S, B> TaskQueue<S, B> {
     }
 }
 
-impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
+impl<S: Clone, B: Clone> Clone for QueuePublisher<S, B> {
     fn clone(&self) -> Self {
-        TaskQueue {
+        QueuePublisher {
             inner: self.inner.clone(),
             backend: self.backend.clone(),
             committer: Arc::clone(&self.committer),
@@ -570,9 +602,9 @@ impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
     }
 }
 
-impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskQueue<S, B> {
+impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for QueuePublisher<S, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskQueue")
+        f.debug_struct("QueuePublisher")
             .field("inner", &self.inner)
             .field("backend", &self.backend)
             .field("max_batch", &self.committer.max_batch)
@@ -581,7 +613,7 @@ impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskQueue<S, B> {
     }
 }
 
-impl<S, B, P> Service<Event<P>> for TaskQueue<S, B>
+impl<S, B, P> Service<Event<P>> for QueuePublisher<S, B>
 where
     B: QueueBackend<P>,
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -668,7 +700,7 @@ where
     }
 }
 
-/// The group commit shared by the clones of one [`TaskQueue`].
+/// The group commit shared by the clones of one [`QueuePublisher`].
 struct Committer {
     max_batch: usize,
     /// The publish deadline.

@@ -5,11 +5,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apalis::prelude::WorkerBuilderExt;
-use apalis_core::backend::ext::BackendExt;
-use apalis_core::backend::ext::poll_strategy::Strategy;
-use apalis_core::error::WorkerError;
-use apalis_core::worker::builder::WorkerBuilder;
 use apalis_redis::{Config, RedisStorage};
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
@@ -17,13 +12,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::backend::ops::{DeadPage, Delivery, Ops, RunOptions, Store, lease};
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
-    encode_job, ops::DeadPage, ops::Ops,
+    encode_job, polled, run_apalis,
 };
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
-use super::worker::{Deliver, RunOptions};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
 use crate::BoxError;
 
@@ -336,46 +331,36 @@ impl<P> fmt::Debug for RedisQueue<P> {
     }
 }
 
-/// Settings of a [`RedisQueue`] before it connects. Its `Debug` does not
-/// show the URL (it may hold a password).
+/// Settings of a [`RedisQueue`] before it [`connect`](RedisQueueBuilder::connect)s
+/// to a URL or [`attach`](RedisQueueBuilder::attach)es to a connection.
 ///
 /// ```no_run
 /// use std::time::Duration;
 /// use eventsink::queue::RedisQueue;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-/// let queue: RedisQueue = RedisQueue::builder("redis://127.0.0.1/", "webhooks")
+/// let queue: RedisQueue = RedisQueue::builder("webhooks")
 ///     .lease(Duration::from_secs(2), 3)
-///     .connect()
+///     .connect("redis://127.0.0.1/")
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone)]
+#[must_use]
 pub struct RedisQueueBuilder {
-    url: String,
     name: Arc<str>,
     response_timeout: Duration,
     heartbeat: Duration,
     missed: usize,
 }
 
-impl fmt::Debug for RedisQueueBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisQueueBuilder")
-            .field("url", &"<redacted>")
-            .field("name", &self.name)
-            .field("response_timeout", &self.response_timeout)
-            .field("heartbeat", &self.heartbeat)
-            .field("missed", &self.missed)
-            .finish()
-    }
-}
-
 impl RedisQueueBuilder {
-    /// How long a command may take ([`REDIS_RESPONSE_TIMEOUT`]).
+    /// How long a command may take on the connection that
+    /// [`connect`](RedisQueueBuilder::connect) opens
+    /// ([`REDIS_RESPONSE_TIMEOUT`]).
     ///
     /// ```
-    /// # let b = eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "q");
+    /// # let b = eventsink::queue::RedisQueue::builder("q");
     /// let b = b.response_timeout(std::time::Duration::from_secs(30));
     /// ```
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
@@ -388,7 +373,7 @@ impl RedisQueueBuilder {
     /// [`DEFAULT_MISSED_HEARTBEATS`]).
     ///
     /// ```
-    /// # let b = eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "q");
+    /// # let b = eventsink::queue::RedisQueue::builder("q");
     /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
     /// ```
     pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
@@ -397,7 +382,7 @@ impl RedisQueueBuilder {
         self
     }
 
-    /// Connects.
+    /// Connects to the Redis at `url` on a connection manager of its own.
     ///
     /// # Errors
     ///
@@ -407,13 +392,12 @@ impl RedisQueueBuilder {
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
     /// let queue: eventsink::queue::RedisQueue =
-    ///     eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "q").connect().await?;
+    ///     eventsink::queue::RedisQueue::builder("q").connect("redis://127.0.0.1/").await?;
     /// # Ok(()) }
     /// ```
-    pub async fn connect<P>(self) -> Result<RedisQueue<P>, QueueError> {
-        let name = self.name;
-        let fail = |e: redis::RedisError| QueueError::backend(&name, "connecting to Redis", e);
-        let client = redis::Client::open(self.url.as_str()).map_err(fail)?;
+    pub async fn connect<P>(self, url: &str) -> Result<RedisQueue<P>, QueueError> {
+        let fail = |e: redis::RedisError| QueueError::backend(&self.name, "connecting to Redis", e);
+        let client = redis::Client::open(url).map_err(fail)?;
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(CONNECTION_TIMEOUT));
@@ -421,31 +405,45 @@ impl RedisQueueBuilder {
             .get_connection_manager_with_config(manager)
             .await
             .map_err(fail)?;
+        Ok(self.attach(conn))
+    }
+
+    /// Uses `conn` (the application's, say) instead of connecting; its own
+    /// response timeout applies, not
+    /// [`response_timeout`](RedisQueueBuilder::response_timeout) (redis-rs'
+    /// default of 500 ms turns a busy moment into a worker failure).
+    ///
+    /// ```no_run
+    /// # fn f(conn: redis::aio::ConnectionManager) {
+    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::builder("q").attach(conn);
+    /// # }
+    /// ```
+    pub fn attach<P>(self, conn: ConnectionManager) -> RedisQueue<P> {
         let config = Config::default()
-            .queue(&*name)
+            .queue(&*self.name)
             .heartbeat_interval(self.heartbeat)
             .missed_heartbeats(self.missed);
         let storage = RedisStorage::new(conn.clone()).with_config(config.clone());
-        Ok(RedisQueue {
-            name,
+        RedisQueue {
+            name: self.name,
             wake: LocalWake::new(),
             conn,
             storage,
             config,
-        })
+        }
     }
 }
 
 impl RedisQueue {
-    /// Settings for the queue `name` in the Redis at `url`.
+    /// Settings for the queue `name`, to [`connect`](RedisQueueBuilder::connect)
+    /// or [`attach`](RedisQueueBuilder::attach).
     ///
     /// ```
-    /// let builder = eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "webhooks");
+    /// let builder = eventsink::queue::RedisQueue::builder("webhooks");
     /// # let _ = builder;
     /// ```
-    pub fn builder(url: &str, name: &str) -> RedisQueueBuilder {
+    pub fn builder(name: &str) -> RedisQueueBuilder {
         RedisQueueBuilder {
-            url: url.to_owned(),
             name: name.into(),
             response_timeout: REDIS_RESPONSE_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
@@ -470,7 +468,19 @@ impl<P> RedisQueue<P> {
     /// # Ok(()) }
     /// ```
     pub async fn connect(url: &str, name: &str) -> Result<Self, QueueError> {
-        RedisQueue::builder(url, name).connect().await
+        RedisQueue::builder(name).connect(url).await
+    }
+
+    /// Opens the queue `name` on an existing connection, with the defaults
+    /// of [`builder`](RedisQueue::builder).
+    ///
+    /// ```no_run
+    /// # fn f(conn: redis::aio::ConnectionManager) {
+    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::attach(conn, "q");
+    /// # }
+    /// ```
+    pub fn attach(conn: ConnectionManager, name: &str) -> Self {
+        RedisQueue::builder(name).attach(conn)
     }
 
     /// The queue's name.
@@ -606,6 +616,12 @@ impl<P> Ops<P> for RedisQueue<P>
 where
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
+    type Store = Self;
+
+    fn store(&self) -> &Self {
+        self
+    }
+
     fn queue_name(&self) -> &str {
         &self.name
     }
@@ -633,6 +649,31 @@ where
         4
     }
 
+    fn lease(&self) -> (Duration, Duration) {
+        lease(self.config.heartbeat_interval, self.config.missed_heartbeats)
+    }
+
+    fn run_worker(
+        &self,
+        name: String,
+        deliver: Delivery<P>,
+        options: &RunOptions,
+        stop: BoxFuture<'static, ()>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let promote = promote_due_jobs(self.conn.clone(), self.config.clone());
+        let storage = polled!(self.storage, self.config, self.wake.stream(), options);
+        let run = run_apalis!(storage, name, deliver, options, stop);
+        Box::pin(async move {
+            promote.await?;
+            run.await
+        })
+    }
+}
+
+impl<P> Store<P> for RedisQueue<P>
+where
+    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
     fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
         let (mut conn, name, fail) = self.parts("storing a dead letter");
         let (hash, order) = self.keys();
@@ -837,42 +878,6 @@ where
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(fail)
-        })
-    }
-
-    fn lease(&self) -> (Duration, Duration) {
-        let beat = self.config.heartbeat_interval;
-        let missed = u32::try_from(self.config.missed_heartbeats).unwrap_or(u32::MAX);
-        (beat, beat.saturating_mul(missed))
-    }
-
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Deliver<P, Self>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        let config = self.config.clone().batch_size(options.concurrency.max(10));
-        let promote = promote_due_jobs(self.conn.clone(), config.clone());
-        let storage = self.storage.clone().with_config(config).poll_with_strategy(
-            Strategy::new()
-                .stream(self.wake.stream())
-                .interval(options.poll_interval),
-        );
-        let worker = WorkerBuilder::new(name)
-            .backend(storage)
-            .concurrency(options.concurrency)
-            .build(deliver);
-        Box::pin(async move {
-            promote.await?;
-            worker
-                .run_until(async move {
-                    stop.await;
-                    Ok::<(), WorkerError>(())
-                })
-                .await
-                .map_err(Into::into)
         })
     }
 }
