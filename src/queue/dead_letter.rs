@@ -272,7 +272,11 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         // this one's could date their letters before `until`.
         let mut ours = std::collections::HashSet::new();
         loop {
-            let page = self.backend.store().dead_after(after, until, REPLAY_PAGE).await?;
+            let page = self
+                .backend
+                .store()
+                .dead_after(after, until, REPLAY_PAGE)
+                .await?;
             let Some(last) = page.last else {
                 return Ok(replayed);
             };

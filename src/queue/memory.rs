@@ -154,7 +154,13 @@ where
         options: &RunOptions,
         stop: BoxFuture<'static, ()>,
     ) -> BoxFuture<'static, Result<(), BoxError>> {
-        Box::pin(run_apalis!(self.storage.clone(), name, deliver, options, stop))
+        Box::pin(run_apalis!(
+            self.storage.clone(),
+            name,
+            deliver,
+            options,
+            stop
+        ))
     }
 }
 

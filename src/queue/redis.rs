@@ -650,7 +650,10 @@ where
     }
 
     fn lease(&self) -> (Duration, Duration) {
-        lease(self.config.heartbeat_interval, self.config.missed_heartbeats)
+        lease(
+            self.config.heartbeat_interval,
+            self.config.missed_heartbeats,
+        )
     }
 
     fn run_worker(

@@ -445,7 +445,11 @@ where
         &self,
         jobs: Vec<(QueuedEvent<P>, Duration)>,
     ) -> BoxFuture<'static, Result<(), QueueError>> {
-        let (pool, name, wake) = (self.pool().clone(), Arc::clone(&self.name), self.wake.clone());
+        let (pool, name, wake) = (
+            self.pool().clone(),
+            Arc::clone(&self.name),
+            self.wake.clone(),
+        );
         let due_now = jobs.iter().any(|(_, delay)| delay.is_zero());
         Box::pin(async move {
             insert_jobs(&pool, &name, &jobs).await?;
@@ -461,7 +465,10 @@ where
     }
 
     fn lease(&self) -> (Duration, Duration) {
-        lease(self.config.heartbeat_interval, self.config.missed_heartbeats)
+        lease(
+            self.config.heartbeat_interval,
+            self.config.missed_heartbeats,
+        )
     }
 
     fn run_worker(
