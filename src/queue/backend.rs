@@ -6,6 +6,8 @@ use std::fmt;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::QueuedEvent;
 use super::dead_letter::DeadLetter;
@@ -120,13 +122,42 @@ pub(crate) mod ops {
         }
     }
 
-    /// Settings the backend needs to run one apalis worker.
-    #[derive(Debug, Clone)]
-    pub struct RunOptions {
+    /// What a backend operation returns: a `'static` future (it owns a
+    /// clone of the pool or connection) of its result.
+    pub(crate) type Answer<T> = BoxFuture<'static, Result<T, QueueError>>;
+
+    /// Jobs to store, each with the delay after which it is due.
+    pub(crate) type Jobs<P> = Vec<(QueuedEvent<P>, Duration)>;
+
+    /// A payload the queue can store: every bound the backends need, once.
+    pub trait Payload: Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+    impl<P: Serialize + DeserializeOwned + Send + Sync + 'static> Payload for P {}
+
+    /// One run of an apalis worker: its name, its handler, how many
+    /// deliveries at once, how often it polls when idle, and the future
+    /// that stops it.
+    pub struct WorkerRun<P> {
+        /// The worker's name, unique per run.
+        pub name: String,
+        /// The job handler.
+        pub deliver: Delivery<P>,
         /// Deliveries at once.
         pub concurrency: usize,
         /// Idle polling interval.
         pub poll_interval: Duration,
+        /// Resolves when the run should stop.
+        pub stop: BoxFuture<'static, ()>,
+    }
+
+    impl<P> fmt::Debug for WorkerRun<P> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("WorkerRun")
+                .field("name", &self.name)
+                .field("concurrency", &self.concurrency)
+                .field("poll_interval", &self.poll_interval)
+                .finish_non_exhaustive()
+        }
     }
 
     /// A page of [`Store::dead_after`]: the letters, and the place (stored
@@ -157,10 +188,7 @@ pub(crate) mod ops {
         /// Stores jobs, each due after its delay, in one backend call.
         /// A duplicate idempotency key is either skipped silently or
         /// reported as [`QueueError::AlreadyQueued`] (Postgres).
-        fn push(
-            &self,
-            jobs: Vec<(QueuedEvent<P>, Duration)>,
-        ) -> BoxFuture<'static, Result<(), QueueError>>;
+        fn push(&self, jobs: Jobs<P>) -> Answer<()>;
 
         /// How many group-commit batches may be written at once: 1 where
         /// writers only queue behind each other (SQLite, memory).
@@ -188,15 +216,9 @@ pub(crate) mod ops {
             )
         }
 
-        /// Runs one apalis worker named `name` until `stop` resolves (then
-        /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
-        fn run_worker(
-            &self,
-            name: String,
-            deliver: Delivery<P>,
-            options: &RunOptions,
-            stop: BoxFuture<'static, ()>,
-        ) -> BoxFuture<'static, Result<(), BoxError>>;
+        /// Runs one apalis worker until its `stop` resolves (then `Ok`) or
+        /// the backend fails (then `Err`, and the caller restarts).
+        fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>>;
     }
 
     /// The heartbeat interval and the lease of `missed` heartbeats.
@@ -210,19 +232,15 @@ pub(crate) mod ops {
     pub trait Store<P>: Send + Sync {
         /// Creates what the store keeps its records in, or upgrades it;
         /// run once when the backend opens.
-        fn prepare(&self) -> BoxFuture<'static, Result<(), QueueError>> {
+        fn prepare(&self) -> Answer<()> {
             Box::pin(async { Ok(()) })
         }
 
         /// Stores a dead letter, replacing the one with the same key.
-        fn bury(&self, dead: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>>;
+        fn bury(&self, dead: DeadLetter<P>) -> Answer<()>;
 
         /// Dead letters, oldest first (by failure time, then key).
-        fn dead_page(
-            &self,
-            offset: u64,
-            limit: u64,
-        ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
+        fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>>;
 
         /// Up to `limit` dead letters stored as failed at or before `until`
         /// (Unix microseconds) after the place `after` (failure time in
@@ -233,37 +251,31 @@ pub(crate) mod ops {
             after: Option<(i64, String)>,
             until: i64,
             limit: u64,
-        ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>>;
+        ) -> Answer<DeadPage<P>>;
 
         /// One dead letter by key.
-        fn dead_get(
-            &self,
-            key: &str,
-        ) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>>;
+        fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>>;
 
         /// Deletes exactly `letter` (same key, chain and failure time) if
         /// it is still stored; whether it did. A letter written since under
         /// the same key, even by the same chain, stays.
-        fn dead_remove(
-            &self,
-            letter: &DeadLetter<P>,
-        ) -> BoxFuture<'static, Result<bool, QueueError>>;
+        fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool>;
 
         /// Deletes every dead letter of the queue; how many.
-        fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
+        fn dead_purge(&self) -> Answer<u64>;
 
         /// How many dead letters the queue has.
-        fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
+        fn dead_count(&self) -> Answer<u64>;
 
         /// Deletes this queue's jobs that finished with their outcome
         /// recorded (apalis' `Done`) at least `age` ago; how many. A job
         /// apalis holds as failed, killed or scheduled is never removed.
-        fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>>;
+        fn delete_completed(&self, age: Duration) -> Answer<u64>;
 
         /// Turns the jobs of this queue that apalis gave up on (killed, or
         /// failed past its own attempt limit: the worker could not record
         /// their outcome) into dead letters and marks them done; how many.
-        fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+        fn bury_abandoned(&self) -> Answer<u64> {
             Box::pin(async { Ok(0) })
         }
 
@@ -273,11 +285,7 @@ pub(crate) mod ops {
         /// marked done, every other job it holds goes back to the queue.
         /// At worst a job whose outcome was recorded but is missing from
         /// `done` runs again (at-least-once).
-        fn release_worker(
-            &self,
-            _name: &str,
-            _done: Vec<String>,
-        ) -> BoxFuture<'static, Result<(), QueueError>> {
+        fn release_worker(&self, _name: &str, _done: Vec<String>) -> Answer<()> {
             Box::pin(async { Ok(()) })
         }
 
@@ -285,26 +293,25 @@ pub(crate) mod ops {
         /// does), while it finishes its deliveries after a stop: apalis
         /// sends no heartbeats once its worker is stopping. Nothing for
         /// the memory backend, which has no leases.
-        fn keep_alive(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        fn keep_alive(&self, _name: &str) -> Answer<()> {
             Box::pin(async { Ok(()) })
         }
     }
 }
 
-/// Runs one apalis worker named `$name` on the apalis backend `$storage`
-/// with `$deliver` ([`Delivery`](ops::Delivery)) and `$options.concurrency`
-/// deliveries at once, until the future `$stop` resolves; a `'static`
-/// future of `Result<(), BoxError>`. Every backend's `run_worker` ends
+/// Runs the [`WorkerRun`](ops::WorkerRun) `$run` on the apalis backend
+/// `$storage`; a `'static` future of `Result<(), BoxError>`. Every backend's `run_worker` ends
 /// here. A macro because apalis' `Worker::run` puts bounds on the backend
 /// that are long and different for each storage type.
 macro_rules! run_apalis {
-    ($storage:expr, $name:expr, $deliver:expr, $options:expr, $stop:expr) => {{
+    ($storage:expr, $run:expr) => {{
         use apalis::prelude::WorkerBuilderExt as _;
-        let worker = apalis_core::worker::builder::WorkerBuilder::new($name)
+        let run: $crate::queue::backend::ops::WorkerRun<_> = $run;
+        let worker = apalis_core::worker::builder::WorkerBuilder::new(run.name)
             .backend($storage)
-            .concurrency($options.concurrency)
-            .build($deliver);
-        let stop: futures::future::BoxFuture<'static, ()> = $stop;
+            .concurrency(run.concurrency)
+            .build(run.deliver);
+        let stop = run.stop;
         async move {
             let ran: Result<(), crate::BoxError> = worker
                 .run_until(async move {
@@ -320,18 +327,18 @@ macro_rules! run_apalis {
 pub(crate) use run_apalis;
 
 /// A durable backend's apalis storage `$storage` (cloned) with its config
-/// `$config`, fetching as many jobs at once as the worker delivers (at
-/// least 10), polling every `$options.poll_interval` and whenever the
-/// stream `$wake` yields.
+/// `$config`, fetching as many jobs at once as the [`WorkerRun`](ops::WorkerRun)
+/// `$run` delivers (at least 10), polling every `$run.poll_interval` and
+/// whenever the stream `$wake` yields.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 macro_rules! polled {
-    ($storage:expr, $config:expr, $wake:expr, $options:expr) => {{
+    ($storage:expr, $config:expr, $wake:expr, $run:expr) => {{
         use apalis_core::backend::ext::BackendExt as _;
-        let config = $config.clone().batch_size($options.concurrency.max(10));
+        let config = $config.clone().batch_size($run.concurrency.max(10));
         $storage.clone().with_config(config).poll_with_strategy(
             apalis_core::backend::ext::poll_strategy::Strategy::new()
                 .stream($wake)
-                .interval($options.poll_interval),
+                .interval($run.poll_interval),
         )
     }};
 }
@@ -384,7 +391,7 @@ pub(crate) fn encode_job<P: serde::Serialize>(
 /// backends keep whole seconds, so up to a second later).
 pub(crate) async fn push_tasks<St, K, P>(
     storage: &St,
-    jobs: Vec<(QueuedEvent<P>, Duration)>,
+    jobs: ops::Jobs<P>,
 ) -> Result<(), apalis_core::backend::TaskSinkError<St::Error>>
 where
     St: apalis_core::backend::TaskSink<QueuedEvent<P>, K> + Clone + Send,

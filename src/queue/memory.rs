@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::QueuedEvent;
-use super::backend::ops::{DeadPage, Delivery, Ops, RunOptions, Store};
+use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{push_error, push_tasks, run_apalis};
 use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
@@ -104,10 +104,7 @@ impl<P> MemoryQueue<P> {
     }
 }
 
-impl<P> Ops<P> for MemoryQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+impl<P: Payload> Ops<P> for MemoryQueue<P> {
     type Store = Self;
 
     fn store(&self) -> &Self {
@@ -118,10 +115,7 @@ where
         &self.name
     }
 
-    fn push(
-        &self,
-        jobs: Vec<(QueuedEvent<P>, Duration)>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         // VecDequeBackend ignores due times: hold delayed jobs in a timer
         // task (in memory, like everything here).
         let (now, later): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, d)| d.is_zero());
@@ -147,39 +141,20 @@ where
         })
     }
 
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Delivery<P>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        Box::pin(run_apalis!(
-            self.storage.clone(),
-            name,
-            deliver,
-            options,
-            stop
-        ))
+    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(run_apalis!(self.storage.clone(), run))
     }
 }
 
-impl<P> Store<P> for MemoryQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+impl<P: Payload> Store<P> for MemoryQueue<P> {
+    fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
         let mut dead = self.dead();
         dead.retain(|d| d.key != letter.key);
         dead.push(letter);
         Box::pin(async { Ok(()) })
     }
 
-    fn dead_page(
-        &self,
-        offset: u64,
-        limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>> {
         let page = self
             .dead()
             .iter()
@@ -195,7 +170,7 @@ where
         after: Option<(i64, String)>,
         until: i64,
         limit: u64,
-    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
+    ) -> Answer<DeadPage<P>> {
         let place = |d: &DeadLetter<P>| (d.failed_at.timestamp_micros(), d.key.clone());
         let mut letters: Vec<_> = self
             .dead()
@@ -210,12 +185,12 @@ where
         Box::pin(async { Ok(DeadPage { letters, last }) })
     }
 
-    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>> {
         let found = self.dead().iter().find(|d| d.key == key).cloned();
         Box::pin(async { Ok(found) })
     }
 
-    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
         let mut dead = self.dead();
         let before = dead.len();
         dead.retain(|d| {
@@ -225,19 +200,19 @@ where
         Box::pin(async move { Ok(removed) })
     }
 
-    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_purge(&self) -> Answer<u64> {
         let mut dead = self.dead();
         let n = dead.len() as u64;
         dead.clear();
         Box::pin(async move { Ok(n) })
     }
 
-    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_count(&self) -> Answer<u64> {
         let n = self.dead().len() as u64;
         Box::pin(async move { Ok(n) })
     }
 
-    fn delete_completed(&self, _age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn delete_completed(&self, _age: Duration) -> Answer<u64> {
         // Completed jobs are not kept in memory.
         Box::pin(async { Ok(0) })
     }

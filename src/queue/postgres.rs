@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 
-use super::backend::ops::{Delivery, Ops, RunOptions, Store, lease};
+use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun, lease};
 use super::backend::{polled, push_error, push_tasks, run_apalis};
 use super::dead_letter::DeadLetters;
 use super::error::QueueError;
@@ -269,7 +269,7 @@ impl PostgresQueue {
 
 impl<P> PostgresQueue<P>
 where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    P: Payload,
 {
     /// Connects to `url` and opens the queue `name`, with the defaults of
     /// [`builder`](PostgresQueue::builder).
@@ -343,10 +343,7 @@ where
     }
 }
 
-impl<P> Ops<P> for PostgresQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+impl<P: Payload> Ops<P> for PostgresQueue<P> {
     type Store = SqlStore<sqlx::Postgres>;
 
     fn store(&self) -> &Self::Store {
@@ -357,10 +354,7 @@ where
         &self.name
     }
 
-    fn push(
-        &self,
-        jobs: Vec<(QueuedEvent<P>, Duration)>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (storage, name) = (self.storage.clone(), Arc::clone(&self.name));
         Box::pin(async move {
             let mut jobs = jobs.into_iter().peekable();
@@ -392,16 +386,10 @@ where
         )
     }
 
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Delivery<P>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let wake = Pubsub::new(self.pool().clone(), self.name.to_string());
-        let storage = polled!(self.storage, self.config, wake, options);
-        Box::pin(run_apalis!(storage, name, deliver, options, stop))
+        let storage = polled!(self.storage, self.config, wake, run);
+        Box::pin(run_apalis!(storage, run))
     }
 }
 

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::backend::ops::{DeadPage, Delivery, Ops, RunOptions, Store, lease};
+use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Store, WorkerRun, lease};
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
     encode_job, polled, run_apalis,
@@ -612,10 +612,7 @@ fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter
     serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
 }
 
-impl<P> Ops<P> for RedisQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+impl<P: Payload> Ops<P> for RedisQueue<P> {
     type Store = Self;
 
     fn store(&self) -> &Self {
@@ -626,10 +623,7 @@ where
         &self.name
     }
 
-    fn push(
-        &self,
-        jobs: Vec<(QueuedEvent<P>, Duration)>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (conn, config, wake) = (self.conn.clone(), self.config.clone(), self.wake.clone());
         let name = Arc::clone(&self.name);
         Box::pin(async move {
@@ -656,16 +650,10 @@ where
         )
     }
 
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Delivery<P>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let promote = promote_due_jobs(self.conn.clone(), self.config.clone());
-        let storage = polled!(self.storage, self.config, self.wake.stream(), options);
-        let run = run_apalis!(storage, name, deliver, options, stop);
+        let storage = polled!(self.storage, self.config, self.wake.stream(), run);
+        let run = run_apalis!(storage, run);
         Box::pin(async move {
             promote.await?;
             run.await
@@ -673,11 +661,8 @@ where
     }
 }
 
-impl<P> Store<P> for RedisQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+impl<P: Payload> Store<P> for RedisQueue<P> {
+    fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
         let (mut conn, name, fail) = self.parts("storing a dead letter");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -695,11 +680,7 @@ where
         })
     }
 
-    fn dead_page(
-        &self,
-        offset: u64,
-        limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>> {
         let (mut conn, name, fail) = self.parts("listing dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -718,7 +699,7 @@ where
         after: Option<(i64, String)>,
         until: i64,
         limit: u64,
-    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
+    ) -> Answer<DeadPage<P>> {
         let (mut conn, name, fail) = self.parts("listing dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -753,7 +734,7 @@ where
         })
     }
 
-    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>> {
         let (mut conn, name, fail) = self.parts("reading a dead letter");
         let (hash, _) = self.keys();
         let key = key.to_owned();
@@ -763,7 +744,7 @@ where
         })
     }
 
-    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
         static SCRIPT: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(REMOVE_LETTER));
         let (mut conn, _, fail) = self.parts("removing a dead letter");
@@ -784,7 +765,7 @@ where
         })
     }
 
-    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_purge(&self) -> Answer<u64> {
         let (mut conn, _, fail) = self.parts("purging dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -800,19 +781,19 @@ where
         })
     }
 
-    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_count(&self) -> Answer<u64> {
         let (mut conn, _, fail) = self.parts("counting dead letters");
         let (hash, _) = self.keys();
         Box::pin(async move { conn.hlen(&hash).await.map_err(fail) })
     }
 
-    fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn delete_completed(&self, age: Duration) -> Answer<u64> {
         let (conn, _, fail) = self.parts("removing completed jobs");
         let config = self.config.clone();
         Box::pin(async move { remove_done(conn, &config, age).await.map_err(fail) })
     }
 
-    fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn bury_abandoned(&self) -> Answer<u64> {
         let this = self.clone();
         let (_, _, fail) = self.parts("burying jobs apalis gave up on");
         Box::pin(async move {
@@ -839,11 +820,7 @@ where
         })
     }
 
-    fn release_worker(
-        &self,
-        name: &str,
-        done: Vec<String>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn release_worker(&self, name: &str, done: Vec<String>) -> Answer<()> {
         let (mut conn, _, fail) = self.parts("releasing a stopped worker's jobs");
         let config = self.config.clone();
         let name = name.to_owned();
@@ -865,7 +842,7 @@ where
         })
     }
 
-    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn keep_alive(&self, name: &str) -> Answer<()> {
         let (mut conn, _, fail) = self.parts("renewing a worker's lease");
         let workers = self.config.workers_set();
         let name = name.to_owned();

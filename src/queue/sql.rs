@@ -9,12 +9,11 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
-use super::backend::ops::{DeadPage, Store};
+use super::backend::ops::{Answer, DeadPage, Payload, Store};
 use super::backend::{ABANDONED_PAGE, abandoned_letter};
 use super::dead_letter::DeadLetter;
 use super::error::QueueError;
@@ -177,9 +176,9 @@ where
     for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
     for<'r> bool: Decode<'r, DB> + Type<DB>,
     for<'r> Vec<u8>: Decode<'r, DB> + Type<DB>,
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
+    P: Payload,
 {
-    fn prepare(&self) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn prepare(&self) -> Answer<()> {
         let (pool, _, fail) = self.parts("creating the dead-letter table");
         Box::pin(async move {
             let mut tx = pool.begin_with(DB::SQL.begin).await.map_err(&fail)?;
@@ -211,7 +210,7 @@ where
         })
     }
 
-    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
         let (pool, name, fail) = self.parts("storing a dead letter");
         Box::pin(async move {
             let json = encode(&name, &letter)?;
@@ -222,11 +221,7 @@ where
         })
     }
 
-    fn dead_page(
-        &self,
-        offset: u64,
-        count: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    fn dead_page(&self, offset: u64, count: u64) -> Answer<Vec<DeadLetter<P>>> {
         let (pool, name, fail) = self.parts("listing dead letters");
         Box::pin(async move {
             let rows = sqlx::query(PAGE)
@@ -247,7 +242,7 @@ where
         after: Option<(i64, String)>,
         until: i64,
         count: u64,
-    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
+    ) -> Answer<DeadPage<P>> {
         let (pool, name, fail) = self.parts("listing dead letters");
         let (at, key) = after.unwrap_or((i64::MIN, String::new()));
         Box::pin(async move {
@@ -275,7 +270,7 @@ where
         })
     }
 
-    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>> {
         let (pool, name, fail) = self.parts("reading a dead letter");
         let key = key.to_owned();
         Box::pin(async move {
@@ -292,7 +287,7 @@ where
         })
     }
 
-    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
         let (pool, name, fail) = self.parts("removing a dead letter");
         let (key, chain) = (letter.key.clone(), letter.chain.clone());
         let failed_at = letter.failed_at.timestamp_micros();
@@ -309,7 +304,7 @@ where
         })
     }
 
-    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_purge(&self) -> Answer<u64> {
         let (pool, name, fail) = self.parts("purging dead letters");
         Box::pin(async move {
             let done = sqlx::query(PURGE)
@@ -321,7 +316,7 @@ where
         })
     }
 
-    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_count(&self) -> Answer<u64> {
         let (pool, name, fail) = self.parts("counting dead letters");
         Box::pin(async move {
             let row = sqlx::query(COUNT)
@@ -334,7 +329,7 @@ where
         })
     }
 
-    fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn delete_completed(&self, age: Duration) -> Answer<u64> {
         let (pool, name, fail) = self.parts("removing completed jobs");
         Box::pin(async move {
             let done = sqlx::query(DB::SQL.delete_completed)
@@ -347,7 +342,7 @@ where
         })
     }
 
-    fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn bury_abandoned(&self) -> Answer<u64> {
         let (pool, name, fail) = self.parts("burying jobs apalis gave up on");
         Box::pin(async move {
             let (mut buried, mut after) = (0, String::new());
@@ -394,11 +389,7 @@ where
         })
     }
 
-    fn release_worker(
-        &self,
-        worker: &str,
-        done: Vec<String>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn release_worker(&self, worker: &str, done: Vec<String>) -> Answer<()> {
         let (pool, name, fail) = self.parts("releasing a stopped worker's jobs");
         let worker = worker.to_owned();
         Box::pin(async move {
@@ -420,7 +411,7 @@ where
         })
     }
 
-    fn keep_alive(&self, worker: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn keep_alive(&self, worker: &str) -> Answer<()> {
         let (pool, name, fail) = self.parts("renewing a worker's lease");
         let worker = worker.to_owned();
         Box::pin(async move {

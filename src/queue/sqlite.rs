@@ -14,7 +14,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::backend::ops::{Delivery, Ops, RunOptions, Store, lease};
+use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun, lease};
 use super::backend::{
     APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, polled, run_apalis,
 };
@@ -427,10 +427,7 @@ impl<P> SqliteQueue<P> {
     }
 }
 
-impl<P> Ops<P> for SqliteQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
+impl<P: Payload> Ops<P> for SqliteQueue<P> {
     type Store = SqlStore<sqlx::Sqlite>;
 
     fn store(&self) -> &Self::Store {
@@ -441,10 +438,7 @@ where
         &self.name
     }
 
-    fn push(
-        &self,
-        jobs: Vec<(QueuedEvent<P>, Duration)>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (pool, name, wake) = (
             self.pool().clone(),
             Arc::clone(&self.name),
@@ -471,14 +465,8 @@ where
         )
     }
 
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Delivery<P>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        let storage = polled!(self.storage, self.config, self.wake.stream(), options);
-        Box::pin(run_apalis!(storage, name, deliver, options, stop))
+    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+        let storage = polled!(self.storage, self.config, self.wake.stream(), run);
+        Box::pin(run_apalis!(storage, run))
     }
 }

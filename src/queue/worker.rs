@@ -20,7 +20,7 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 
 use super::backend::QueueBackend;
-use super::backend::ops::{Delivery, RunOptions, Store};
+use super::backend::ops::{Delivery, Store, WorkerRun};
 use super::dead_letter::{DeadLetter, DeathCause};
 use super::schedule::RetrySchedule;
 use super::{QueuedEvent, already_queued_is_ok};
@@ -267,10 +267,6 @@ where
             timeout: self.attempt_timeout,
             deliveries: Arc::clone(&deliveries),
         });
-        let options = RunOptions {
-            concurrency: self.concurrency,
-            poll_interval: self.poll_interval,
-        };
         let maintenance =
             tokio::spawn(maintain(self.backend.clone(), self.retention, stop.clone()));
         let instance = worker_instance();
@@ -285,12 +281,13 @@ where
             let started = tokio::time::Instant::now();
             // On its own task, so that a panic inside apalis ends this run,
             // not the supervisor.
-            let mut run = tokio::spawn(self.backend.run_worker(
-                name.clone(),
-                deliver.clone(),
-                &options,
-                stopped(stop.clone()).boxed(),
-            ));
+            let mut run = tokio::spawn(self.backend.run_worker(WorkerRun {
+                name: name.clone(),
+                deliver: deliver.clone(),
+                concurrency: self.concurrency,
+                poll_interval: self.poll_interval,
+                stop: stopped(stop.clone()).boxed(),
+            }));
             let ended = {
                 let ended = std::pin::pin!(&mut run);
                 let stopping = std::pin::pin!(stopped(stop.clone()));
