@@ -345,6 +345,82 @@ macro_rules! polled {
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) use polled;
 
+/// What every backend type has alike, written once: `Clone` (each field is
+/// a handle, so no `P: Clone`), a `Debug` that shows only the queue's name,
+/// [`name`] and [`dead_letters`]. `$open` is a doc-test line that makes a
+/// `queue` of the type (after a `# ` line that can `?` a `BoxError`).
+macro_rules! queue_handle {
+    ($queue:ident { $($field:ident),+ $(,)? }, $open:literal) => {
+        impl<P> Clone for $queue<P> {
+            fn clone(&self) -> Self {
+                $queue { $($field: self.$field.clone()),+ }
+            }
+        }
+
+        impl<P> std::fmt::Debug for $queue<P> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($queue))
+                    .field("name", &self.name)
+                    .finish_non_exhaustive()
+            }
+        }
+
+        impl<P> $queue<P> {
+            /// The queue's name.
+            ///
+            /// ```no_run
+            /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+            #[doc = $open]
+            /// assert_eq!(queue.name(), "q");
+            /// # Ok(()) }
+            /// ```
+            pub fn name(&self) -> &str {
+                &self.name
+            }
+        }
+
+        impl<P: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static> $queue<P> {
+            /// The queue's dead letters: list, replay, purge.
+            ///
+            /// ```no_run
+            /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+            #[doc = $open]
+            /// println!("{} dead", queue.dead_letters().count().await?);
+            /// # Ok(()) }
+            /// ```
+            pub fn dead_letters(&self) -> $crate::queue::DeadLetters<Self, P> {
+                $crate::queue::DeadLetters::new(self.clone())
+            }
+        }
+    };
+}
+pub(crate) use queue_handle;
+
+/// The `lease` setter every durable backend's builder has, written once;
+/// the builder has the fields `heartbeat` and `missed`. `$builder` is a
+/// doc-test expression for a builder of the type.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+macro_rules! lease_setter {
+    ($builder:literal) => {
+        /// Worker heartbeat and how many may be missed before another worker
+        /// takes over the jobs of a dead one
+        /// ([`DEFAULT_HEARTBEAT_INTERVAL`](crate::queue::DEFAULT_HEARTBEAT_INTERVAL) ×
+        /// [`DEFAULT_MISSED_HEARTBEATS`](crate::queue::DEFAULT_MISSED_HEARTBEATS)).
+        ///
+        /// ```
+        #[doc = concat!("let b = ", $builder, ";")]
+        /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
+        /// ```
+        pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
+            self.heartbeat = heartbeat;
+            self.missed = missed.max(1);
+            self
+        }
+    };
+}
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) use lease_setter;
+
 /// The first whole Unix second at least `delay` from now: the durable
 /// backends store due times in seconds, and rounding down would run a
 /// 250 ms retry at once. (apalis' `run_after` rounds down, and panics on a

@@ -1,19 +1,16 @@
 //! [`MemoryQueue`]: the in-process backend, for tests and demos. Nothing
 //! survives the process.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use apalis_core::backend::dequeue::VecDequeBackend;
 use futures::future::BoxFuture;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use super::QueuedEvent;
 use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Store, WorkerRun};
-use super::backend::{push_error, push_tasks, run_apalis};
-use super::dead_letter::{DeadLetter, DeadLetters};
+use super::backend::{push_error, push_tasks, queue_handle, run_apalis};
+use super::dead_letter::DeadLetter;
 use super::error::QueueError;
 use crate::BoxError;
 
@@ -42,23 +39,14 @@ pub struct MemoryQueue<P = serde_json::Value> {
     dead: Arc<Mutex<Vec<DeadLetter<P>>>>,
 }
 
-impl<P> Clone for MemoryQueue<P> {
-    fn clone(&self) -> Self {
-        MemoryQueue {
-            name: Arc::clone(&self.name),
-            storage: self.storage.clone(),
-            dead: Arc::clone(&self.dead),
-        }
-    }
-}
-
-impl<P> fmt::Debug for MemoryQueue<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryQueue")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
+queue_handle!(
+    MemoryQueue {
+        name,
+        storage,
+        dead
+    },
+    " let queue = eventsink::queue::MemoryQueue::<serde_json::Value>::new(\"q\");"
+);
 
 impl<P> MemoryQueue<P> {
     /// An empty queue called `name`.
@@ -73,28 +61,6 @@ impl<P> MemoryQueue<P> {
             storage: VecDequeBackend::new(),
             dead: Arc::new(Mutex::new(Vec::new())),
         }
-    }
-
-    /// The queue's name.
-    ///
-    /// ```
-    /// assert_eq!(eventsink::queue::MemoryQueue::<()>::new("q").name(), "q");
-    /// ```
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The queue's dead letters.
-    ///
-    /// ```
-    /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
-    /// # let _ = dead;
-    /// ```
-    pub fn dead_letters(&self) -> DeadLetters<Self, P>
-    where
-        P: Serialize + DeserializeOwned + Send + Sync + 'static,
-    {
-        DeadLetters::new(self.clone())
     }
 
     fn dead(&self) -> MutexGuard<'_, Vec<DeadLetter<P>>> {

@@ -1,6 +1,5 @@
 //! [`PostgresQueue`]: many workers on many machines, one Postgres database.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +10,7 @@ use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun, lease};
-use super::backend::{polled, push_error, push_tasks, run_apalis};
-use super::dead_letter::DeadLetters;
+use super::backend::{lease_setter, polled, push_error, push_tasks, queue_handle, run_apalis};
 use super::error::QueueError;
 use super::sql::{Dialect, SqlStore, Statements};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
@@ -111,24 +109,15 @@ pub struct PostgresQueue<P = serde_json::Value> {
     config: Config,
 }
 
-impl<P> Clone for PostgresQueue<P> {
-    fn clone(&self) -> Self {
-        PostgresQueue {
-            name: Arc::clone(&self.name),
-            store: self.store.clone(),
-            storage: self.storage.clone(),
-            config: self.config.clone(),
-        }
-    }
-}
-
-impl<P> fmt::Debug for PostgresQueue<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresQueue")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
+queue_handle!(
+    PostgresQueue {
+        name,
+        store,
+        storage,
+        config
+    },
+    " let queue: eventsink::queue::PostgresQueue = eventsink::queue::PostgresQueue::connect(\"postgres://localhost/app\", \"q\").await?;"
+);
 
 /// Settings of a [`PostgresQueue`] before it [`connect`](PostgresQueueBuilder::connect)s
 /// to a URL or [`attach`](PostgresQueueBuilder::attach)es to a pool.
@@ -154,6 +143,8 @@ pub struct PostgresQueueBuilder {
 }
 
 impl PostgresQueueBuilder {
+    lease_setter!("eventsink::queue::PostgresQueue::builder(\"q\")");
+
     /// Connections in the pool that [`connect`](PostgresQueueBuilder::connect)
     /// opens ([`POSTGRES_MAX_CONNECTIONS`]).
     ///
@@ -163,20 +154,6 @@ impl PostgresQueueBuilder {
     /// ```
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(2);
-        self
-    }
-
-    /// Worker heartbeat and how many may be missed before another worker
-    /// takes over the jobs of a dead one ([`DEFAULT_HEARTBEAT_INTERVAL`] ×
-    /// [`DEFAULT_MISSED_HEARTBEATS`]).
-    ///
-    /// ```
-    /// # let b = eventsink::queue::PostgresQueue::builder("q");
-    /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
-    /// ```
-    pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
-        self.heartbeat = heartbeat;
-        self.missed = missed.max(1);
         self
     }
 
@@ -306,18 +283,6 @@ where
         PostgresQueue::builder(name).attach(pool).await
     }
 
-    /// The queue's name.
-    ///
-    /// ```no_run
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// let queue: eventsink::queue::PostgresQueue = eventsink::queue::PostgresQueue::connect("postgres://localhost/app", "q").await?;
-    /// assert_eq!(queue.name(), "q");
-    /// # Ok(()) }
-    /// ```
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The queue's pool.
     ///
     /// ```no_run
@@ -328,18 +293,6 @@ where
     /// ```
     pub fn pool(&self) -> &PgPool {
         self.store.pool()
-    }
-
-    /// The queue's dead letters.
-    ///
-    /// ```no_run
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// let queue: eventsink::queue::PostgresQueue = eventsink::queue::PostgresQueue::connect("postgres://localhost/app", "q").await?;
-    /// println!("{} dead", queue.dead_letters().count().await?);
-    /// # Ok(()) }
-    /// ```
-    pub fn dead_letters(&self) -> DeadLetters<Self, P> {
-        DeadLetters::new(self.clone())
     }
 }
 

@@ -1,7 +1,6 @@
 //! [`RedisQueue`]: a queue in Redis, for many workers that already share a
 //! Redis.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +14,9 @@ use serde::de::DeserializeOwned;
 use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Store, WorkerRun, lease};
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
-    encode_job, polled, run_apalis,
+    encode_job, lease_setter, polled, queue_handle, run_apalis,
 };
-use super::dead_letter::{DeadLetter, DeadLetters};
+use super::dead_letter::DeadLetter;
 use super::error::QueueError;
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
 use crate::BoxError;
@@ -311,25 +310,16 @@ pub struct RedisQueue<P = serde_json::Value> {
     config: Config,
 }
 
-impl<P> Clone for RedisQueue<P> {
-    fn clone(&self) -> Self {
-        RedisQueue {
-            name: Arc::clone(&self.name),
-            wake: self.wake.clone(),
-            conn: self.conn.clone(),
-            storage: self.storage.clone(),
-            config: self.config.clone(),
-        }
-    }
-}
-
-impl<P> fmt::Debug for RedisQueue<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisQueue")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
+queue_handle!(
+    RedisQueue {
+        name,
+        wake,
+        conn,
+        storage,
+        config
+    },
+    " let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect(\"redis://127.0.0.1/\", \"q\").await?;"
+);
 
 /// Settings of a [`RedisQueue`] before it [`connect`](RedisQueueBuilder::connect)s
 /// to a URL or [`attach`](RedisQueueBuilder::attach)es to a connection.
@@ -355,6 +345,8 @@ pub struct RedisQueueBuilder {
 }
 
 impl RedisQueueBuilder {
+    lease_setter!("eventsink::queue::RedisQueue::builder(\"q\")");
+
     /// How long a command may take on the connection that
     /// [`connect`](RedisQueueBuilder::connect) opens
     /// ([`REDIS_RESPONSE_TIMEOUT`]).
@@ -365,20 +357,6 @@ impl RedisQueueBuilder {
     /// ```
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
-        self
-    }
-
-    /// Worker heartbeat and how many may be missed before another worker
-    /// takes over the jobs of a dead one ([`DEFAULT_HEARTBEAT_INTERVAL`] ×
-    /// [`DEFAULT_MISSED_HEARTBEATS`]).
-    ///
-    /// ```
-    /// # let b = eventsink::queue::RedisQueue::builder("q");
-    /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
-    /// ```
-    pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
-        self.heartbeat = heartbeat;
-        self.missed = missed.max(1);
         self
     }
 
@@ -481,33 +459,6 @@ impl<P> RedisQueue<P> {
     /// ```
     pub fn attach(conn: ConnectionManager, name: &str) -> Self {
         RedisQueue::builder(name).attach(conn)
-    }
-
-    /// The queue's name.
-    ///
-    /// ```no_run
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect("redis://127.0.0.1/", "q").await?;
-    /// assert_eq!(queue.name(), "q");
-    /// # Ok(()) }
-    /// ```
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The queue's dead letters.
-    ///
-    /// ```no_run
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect("redis://127.0.0.1/", "q").await?;
-    /// println!("{} dead", queue.dead_letters().count().await?);
-    /// # Ok(()) }
-    /// ```
-    pub fn dead_letters(&self) -> DeadLetters<Self, P>
-    where
-        P: Serialize + DeserializeOwned + Send + Sync + 'static,
-    {
-        DeadLetters::new(self.clone())
     }
 
     /// Buries the job `id` of apalis' dead set and moves it to the done

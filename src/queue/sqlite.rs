@@ -1,6 +1,5 @@
 //! [`SqliteQueue`]: the embedded durable backend, one SQLite file.
 
-use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +15,9 @@ use sqlx::sqlite::{
 
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun, lease};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, polled, run_apalis,
+    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, lease_setter, polled,
+    queue_handle, run_apalis,
 };
-use super::dead_letter::DeadLetters;
 use super::error::QueueError;
 use super::sql::{Dialect, SqlStore, Statements};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
@@ -186,25 +185,16 @@ pub struct SqliteQueue<P = serde_json::Value> {
     config: Config,
 }
 
-impl<P> Clone for SqliteQueue<P> {
-    fn clone(&self) -> Self {
-        SqliteQueue {
-            name: Arc::clone(&self.name),
-            wake: self.wake.clone(),
-            store: self.store.clone(),
-            storage: self.storage.clone(),
-            config: self.config.clone(),
-        }
-    }
-}
-
-impl<P> fmt::Debug for SqliteQueue<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteQueue")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
+queue_handle!(
+    SqliteQueue {
+        name,
+        wake,
+        store,
+        storage,
+        config
+    },
+    " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
+);
 
 /// Settings of a [`SqliteQueue`] before it is opened with
 /// [`open`](SqliteQueueBuilder::open).
@@ -233,6 +223,8 @@ pub struct SqliteQueueBuilder {
 }
 
 impl SqliteQueueBuilder {
+    lease_setter!("eventsink::queue::SqliteQueue::builder(\"q\")");
+
     /// `synchronous=FULL` (every commit survives power loss, each costs an
     /// fsync) instead of `NORMAL` (a crash of the process loses nothing;
     /// power loss may lose the last commits).
@@ -255,20 +247,6 @@ impl SqliteQueueBuilder {
     /// ```
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
-        self
-    }
-
-    /// Worker heartbeat and how many may be missed before another worker
-    /// takes over the jobs of a dead one ([`DEFAULT_HEARTBEAT_INTERVAL`] ×
-    /// [`DEFAULT_MISSED_HEARTBEATS`]).
-    ///
-    /// ```
-    /// # let b = eventsink::queue::SqliteQueue::builder("q");
-    /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
-    /// ```
-    pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
-        self.heartbeat = heartbeat;
-        self.missed = missed.max(1);
         self
     }
 
@@ -384,19 +362,6 @@ impl<P> SqliteQueue<P> {
         SqliteQueue::builder(name).open(path).await
     }
 
-    /// The queue's name.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// # let tmp = tempfile::tempdir().unwrap();
-    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(tmp.path().join("q.db"), "q").await?;
-    /// assert_eq!(queue.name(), "q");
-    /// # Ok(()) }
-    /// ```
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The queue's pool, for inspection.
     ///
     /// ```
@@ -408,22 +373,6 @@ impl<P> SqliteQueue<P> {
     /// ```
     pub fn pool(&self) -> &SqlitePool {
         self.store.pool()
-    }
-
-    /// The queue's dead letters.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// # let tmp = tempfile::tempdir().unwrap();
-    /// let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(tmp.path().join("q.db"), "q").await?;
-    /// assert_eq!(queue.dead_letters().count().await?, 0);
-    /// # Ok(()) }
-    /// ```
-    pub fn dead_letters(&self) -> DeadLetters<Self, P>
-    where
-        P: Serialize + DeserializeOwned + Send + Sync + 'static,
-    {
-        DeadLetters::new(self.clone())
     }
 }
 
