@@ -169,22 +169,13 @@ pub(crate) mod ops {
         /// The letters.
         pub letters: Vec<DeadLetter<P>>,
         /// The place of the last one.
-        pub last: Option<(i64, String)>,
+        pub last: Option<Place>,
     }
 
     /// The operations behind [`QueueBackend`] that move jobs: publishing
     /// and running apalis' worker. Every future is `'static` (it owns a
     /// clone of the pool or connection).
-    pub trait Ops<P> {
-        /// Where the backend keeps dead letters and does its upkeep.
-        type Store: Store<P>;
-
-        /// The backend's [`Store`].
-        fn store(&self) -> &Self::Store;
-
-        /// The queue's name.
-        fn queue_name(&self) -> &str;
-
+    pub trait Ops<P>: Parts<P> {
         /// Stores jobs, each due after its delay, in one backend call.
         /// A duplicate idempotency key is either skipped silently or
         /// reported as [`QueueError::AlreadyQueued`] (Postgres).
@@ -207,6 +198,23 @@ pub(crate) mod ops {
             false
         }
 
+        /// Runs one apalis worker until its `stop` resolves (then `Ok`) or
+        /// the backend fails (then `Err`, and the caller restarts).
+        fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>>;
+    }
+
+    /// What every backend has: a name, a [`Store`], a lease. Written by
+    /// [`queue_handle`](super::queue_handle).
+    pub trait Parts<P> {
+        /// Where the backend keeps dead letters and does its upkeep.
+        type Store: Store<P>;
+
+        /// The backend's [`Store`].
+        fn store(&self) -> &Self::Store;
+
+        /// The queue's name.
+        fn queue_name(&self) -> &str;
+
         /// The heartbeat interval, and the lease: how long after a worker's
         /// last heartbeat other workers take over its jobs.
         fn lease(&self) -> (Duration, Duration) {
@@ -215,11 +223,11 @@ pub(crate) mod ops {
                 super::super::DEFAULT_MISSED_HEARTBEATS,
             )
         }
-
-        /// Runs one apalis worker until its `stop` resolves (then `Ok`) or
-        /// the backend fails (then `Err`, and the caller restarts).
-        fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>>;
     }
+
+    /// A place in the order of dead letters: failure time in
+    /// microseconds, key.
+    pub(crate) type Place = (i64, String);
 
     /// The heartbeat interval and the lease of `missed` heartbeats.
     pub(crate) fn lease(beat: Duration, missed: usize) -> (Duration, Duration) {
@@ -246,12 +254,7 @@ pub(crate) mod ops {
         /// (Unix microseconds) after the place `after` (failure time in
         /// microseconds, key) in the order of [`dead_page`](Store::dead_page),
         /// with the place of the last one listed: the next call's `after`.
-        fn dead_after(
-            &self,
-            after: Option<(i64, String)>,
-            until: i64,
-            limit: u64,
-        ) -> Answer<DeadPage<P>>;
+        fn dead_after(&self, after: Option<Place>, until: i64, limit: u64) -> Answer<DeadPage<P>>;
 
         /// One dead letter by key.
         fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>>;
@@ -347,10 +350,49 @@ pub(crate) use polled;
 
 /// What every backend type has alike, written once: `Clone` (each field is
 /// a handle, so no `P: Clone`), a `Debug` that shows only the queue's name,
-/// [`name`] and [`dead_letters`]. `$open` is a doc-test line that makes a
-/// `queue` of the type (after a `# ` line that can `?` a `BoxError`).
+/// the methods `name` and `dead_letters`, and its [`Parts`](ops::Parts):
+/// its store (`self`, or the field that holds it, and its type), and with
+/// `leased`, the lease of its apalis `config` field. `$open` is a doc-test
+/// line that makes a `queue` of the type.
 macro_rules! queue_handle {
-    ($queue:ident { $($field:ident),+ $(,)? }, $open:literal) => {
+    (@store self) => {
+        type Store = Self;
+
+        fn store(&self) -> &Self {
+            self
+        }
+    };
+    (@store $field:ident: $store:ty) => {
+        type Store = $store;
+
+        fn store(&self) -> &$store {
+            &self.$field
+        }
+    };
+    (@lease leased) => {
+        fn lease(&self) -> (std::time::Duration, std::time::Duration) {
+            let config = &self.config;
+            $crate::queue::backend::ops::lease(config.heartbeat_interval, config.missed_heartbeats)
+        }
+    };
+    (
+        $queue:ident { $($field:ident),+ $(,)? },
+        store($($store:tt)+),
+        $($leased:ident,)?
+        $open:literal
+    ) => {
+        impl<P: $crate::queue::backend::ops::Payload> $crate::queue::backend::ops::Parts<P>
+            for $queue<P>
+        {
+            $crate::queue::backend::queue_handle!(@store $($store)+);
+
+            fn queue_name(&self) -> &str {
+                &self.name
+            }
+
+            $($crate::queue::backend::queue_handle!(@lease $leased);)?
+        }
+
         impl<P> Clone for $queue<P> {
             fn clone(&self) -> Self {
                 $queue { $($field: self.$field.clone()),+ }

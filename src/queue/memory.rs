@@ -8,7 +8,7 @@ use apalis_core::backend::dequeue::VecDequeBackend;
 use futures::future::BoxFuture;
 
 use super::QueuedEvent;
-use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Store, WorkerRun};
+use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{push_error, push_tasks, queue_handle, run_apalis};
 use super::dead_letter::DeadLetter;
 use super::error::QueueError;
@@ -45,6 +45,7 @@ queue_handle!(
         storage,
         dead
     },
+    store(self),
     " let queue = eventsink::queue::MemoryQueue::<serde_json::Value>::new(\"q\");"
 );
 
@@ -71,16 +72,6 @@ impl<P> MemoryQueue<P> {
 }
 
 impl<P: Payload> Ops<P> for MemoryQueue<P> {
-    type Store = Self;
-
-    fn store(&self) -> &Self {
-        self
-    }
-
-    fn queue_name(&self) -> &str {
-        &self.name
-    }
-
     fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         // VecDequeBackend ignores due times: hold delayed jobs in a timer
         // task (in memory, like everything here).
@@ -131,12 +122,7 @@ impl<P: Payload> Store<P> for MemoryQueue<P> {
         Box::pin(async { Ok(page) })
     }
 
-    fn dead_after(
-        &self,
-        after: Option<(i64, String)>,
-        until: i64,
-        limit: u64,
-    ) -> Answer<DeadPage<P>> {
+    fn dead_after(&self, after: Option<Place>, until: i64, limit: u64) -> Answer<DeadPage<P>> {
         let place = |d: &DeadLetter<P>| (d.failed_at.timestamp_micros(), d.key.clone());
         let mut letters: Vec<_> = self
             .dead()

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 
-use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun, lease};
+use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{lease_setter, polled, push_error, push_tasks, queue_handle, run_apalis};
 use super::error::QueueError;
 use super::sql::{Dialect, SqlStore, Statements};
@@ -116,6 +116,8 @@ queue_handle!(
         storage,
         config
     },
+    store(store: SqlStore<sqlx::Postgres>),
+    leased,
     " let queue: eventsink::queue::PostgresQueue = eventsink::queue::PostgresQueue::connect(\"postgres://localhost/app\", \"q\").await?;"
 );
 
@@ -297,16 +299,6 @@ where
 }
 
 impl<P: Payload> Ops<P> for PostgresQueue<P> {
-    type Store = SqlStore<sqlx::Postgres>;
-
-    fn store(&self) -> &Self::Store {
-        &self.store
-    }
-
-    fn queue_name(&self) -> &str {
-        &self.name
-    }
-
     fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (storage, name) = (self.storage.clone(), Arc::clone(&self.name));
         Box::pin(async move {
@@ -330,13 +322,6 @@ impl<P: Payload> Ops<P> for PostgresQueue<P> {
     fn parallel_batches(&self) -> usize {
         // each batch has its own connection and transaction.
         2
-    }
-
-    fn lease(&self) -> (Duration, Duration) {
-        lease(
-            self.config.heartbeat_interval,
-            self.config.missed_heartbeats,
-        )
     }
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {

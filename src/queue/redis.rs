@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Store, WorkerRun, lease};
+use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
     encode_job, lease_setter, polled, queue_handle, run_apalis,
@@ -318,6 +318,8 @@ queue_handle!(
         storage,
         config
     },
+    store(self),
+    leased,
     " let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect(\"redis://127.0.0.1/\", \"q\").await?;"
 );
 
@@ -564,16 +566,6 @@ fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter
 }
 
 impl<P: Payload> Ops<P> for RedisQueue<P> {
-    type Store = Self;
-
-    fn store(&self) -> &Self {
-        self
-    }
-
-    fn queue_name(&self) -> &str {
-        &self.name
-    }
-
     fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (conn, config, wake) = (self.conn.clone(), self.config.clone(), self.wake.clone());
         let name = Arc::clone(&self.name);
@@ -592,13 +584,6 @@ impl<P: Payload> Ops<P> for RedisQueue<P> {
         // 16 → 104k, 32 → 92k; more batches are smaller ones, and each
         // script call has a fixed cost in Redis.
         4
-    }
-
-    fn lease(&self) -> (Duration, Duration) {
-        lease(
-            self.config.heartbeat_interval,
-            self.config.missed_heartbeats,
-        )
     }
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
@@ -645,12 +630,7 @@ impl<P: Payload> Store<P> for RedisQueue<P> {
         })
     }
 
-    fn dead_after(
-        &self,
-        after: Option<(i64, String)>,
-        until: i64,
-        limit: u64,
-    ) -> Answer<DeadPage<P>> {
+    fn dead_after(&self, after: Option<Place>, until: i64, limit: u64) -> Answer<DeadPage<P>> {
         let (mut conn, name, fail) = self.parts("listing dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
-use super::backend::ops::{Answer, DeadPage, Payload, Store};
+use super::backend::ops::{Answer, DeadPage, Payload, Place, Store};
 use super::backend::{ABANDONED_PAGE, abandoned_letter};
 use super::dead_letter::DeadLetter;
 use super::error::QueueError;
@@ -237,12 +237,7 @@ where
         })
     }
 
-    fn dead_after(
-        &self,
-        after: Option<(i64, String)>,
-        until: i64,
-        count: u64,
-    ) -> Answer<DeadPage<P>> {
+    fn dead_after(&self, after: Option<Place>, until: i64, count: u64) -> Answer<DeadPage<P>> {
         let (pool, name, fail) = self.parts("listing dead letters");
         let (at, key) = after.unwrap_or((i64::MIN, String::new()));
         Box::pin(async move {

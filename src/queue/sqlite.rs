@@ -13,7 +13,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun, lease};
+use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
     APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, lease_setter, polled,
     queue_handle, run_apalis,
@@ -193,6 +193,8 @@ queue_handle!(
         storage,
         config
     },
+    store(store: SqlStore<sqlx::Sqlite>),
+    leased,
     " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
 );
 
@@ -377,16 +379,6 @@ impl<P> SqliteQueue<P> {
 }
 
 impl<P: Payload> Ops<P> for SqliteQueue<P> {
-    type Store = SqlStore<sqlx::Sqlite>;
-
-    fn store(&self) -> &Self::Store {
-        &self.store
-    }
-
-    fn queue_name(&self) -> &str {
-        &self.name
-    }
-
     fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (pool, name, wake) = (
             self.pool().clone(),
@@ -405,13 +397,6 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
 
     fn drops_run_on_stop(&self) -> bool {
         true
-    }
-
-    fn lease(&self) -> (Duration, Duration) {
-        lease(
-            self.config.heartbeat_interval,
-            self.config.missed_heartbeats,
-        )
     }
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
