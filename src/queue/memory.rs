@@ -39,15 +39,10 @@ pub struct MemoryQueue<P = serde_json::Value> {
     dead: Arc<Mutex<Vec<DeadLetter<P>>>>,
 }
 
-queue_handle!(
-    MemoryQueue {
-        name,
-        storage,
-        dead
-    },
-    store(self),
+queue_handle! {
+    MemoryQueue { name, storage, dead }, store(self),
     " let queue = eventsink::queue::MemoryQueue::<serde_json::Value>::new(\"q\");"
-);
+}
 
 impl<P> MemoryQueue<P> {
     /// An empty queue called `name`.

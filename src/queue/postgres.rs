@@ -109,17 +109,10 @@ pub struct PostgresQueue<P = serde_json::Value> {
     config: Config,
 }
 
-queue_handle!(
-    PostgresQueue {
-        name,
-        store,
-        storage,
-        config
-    },
-    store(store: SqlStore<sqlx::Postgres>),
-    leased,
+queue_handle! {
+    PostgresQueue { name, store, storage, config }, store(store: SqlStore<sqlx::Postgres>), leased,
     " let queue: eventsink::queue::PostgresQueue = eventsink::queue::PostgresQueue::connect(\"postgres://localhost/app\", \"q\").await?;"
-);
+}
 
 /// Settings of a [`PostgresQueue`] before it [`connect`](PostgresQueueBuilder::connect)s
 /// to a URL or [`attach`](PostgresQueueBuilder::attach)es to a pool.

@@ -26,12 +26,31 @@ use crate::BoxError;
 /// #76); 10 s still notices a dead server.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A Lua function the scripts that make jobs due begin with: appends the
+/// job ids `ids` to the active list `KEYS[2]` and signals the workers
+/// (`KEYS[3]`), as apalis' push does.
+macro_rules! lua_activate {
+    () => {
+        r#"
+local function activate(ids)
+    if #ids > 0 then
+        redis.call("rpush", KEYS[2], unpack(ids))
+        redis.call("del", KEYS[3])
+        redis.call("lpush", KEYS[3], 1)
+    end
+end
+"#
+    };
+}
+
 /// Ends stopped worker `ARGV[1]`'s hold on its jobs: those among
 /// `ARGV[3..]` (whose outcome it recorded) are marked done at `ARGV[2]`
 /// (done set `KEYS[5]`, meta prefix `KEYS[6]`), as apalis' acknowledgement
 /// does; the others go back on the active list, as apalis' orphan recovery
 /// does, without waiting for the lease.
-const RELEASE_WORKER: &str = r#"
+const RELEASE_WORKER: &str = concat!(
+    lua_activate!(),
+    r#"
 local inflight = KEYS[4] .. ":" .. ARGV[1]
 for i = 3, #ARGV do
     if redis.call("srem", inflight, ARGV[i]) == 1 then
@@ -40,30 +59,28 @@ for i = 3, #ARGV do
     end
 end
 local jobs = redis.call("smembers", inflight)
-if #jobs > 0 then
-    redis.call("rpush", KEYS[2], unpack(jobs))
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
-end
+activate(jobs)
 redis.call("del", inflight)
 redis.call("zrem", KEYS[1], ARGV[1])
 return #jobs
-"#;
+"#
+);
 
 /// Moves up to `ARGV[2]` due jobs from the scheduled set to the active list,
 /// as apalis' fetch does, but in bounded chunks: apalis moves all of them
 /// with one Lua `unpack`, which fails above about 8,000 items, and then
 /// every fetch fails and the queue is stuck.
-const PROMOTE_DUE: &str = r#"
+const PROMOTE_DUE: &str = concat!(
+    lua_activate!(),
+    r#"
 local ids = redis.call("zrangebyscore", KEYS[1], 0, ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
 if #ids > 0 then
-    redis.call("rpush", KEYS[2], unpack(ids))
     redis.call("zrem", KEYS[1], unpack(ids))
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
 end
+activate(ids)
 return #ids
-"#;
+"#
+);
 
 /// Removes dead letter `ARGV[1]` from the hash `KEYS[1]` and the order
 /// `KEYS[2]` only if it is still the one of chain `ARGV[2]` that failed at
@@ -143,7 +160,9 @@ const LUA_CHUNK: usize = 1_000;
 ///
 /// `ARGV`: `max_attempts`, then per job: id, data, due second (0 = now),
 /// idempotency key.
-const PUSH_JOBS: &str = r#"
+const PUSH_JOBS: &str = concat!(
+    lua_activate!(),
+    r#"
 local now = {}
 for i = 2, #ARGV, 4 do
     local id = ARGV[i]
@@ -158,13 +177,10 @@ for i = 2, #ARGV, 4 do
         end
     end
 end
-if #now > 0 then
-    redis.call("rpush", KEYS[2], unpack(now))
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
-end
+activate(now)
 return #now
-"#;
+"#
+);
 
 /// The apalis job id of an idempotency key: a UUID (version 8) made of the
 /// key's SHA-256, so the same key always gives the same id, and a short one.
@@ -237,6 +253,23 @@ async fn promote_due_jobs(mut conn: ConnectionManager, config: Config) -> Result
     }
 }
 
+/// One step of `SSCAN` over the set `key` from `cursor`, asking for about
+/// `count` members: the next cursor (0 at the end) and the members.
+async fn sscan(
+    conn: &mut ConnectionManager,
+    key: &str,
+    cursor: u64,
+    count: usize,
+) -> Result<(u64, Vec<String>), redis::RedisError> {
+    redis::cmd("SSCAN")
+        .arg(key)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+}
+
 /// Walks the done set with `SSCAN` and removes, [`LUA_CHUNK`] ids per
 /// script call, the jobs done at least `age` ago.
 async fn remove_done(
@@ -250,13 +283,7 @@ async fn remove_done(
     let cutoff = current_second().saturating_sub(age.as_secs());
     let (mut cursor, mut removed) = (0u64, 0u64);
     loop {
-        let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
-            .arg(&done)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(LUA_CHUNK)
-            .query_async(&mut conn)
-            .await?;
+        let (next, ids) = sscan(&mut conn, &done, cursor, LUA_CHUNK).await?;
         if !ids.is_empty() {
             let mut call = SCRIPT.prepare_invoke();
             call.key(&done)
@@ -310,18 +337,10 @@ pub struct RedisQueue<P = serde_json::Value> {
     config: Config,
 }
 
-queue_handle!(
-    RedisQueue {
-        name,
-        wake,
-        conn,
-        storage,
-        config
-    },
-    store(self),
-    leased,
+queue_handle! {
+    RedisQueue { name, wake, conn, storage, config }, store(self), leased,
     " let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect(\"redis://127.0.0.1/\", \"q\").await?;"
-);
+}
 
 /// Settings of a [`RedisQueue`] before it [`connect`](RedisQueueBuilder::connect)s
 /// to a URL or [`attach`](RedisQueueBuilder::attach)es to a connection.
@@ -732,12 +751,7 @@ impl<P: Payload> Store<P> for RedisQueue<P> {
             let dead = this.config.dead_jobs_set();
             let (mut cursor, mut buried) = (0u64, 0u64);
             loop {
-                let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
-                    .arg(&dead)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(ABANDONED_PAGE)
-                    .query_async(&mut conn)
+                let (next, ids) = sscan(&mut conn, &dead, cursor, ABANDONED_PAGE)
                     .await
                     .map_err(&fail)?;
                 for id in &ids {

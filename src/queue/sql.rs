@@ -301,14 +301,7 @@ where
 
     fn dead_purge(&self) -> Answer<u64> {
         let (pool, name, fail) = self.parts("purging dead letters");
-        Box::pin(async move {
-            let done = sqlx::query(PURGE)
-                .bind(name.to_string())
-                .execute(&pool)
-                .await
-                .map_err(fail)?;
-            Ok(DB::rows_affected(&done))
-        })
+        changed(pool, sqlx::query(PURGE).bind(name.to_string()), fail)
     }
 
     fn dead_count(&self) -> Answer<u64> {
@@ -326,15 +319,9 @@ where
 
     fn delete_completed(&self, age: Duration) -> Answer<u64> {
         let (pool, name, fail) = self.parts("removing completed jobs");
-        Box::pin(async move {
-            let done = sqlx::query(DB::SQL.delete_completed)
-                .bind(name.to_string())
-                .bind(i64::try_from(age.as_secs()).unwrap_or(i64::MAX))
-                .execute(&pool)
-                .await
-                .map_err(fail)?;
-            Ok(DB::rows_affected(&done))
-        })
+        let age = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        let delete = sqlx::query(DB::SQL.delete_completed).bind(name.to_string());
+        changed(pool, delete.bind(age), fail)
     }
 
     fn bury_abandoned(&self) -> Answer<u64> {
@@ -419,6 +406,24 @@ where
             Ok(())
         })
     }
+}
+
+/// Runs `query` on `pool`; how many rows it changed.
+fn changed<DB>(
+    pool: Pool<DB>,
+    query: sqlx::query::Query<'static, DB, DB::Arguments>,
+    fail: impl Fn(sqlx::Error) -> QueueError + Send + 'static,
+) -> Answer<u64>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+{
+    Box::pin(async move {
+        Ok(DB::rows_affected(
+            &query.execute(&pool).await.map_err(fail)?,
+        ))
+    })
 }
 
 /// Stores `letter` (encoded as `json`) on `conn`, replacing the one with

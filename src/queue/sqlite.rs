@@ -185,18 +185,10 @@ pub struct SqliteQueue<P = serde_json::Value> {
     config: Config,
 }
 
-queue_handle!(
-    SqliteQueue {
-        name,
-        wake,
-        store,
-        storage,
-        config
-    },
-    store(store: SqlStore<sqlx::Sqlite>),
-    leased,
+queue_handle! {
+    SqliteQueue { name, wake, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
     " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
-);
+}
 
 /// Settings of a [`SqliteQueue`] before it is opened with
 /// [`open`](SqliteQueueBuilder::open).
