@@ -69,10 +69,18 @@ impl Dialect for sqlx::Postgres {
         // jobs as they are.
         keep_alive: "UPDATE apalis.workers SET last_seen = NOW() \
              WHERE id = $1 AND worker_type = $2",
+        // `apalis._sqlx_migrations`: a name to_regclass resolves, and that
+        // comes from apalis-postgres, not from input.
+        migrations_exist: "SELECT to_regclass($1) IS NOT NULL",
+        versions: "SELECT version FROM {table}",
     };
 
     fn rows_affected(result: &PgQueryResult) -> u64 {
         result.rows_affected()
+    }
+
+    fn apalis() -> (&'static str, sqlx::migrate::Migrator) {
+        ("apalis-postgres", PostgresStorage::<()>::migrations())
     }
 }
 
@@ -201,7 +209,7 @@ impl PostgresQueueBuilder {
         P: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         let name = self.name;
-        super::contract::check_postgres(&pool, &name).await?;
+        super::contract::check(&pool, &name).await?;
         PostgresStorage::<()>::setup(&pool)
             .await
             .map_err(|e| QueueError::backend(&name, "migrating Postgres (needs hstore)", e))?;

@@ -92,6 +92,10 @@ pub struct Statements {
     pub(crate) release_rest: &'static str,
     /// Renews the heartbeat of worker `$1` of queue `$2`.
     pub(crate) keep_alive: &'static str,
+    /// One boolean: whether apalis' migrations table `$1` exists.
+    pub(crate) migrations_exist: &'static str,
+    /// The versions in apalis' migrations table `{table}`.
+    pub(crate) versions: &'static str,
 }
 
 /// A SQL database the queue runs on: its statements, and how many rows a
@@ -102,6 +106,9 @@ pub trait Dialect: Database {
 
     /// How many rows a statement changed.
     fn rows_affected(result: &Self::QueryResult) -> u64;
+
+    /// The pinned apalis crate of this database, and its migrations.
+    fn apalis() -> (&'static str, sqlx::migrate::Migrator);
 }
 
 /// The dead letters and upkeep of one queue in a SQL database.
@@ -284,19 +291,14 @@ where
 
     fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
         let (pool, name, fail) = self.parts("removing a dead letter");
-        let (key, chain) = (letter.key.clone(), letter.chain.clone());
         let failed_at = letter.failed_at.timestamp_micros();
-        Box::pin(async move {
-            let done = sqlx::query(REMOVE)
-                .bind(name.to_string())
-                .bind(key)
-                .bind(chain)
-                .bind(failed_at)
-                .execute(&pool)
-                .await
-                .map_err(fail)?;
-            Ok(DB::rows_affected(&done) > 0)
-        })
+        let remove = sqlx::query(REMOVE)
+            .bind(name.to_string())
+            .bind(letter.key.clone())
+            .bind(letter.chain.clone())
+            .bind(failed_at);
+        let removed = changed(pool, remove, fail);
+        Box::pin(async move { Ok(removed.await? > 0) })
     }
 
     fn dead_purge(&self) -> Answer<u64> {

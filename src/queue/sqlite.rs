@@ -63,10 +63,17 @@ impl Dialect for sqlx::Sqlite {
         // apalis-sqlite's keep_alive.sql.
         keep_alive: "UPDATE Workers SET last_seen = strftime('%s', 'now') \
              WHERE id = $1 AND worker_type = $2",
+        migrations_exist: "SELECT EXISTS \
+             (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
+        versions: "SELECT version FROM \"{table}\"",
     };
 
     fn rows_affected(result: &SqliteQueryResult) -> u64 {
         result.rows_affected()
+    }
+
+    fn apalis() -> (&'static str, sqlx::migrate::Migrator) {
+        ("apalis-sqlite", SqliteStorage::<()>::migrations())
     }
 }
 
@@ -284,7 +291,7 @@ impl SqliteQueueBuilder {
             .connect_with(options.clone())
             .await
             .map_err(fail("opening the SQLite file"))?;
-        super::contract::check_sqlite(&setup, &name).await?;
+        super::contract::check(&setup, &name).await?;
         SqliteStorage::migrations()
             .run(&setup)
             .await
