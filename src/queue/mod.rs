@@ -33,6 +33,22 @@
 //! # #[cfg(not(feature = "sqlite"))] fn main() {}
 //! ```
 //!
+//! # Roles and backends
+//!
+//! [`ThroughTaskQueue`] is the layer; the service it wraps a sink in is a
+//! [`QueuePublisher`] (stores each event as a job), and a [`QueueWorker`]
+//! (from [`ThroughTaskQueue::worker`] or [`QueueWorker::new`]) delivers the
+//! jobs to a sink; [`WorkerHandle`] stops it. Every backend opens the same
+//! way, with a shortcut or a builder that ends in the same verb, and infers
+//! its payload type from use (`serde_json::Value` when written without one):
+//!
+//! | backend | shortcut | builder |
+//! |---|---|---|
+//! | [`MemoryQueue`] | `MemoryQueue::new(name)` | — |
+//! | `SqliteQueue` | `SqliteQueue::open(path, name)` | `SqliteQueue::builder(name)….open(path)` |
+//! | `PostgresQueue` | `PostgresQueue::connect(url, name)`, `::attach(pool, name)` | `PostgresQueue::builder(name)….connect(url)` or `.attach(pool)` |
+//! | `RedisQueue` | `RedisQueue::connect(url, name)`, `::attach(conn, name)` | `RedisQueue::builder(name)….connect(url)` or `.attach(conn)` |
+//!
 //! # Guarantees
 //!
 //! - **At-least-once.** An event whose `publish` returned `Ok` is stored in

@@ -150,17 +150,6 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
         }
     }
 
-    /// Deliveries at once ([`DEFAULT_CONCURRENCY`]); 0 counts as 1.
-    ///
-    /// ```
-    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
-    /// let w = w.concurrency(4);
-    /// ```
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
-        self
-    }
-
     /// Timeout of each delivery attempt ([`DEFAULT_ATTEMPT_TIMEOUT`]); a
     /// timed-out attempt is a transient failure.
     ///
@@ -170,6 +159,17 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
     /// ```
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
+        self
+    }
+
+    /// Deliveries at once ([`DEFAULT_CONCURRENCY`]); 0 counts as 1.
+    ///
+    /// ```
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.concurrency(4);
+    /// ```
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
         self
     }
 
