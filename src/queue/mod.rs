@@ -372,7 +372,7 @@ impl<P> Clone for QueuedEvent<P> {
 /// use tower::Layer;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let queue = ThroughTaskQueue::new(MemoryQueue::new("demo"));
+/// let queue: ThroughTaskQueue<MemoryQueue> = ThroughTaskQueue::new(MemoryQueue::new("demo"));
 /// let sink = queue.layer(NoopSink::new());
 /// let worker = queue.worker(NoopSink::new()).spawn();
 /// # let _ = sink;
@@ -445,7 +445,7 @@ impl<B> ThroughTaskQueue<B> {
     /// use eventsink::NoopSink;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let queue = ThroughTaskQueue::new(MemoryQueue::new("q"));
+    /// let queue: ThroughTaskQueue<MemoryQueue> = ThroughTaskQueue::new(MemoryQueue::new("q"));
     /// queue.worker(NoopSink::new()).concurrency(4).spawn().shutdown().await;
     /// # }
     /// ```
