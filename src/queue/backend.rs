@@ -9,9 +9,9 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::QueuedEvent;
-use super::dead_letter::DeadLetter;
 use super::error::QueueError;
+use super::job::DeadLetter;
+use super::job::QueuedEvent;
 use crate::BoxError;
 
 /// A queue backend: [`MemoryQueue`](super::MemoryQueue), and with their

@@ -7,11 +7,11 @@ use std::time::Duration;
 use apalis_core::backend::dequeue::VecDequeBackend;
 use futures::future::BoxFuture;
 
-use super::QueuedEvent;
 use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{push_error, push_tasks, queue_handle, run_apalis};
-use super::dead_letter::DeadLetter;
 use super::error::QueueError;
+use super::job::DeadLetter;
+use super::job::QueuedEvent;
 use crate::BoxError;
 
 /// An in-memory queue on apalis' `VecDequeBackend` (cloneable and safe with

@@ -168,8 +168,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tower::{Layer, Service};
 
@@ -180,6 +180,7 @@ mod backend;
 mod contract;
 mod dead_letter;
 mod error;
+mod job;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -193,8 +194,9 @@ mod sqlite;
 mod worker;
 
 pub use backend::QueueBackend;
-pub use dead_letter::{DeadLetter, DeadLetters, DeathCause};
+pub use dead_letter::DeadLetters;
 pub use error::QueueError;
+pub use job::{DeadLetter, DeathCause, QueuedEvent};
 pub use memory::MemoryQueue;
 #[cfg(feature = "postgres")]
 pub use postgres::{
@@ -237,128 +239,6 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Heartbeats a worker may miss before its jobs are given to others. 3, as
 /// the apalis notes recommend: one late beat under load is not a death.
 pub const DEFAULT_MISSED_HEARTBEATS: usize = 3;
-
-/// The job stored in the backend for one delivery attempt of an event.
-///
-/// It is JSON in every durable backend; the field names are part of the
-/// stored format.
-///
-/// Every job of an event shares its [`key`](QueuedEvent::key),
-/// `{queue}:{kind}:{id}`, which is also the key of the event's dead
-/// letter. The attempts that follow one another after failures form a
-/// *delivery chain* with an id of its own: publishing the event again, or
-/// replaying its dead letter, starts a new chain, so the retries of one
-/// chain never meet the stored jobs of another.
-///
-/// ```
-/// use eventsink::{queue::QueuedEvent, Event};
-///
-/// let job = QueuedEvent::new("orders", Event::new("order.placed", 7));
-/// assert_eq!(job.attempt, 1);
-/// assert!(job.key.starts_with("orders:order.placed:"));
-/// ```
-#[derive(Debug, Serialize, Deserialize)]
-pub struct QueuedEvent<P = serde_json::Value> {
-    /// The event to deliver.
-    pub event: Event<P>,
-    /// Which attempt of its chain this job makes, from 1.
-    pub attempt: u32,
-    /// The event's key, `{queue}:{kind}:{id}`: the idempotency key of its
-    /// published first attempt and the key of its dead letter.
-    pub key: String,
-    /// The delivery chain's id, new for each publish and each replay. A
-    /// job that runs twice (its acknowledgement was lost) schedules the
-    /// same next attempt, which the backend stores once. Empty in jobs
-    /// written before chains existed; the worker then names the chain
-    /// after the backend's id of the job, which is as stable.
-    #[serde(default)]
-    pub chain: String,
-    /// Whether a replay started the chain (its first attempt is then keyed
-    /// by its chain, like a retry).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replayed: bool,
-}
-
-/// A fresh delivery chain id: a UUID v7, 32 hex digits.
-fn new_chain() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
-}
-
-impl<P> QueuedEvent<P> {
-    /// The first attempt of `event` in `queue`, keyed `{queue}:{kind}:{id}`,
-    /// on a new chain.
-    ///
-    /// ```
-    /// let job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
-    /// assert_eq!(job.key, "q:k:1");
-    /// assert_eq!(job.chain.len(), 32);
-    /// ```
-    pub fn new(queue: &str, event: Event<P>) -> Self {
-        let key = format!("{queue}:{}:{}", event.kind, event.id);
-        QueuedEvent {
-            event,
-            attempt: 1,
-            key,
-            chain: new_chain(),
-            replayed: false,
-        }
-    }
-
-    /// The idempotency key of this job: [`key`](QueuedEvent::key) for the
-    /// first attempt of a published event (publishing it again while that
-    /// job is kept stores nothing new), `{key}~{chain}#{attempt}` for every
-    /// other job.
-    ///
-    /// ```
-    /// let mut job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
-    /// assert_eq!(job.idempotency_key(), "q:k:1");
-    /// job.attempt = 3;
-    /// job.chain = "c7".into();
-    /// assert_eq!(job.idempotency_key(), "q:k:1~c7#3");
-    /// ```
-    pub fn idempotency_key(&self) -> String {
-        if self.attempt <= 1 && !self.replayed {
-            self.key.clone()
-        } else {
-            format!("{}~{}#{}", self.key, self.chain, self.attempt)
-        }
-    }
-
-    /// The next attempt of this job's chain.
-    pub(crate) fn next_attempt(&self) -> Self {
-        QueuedEvent {
-            event: self.event.clone(),
-            attempt: self.attempt.saturating_add(1),
-            key: self.key.clone(),
-            chain: self.chain.clone(),
-            replayed: self.replayed,
-        }
-    }
-
-    /// The first attempt of a new chain for `event`, stored under `key`
-    /// (a replay).
-    pub(crate) fn replay(key: String, event: Event<P>) -> Self {
-        QueuedEvent {
-            event,
-            attempt: 1,
-            key,
-            chain: new_chain(),
-            replayed: true,
-        }
-    }
-}
-
-impl<P> Clone for QueuedEvent<P> {
-    fn clone(&self) -> Self {
-        QueuedEvent {
-            event: self.event.clone(),
-            attempt: self.attempt,
-            key: self.key.clone(),
-            chain: self.chain.clone(),
-            replayed: self.replayed,
-        }
-    }
-}
 
 /// A layer that publishes events into a task queue instead of calling the
 /// sink it wraps. Three roles, three types: this layer holds the queue's

@@ -12,8 +12,9 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{lease_setter, polled, push_error, push_tasks, queue_handle, run_apalis};
 use super::error::QueueError;
+use super::job::QueuedEvent;
 use super::sql::{Dialect, SqlStore, Statements};
-use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
+use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
 /// Connections in the queue's pool. 8: publishing, the worker's fetches

@@ -16,9 +16,10 @@ use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
     encode_job, lease_setter, polled, queue_handle, run_apalis,
 };
-use super::dead_letter::DeadLetter;
 use super::error::QueueError;
-use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
+use super::job::DeadLetter;
+use super::job::QueuedEvent;
+use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
 /// How long a Redis command may take before it fails. 10 s: redis-rs'

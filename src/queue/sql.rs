@@ -15,8 +15,8 @@ use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool,
 
 use super::backend::ops::{Answer, DeadPage, Payload, Place, Store};
 use super::backend::{ABANDONED_PAGE, abandoned_letter};
-use super::dead_letter::DeadLetter;
 use super::error::QueueError;
+use super::job::DeadLetter;
 
 /// The dead letters, one per `(queue, letter_key)`: the key of the
 /// event's jobs, `{queue}:{kind}:{id}`. `chain` says which delivery chain

@@ -19,8 +19,9 @@ use super::backend::{
     queue_handle, run_apalis,
 };
 use super::error::QueueError;
+use super::job::QueuedEvent;
 use super::sql::{Dialect, SqlStore, Statements};
-use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
+use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
 /// How long a connection waits for a lock held by another before failing

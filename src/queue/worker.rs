@@ -19,11 +19,12 @@ use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 
+use super::already_queued_is_ok;
 use super::backend::QueueBackend;
 use super::backend::ops::{Delivery, Store, WorkerRun};
-use super::dead_letter::{DeadLetter, DeathCause};
+use super::job::QueuedEvent;
+use super::job::{DeadLetter, DeathCause};
 use super::schedule::RetrySchedule;
-use super::{QueuedEvent, already_queued_is_ok};
 use crate::error::{classify_dyn, retry_after_dyn};
 use crate::{BoxError, Event, Sink};
 
