@@ -44,14 +44,15 @@ async fn main() -> Result<(), BoxError> {
 
     // The sender: a signed webhook behind a durable queue in its own file.
     let webhook = WebhookSink::builder(&receiver.url).secret(secret).build()?;
-    let queue = SqliteQueue::open(dir.path().join("queue.db"), "quickstart").await?;
-    let mut sink = ThroughTaskQueue::new(queue).layer(webhook);
+    let queue =
+        ThroughTaskQueue::new(SqliteQueue::open(dir.path().join("queue.db"), "quickstart").await?);
+    let mut sink = queue.layer(webhook.clone()); // publishes: stores each event as a job
     let backoff = Backoff::new()
         .min(Duration::from_secs(1))
         .max(Duration::from_secs(4))
         .attempts(10);
     let schedule = RetrySchedule::exponential(backoff);
-    let worker = sink.worker().schedule(schedule).spawn();
+    let worker = queue.worker(webhook).schedule(schedule).spawn(); // delivers them
 
     let started = Instant::now();
     for order_id in 1..=EVENTS {

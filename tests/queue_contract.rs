@@ -661,9 +661,7 @@ mod postgres {
                 .connect_with(options)
                 .await
                 .unwrap();
-            let _first: PostgresQueue = PostgresQueue::builder("", "q")
-                .pool(pool.clone())
-                .connect()
+            let _first: PostgresQueue = PostgresQueue::attach(pool.clone(), "q")
                 .await
                 .expect("a new database opens");
             sqlx::query(
@@ -674,10 +672,7 @@ mod postgres {
             .execute(&pool)
             .await
             .unwrap();
-            let result = PostgresQueue::builder("", "q")
-                .pool(pool.clone())
-                .connect::<Value>()
-                .await;
+            let result = PostgresQueue::<Value>::attach(pool.clone(), "q").await;
             pool.close().await;
             result
         }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use eventsink::queue::PostgresQueue;
 #[cfg(feature = "redis")]
 use eventsink::queue::RedisQueue;
-use eventsink::queue::{QueueBackend, SqliteQueue, ThroughTaskQueue, Worker};
+use eventsink::queue::{QueueBackend, QueueWorker, SqliteQueue, ThroughTaskQueue};
 use eventsink::{Event, FsSink, NoopSink, SinkExt};
 use serde_json::{Value, json};
 #[cfg(any(feature = "postgres", feature = "redis"))]
@@ -101,27 +101,27 @@ async fn child_worker_process() {
     };
     match backend.as_str() {
         "sqlite" => {
-            let q: SqliteQueue = SqliteQueue::builder(&location, &queue)
+            let q: SqliteQueue = SqliteQueue::builder(&queue)
                 .lease(HEARTBEAT, MISSED)
-                .open()
+                .open(&location)
                 .await
                 .expect("open");
             run_child(q, sink, stop).await;
         }
         #[cfg(feature = "postgres")]
         "postgres" => {
-            let q: PostgresQueue = PostgresQueue::builder(&location, &queue)
+            let q: PostgresQueue = PostgresQueue::builder(&queue)
                 .lease(HEARTBEAT, MISSED)
-                .connect()
+                .connect(&location)
                 .await
                 .expect("connect");
             run_child(q, sink, stop).await;
         }
         #[cfg(feature = "redis")]
         "redis" => {
-            let q: RedisQueue = RedisQueue::builder(&location, &queue)
+            let q: RedisQueue = RedisQueue::builder(&queue)
                 .lease(HEARTBEAT, MISSED)
-                .connect()
+                .connect(&location)
                 .await
                 .expect("connect");
             run_child(q, sink, stop).await;
@@ -137,7 +137,7 @@ where
     S: eventsink::Sink<Value, Error = eventsink::Error, Future: Send> + Clone + Send + 'static,
 {
     println!("CHILD READY");
-    Worker::new(queue, sink)
+    QueueWorker::new(queue, sink)
         .concurrency(CONCURRENCY)
         .poll_interval(Duration::from_millis(10))
         .run_until(stop)

@@ -23,8 +23,8 @@ impl Backends for Postgres {
     async fn make<P: Payload>(&self) -> PostgresQueue<P> {
         let name = unique_name("pg");
         self.names.lock().unwrap().push(name.clone());
-        PostgresQueue::builder(&self.url, &name)
-            .connect()
+        PostgresQueue::builder(&name)
+            .connect(&self.url)
             .await
             .expect("connect to Postgres")
     }

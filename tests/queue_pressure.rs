@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventsink::queue::{QueueError, SqliteQueue, ThroughTaskQueue, Worker};
+use eventsink::queue::{QueueError, QueueWorker, SqliteQueue, ThroughTaskQueue};
 use eventsink::{Event, RecordingSink, Retryable};
 use futures::FutureExt;
 use serde_json::json;
@@ -61,7 +61,7 @@ fn events(kind: &str, n: usize) -> Vec<Event> {
 /// Runs a worker until every id in `want` was delivered to `recorder`;
 /// on failure, shows where the missing jobs are.
 async fn deliver_all(queue: SqliteQueue, recorder: &RecordingSink, want: &HashSet<String>) {
-    let worker = Worker::new(queue.clone(), recorder.clone())
+    let worker = QueueWorker::new(queue.clone(), recorder.clone())
         .poll_interval(Duration::from_millis(10))
         .spawn();
     let arrived = tokio::time::timeout(Duration::from_secs(30), async {
@@ -97,9 +97,9 @@ async fn full_queue_makes_poll_ready_pending_and_load_shed_sheds() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("q.db");
     // The backend waits as long as the lock is held: a blocked backend.
-    let queue: SqliteQueue = SqliteQueue::builder(&path, "full")
+    let queue: SqliteQueue = SqliteQueue::builder("full")
         .busy_timeout(Duration::from_secs(60))
-        .open()
+        .open(&path)
         .await
         .expect("open");
     let recorder = RecordingSink::new();
@@ -275,9 +275,9 @@ async fn a_backend_error_fails_the_whole_batch_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("q.db");
     let busy = Duration::from_millis(500);
-    let queue: SqliteQueue = SqliteQueue::builder(&path, "batch")
+    let queue: SqliteQueue = SqliteQueue::builder("batch")
         .busy_timeout(busy)
-        .open()
+        .open(&path)
         .await
         .expect("open");
     let sink = ThroughTaskQueue::new(queue).layer(RecordingSink::<serde_json::Value>::new());
@@ -322,9 +322,9 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
     let path = tmp.path().join("q.db");
     // A 6 s lease (2 s heartbeat × 3), far shorter than the drain below.
     let open = || async {
-        SqliteQueue::builder(&path, "drain")
+        SqliteQueue::builder("drain")
             .lease(Duration::from_secs(HEARTBEAT_SECS), LEASE_BEATS)
-            .open()
+            .open(&path)
             .await
             .expect("open")
     };
@@ -362,7 +362,7 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
         .await
         .expect("publish");
     // a polls rarely and beats every 2 s.
-    let a = Worker::new(queue_a.clone(), slow)
+    let a = QueueWorker::new(queue_a.clone(), slow)
         .attempt_timeout(Duration::from_secs(60))
         .poll_interval(Duration::from_secs(2))
         .spawn();
@@ -380,7 +380,7 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
 
     let stop_second = unix_now();
     let a_stopped = tokio::spawn(a.shutdown());
-    let b = Worker::new(queue_b.clone(), quick)
+    let b = QueueWorker::new(queue_b.clone(), quick)
         .poll_interval(Duration::from_millis(50))
         .spawn();
     // Wait until b has sent heartbeats past the moment a's lease would

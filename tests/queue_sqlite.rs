@@ -54,9 +54,9 @@ async fn opens_with_wal_and_normal_sync_and_can_choose_full() {
         assert_eq!(sync, 1);
     }
     drop(conns);
-    let full: SqliteQueue = SqliteQueue::builder(tmp.path().join("b.db"), "b")
+    let full: SqliteQueue = SqliteQueue::builder("b")
         .synchronous_full(true)
-        .open()
+        .open(tmp.path().join("b.db"))
         .await
         .unwrap();
     let (sync,): (i64,) = sqlx::query_as("PRAGMA synchronous")
@@ -147,9 +147,9 @@ async fn a_locked_database_restarts_the_worker_instead_of_ending_it() {
     use tower::Layer;
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("locked.db");
-    let queue: SqliteQueue = SqliteQueue::builder(&path, "locked")
+    let queue: SqliteQueue = SqliteQueue::builder("locked")
         .busy_timeout(Duration::from_millis(50))
-        .open()
+        .open(&path)
         .await
         .unwrap();
     let recorder = RecordingSink::new();

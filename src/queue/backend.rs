@@ -6,11 +6,12 @@ use std::fmt;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::QueuedEvent;
-use super::dead_letter::DeadLetter;
 use super::error::QueueError;
-use super::worker::{Deliver, RunOptions};
+use super::job::DeadLetter;
+use super::job::QueuedEvent;
 use crate::BoxError;
 
 /// A queue backend: [`MemoryQueue`](super::MemoryQueue), and with their
@@ -40,7 +41,7 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
     /// `older_than` ago; how many. A job is completed when its outcome is
     /// recorded: delivered, its next attempt stored, or its dead letter
     /// written. Jobs that are not (due, scheduled, running, or left failed
-    /// by apalis) are never removed. The [`Worker`](super::Worker) does
+    /// by apalis) are never removed. The [`QueueWorker`](super::QueueWorker) does
     /// this hourly (its `retention`); call it yourself if you turned that
     /// off. Completed jobs hold the idempotency keys, so this also ends the
     /// window in which publishing the same event again is ignored. The
@@ -59,7 +60,7 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
         &self,
         older_than: Duration,
     ) -> BoxFuture<'static, Result<u64, QueueError>> {
-        self.delete_completed(older_than)
+        ops::Store::delete_completed(self.store(), older_than)
     }
 }
 
@@ -68,7 +69,98 @@ impl<P, T> QueueBackend<P> for T where T: ops::Ops<P> + Clone + Send + Sync + fm
 pub(crate) mod ops {
     use super::*;
 
-    /// A page of [`Ops::dead_after`]: the letters, and the place (stored
+    /// The job handler a worker gives the backend's apalis worker: one
+    /// delivery attempt of a job, then its consequence. Boxed, so that a
+    /// backend needs nothing of the worker.
+    pub struct Delivery<P>(
+        tower::util::BoxCloneService<apalis_core::task::Task<QueuedEvent<P>>, (), BoxError>,
+    );
+
+    impl<P> Delivery<P> {
+        /// Boxes the worker's handler.
+        pub(crate) fn new<S>(handler: S) -> Self
+        where
+            S: tower::Service<
+                    apalis_core::task::Task<QueuedEvent<P>>,
+                    Response = (),
+                    Error = BoxError,
+                    Future = BoxFuture<'static, Result<(), BoxError>>,
+                > + Clone
+                + Send
+                + 'static,
+        {
+            Delivery(tower::util::BoxCloneService::new(handler))
+        }
+    }
+
+    impl<P> fmt::Debug for Delivery<P> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("Delivery").finish_non_exhaustive()
+        }
+    }
+
+    impl<P> Clone for Delivery<P> {
+        fn clone(&self) -> Self {
+            Delivery(self.0.clone())
+        }
+    }
+
+    impl<P> tower::Service<apalis_core::task::Task<QueuedEvent<P>>> for Delivery<P> {
+        type Response = ();
+        type Error = BoxError;
+        type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, task: apalis_core::task::Task<QueuedEvent<P>>) -> Self::Future {
+            self.0.call(task)
+        }
+    }
+
+    /// What a backend operation returns: a `'static` future (it owns a
+    /// clone of the pool or connection) of its result.
+    pub(crate) type Answer<T> = BoxFuture<'static, Result<T, QueueError>>;
+
+    /// Jobs to store, each with the delay after which it is due.
+    pub(crate) type Jobs<P> = Vec<(QueuedEvent<P>, Duration)>;
+
+    /// A payload the queue can store: every bound the backends need, once.
+    pub trait Payload: Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+    impl<P: Serialize + DeserializeOwned + Send + Sync + 'static> Payload for P {}
+
+    /// One run of an apalis worker: its name, its handler, how many
+    /// deliveries at once, how often it polls when idle, and the future
+    /// that stops it.
+    pub struct WorkerRun<P> {
+        /// The worker's name, unique per run.
+        pub name: String,
+        /// The job handler.
+        pub deliver: Delivery<P>,
+        /// Deliveries at once.
+        pub concurrency: usize,
+        /// Idle polling interval.
+        pub poll_interval: Duration,
+        /// Resolves when the run should stop.
+        pub stop: BoxFuture<'static, ()>,
+    }
+
+    impl<P> fmt::Debug for WorkerRun<P> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("WorkerRun")
+                .field("name", &self.name)
+                .field("concurrency", &self.concurrency)
+                .field("poll_interval", &self.poll_interval)
+                .finish_non_exhaustive()
+        }
+    }
+
+    /// A page of [`Store::dead_after`]: the letters, and the place (stored
     /// failure time, key) of the last one in the order (`None` for an empty
     /// page). The place comes from the order itself: a letter rewritten since
     /// may carry a later time than the one it was listed at.
@@ -77,22 +169,17 @@ pub(crate) mod ops {
         /// The letters.
         pub letters: Vec<DeadLetter<P>>,
         /// The place of the last one.
-        pub last: Option<(i64, String)>,
+        pub last: Option<Place>,
     }
 
-    /// The operations behind [`QueueBackend`]. Every future is `'static`
-    /// (it owns a clone of the pool or connection).
-    pub trait Ops<P> {
-        /// The queue's name.
-        fn queue_name(&self) -> &str;
-
+    /// The operations behind [`QueueBackend`] that move jobs: publishing
+    /// and running apalis' worker. Every future is `'static` (it owns a
+    /// clone of the pool or connection).
+    pub trait Ops<P>: Parts<P> {
         /// Stores jobs, each due after its delay, in one backend call.
         /// A duplicate idempotency key is either skipped silently or
         /// reported as [`QueueError::AlreadyQueued`] (Postgres).
-        fn push(
-            &self,
-            jobs: Vec<(QueuedEvent<P>, Duration)>,
-        ) -> BoxFuture<'static, Result<(), QueueError>>;
+        fn push(&self, jobs: Jobs<P>) -> Answer<()>;
 
         /// How many group-commit batches may be written at once: 1 where
         /// writers only queue behind each other (SQLite, memory).
@@ -100,68 +187,99 @@ pub(crate) mod ops {
             1
         }
 
-        /// Stores a dead letter, replacing the one with the same key.
-        fn bury(&self, dead: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>>;
-
-        /// Dead letters, oldest first (by failure time, then key).
-        fn dead_page(
-            &self,
-            offset: u64,
-            limit: u64,
-        ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>>;
-
-        /// Up to `limit` dead letters stored as failed at or before `until`
-        /// (Unix microseconds) after the place `after` (failure time in
-        /// microseconds, key) in the order of [`dead_page`](Ops::dead_page),
-        /// with the place of the last one listed: the next call's `after`.
-        fn dead_after(
-            &self,
-            after: Option<(i64, String)>,
-            until: i64,
-            limit: u64,
-        ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>>;
-
-        /// One dead letter by key.
-        fn dead_get(
-            &self,
-            key: &str,
-        ) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>>;
-
-        /// Deletes exactly `letter` (same key, chain and failure time) if
-        /// it is still stored; whether it did. A letter written since under
-        /// the same key, even by the same chain, stays.
-        fn dead_remove(
-            &self,
-            letter: &DeadLetter<P>,
-        ) -> BoxFuture<'static, Result<bool, QueueError>>;
-
-        /// Deletes every dead letter of the queue; how many.
-        fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
-
-        /// How many dead letters the queue has.
-        fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>>;
-
-        /// Deletes this queue's jobs that finished with their outcome
-        /// recorded (apalis' `Done`) at least `age` ago; how many. A job
-        /// apalis holds as failed, killed or scheduled is never removed.
-        fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>>;
-
-        /// Turns the jobs of this queue that apalis gave up on (killed, or
-        /// failed past its own attempt limit: the worker could not record
-        /// their outcome) into dead letters and marks them done; how many.
-        fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
-            Box::pin(async { Ok(0) })
-        }
-
         /// Whether a stopping worker drops its apalis run at once (and lets
         /// its deliveries finish on their own tasks) instead of letting
         /// apalis stop it. SQLite: a stopping apalis worker no longer polls
         /// a fetch it is in the middle of, whose transaction then holds the
-        /// file's write lock until the run is dropped. The backend's
-        /// [`release_worker`](Ops::release_worker) must hand the run's jobs
-        /// back.
+        /// file's write lock until the run is dropped. The store's
+        /// [`release_worker`](Store::release_worker) must hand the run's
+        /// jobs back.
         fn drops_run_on_stop(&self) -> bool {
             false
+        }
+
+        /// Runs one apalis worker until its `stop` resolves (then `Ok`) or
+        /// the backend fails (then `Err`, and the caller restarts).
+        fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>>;
+    }
+
+    /// What every backend has: a name, a [`Store`], a lease. Written by
+    /// [`queue_handle`](super::queue_handle).
+    pub trait Parts<P> {
+        /// Where the backend keeps dead letters and does its upkeep.
+        type Store: Store<P>;
+
+        /// The backend's [`Store`].
+        fn store(&self) -> &Self::Store;
+
+        /// The queue's name.
+        fn queue_name(&self) -> &str;
+
+        /// The heartbeat interval, and the lease: how long after a worker's
+        /// last heartbeat other workers take over its jobs.
+        fn lease(&self) -> (Duration, Duration) {
+            lease(
+                super::super::DEFAULT_HEARTBEAT_INTERVAL,
+                super::super::DEFAULT_MISSED_HEARTBEATS,
+            )
+        }
+    }
+
+    /// A place in the order of dead letters: failure time in
+    /// microseconds, key.
+    pub(crate) type Place = (i64, String);
+
+    /// The heartbeat interval and the lease of `missed` heartbeats.
+    pub(crate) fn lease(beat: Duration, missed: usize) -> (Duration, Duration) {
+        let missed = u32::try_from(missed).unwrap_or(u32::MAX);
+        (beat, beat.saturating_mul(missed))
+    }
+
+    /// The operations behind [`QueueBackend`] that keep records: dead
+    /// letters, and the worker's upkeep of apalis' jobs.
+    pub trait Store<P>: Send + Sync {
+        /// Creates what the store keeps its records in, or upgrades it;
+        /// run once when the backend opens.
+        fn prepare(&self) -> Answer<()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        /// Stores a dead letter, replacing the one with the same key.
+        fn bury(&self, dead: DeadLetter<P>) -> Answer<()>;
+
+        /// Dead letters, oldest first (by failure time, then key).
+        fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>>;
+
+        /// Up to `limit` dead letters stored as failed at or before `until`
+        /// (Unix microseconds) after the place `after` (failure time in
+        /// microseconds, key) in the order of [`dead_page`](Store::dead_page),
+        /// with the place of the last one listed: the next call's `after`.
+        fn dead_after(&self, after: Option<Place>, until: i64, limit: u64) -> Answer<DeadPage<P>>;
+
+        /// One dead letter by key.
+        fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>>;
+
+        /// Deletes exactly `letter` (same key, chain and failure time) if
+        /// it is still stored; whether it did. A letter written since under
+        /// the same key, even by the same chain, stays.
+        fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool>;
+
+        /// Deletes every dead letter of the queue; how many.
+        fn dead_purge(&self) -> Answer<u64>;
+
+        /// How many dead letters the queue has.
+        fn dead_count(&self) -> Answer<u64>;
+
+        /// Deletes this queue's jobs that finished with their outcome
+        /// recorded (apalis' `Done`) at least `age` ago; how many. A job
+        /// apalis holds as failed, killed or scheduled is never removed.
+        fn delete_completed(&self, age: Duration) -> Answer<u64>;
+
+        /// Turns the jobs of this queue that apalis gave up on (killed, or
+        /// failed past its own attempt limit: the worker could not record
+        /// their outcome) into dead letters and marks them done; how many.
+        fn bury_abandoned(&self) -> Answer<u64> {
+            Box::pin(async { Ok(0) })
         }
 
         /// Ends a worker run's hold on its jobs, so that others need not
@@ -170,11 +288,7 @@ pub(crate) mod ops {
         /// marked done, every other job it holds goes back to the queue.
         /// At worst a job whose outcome was recorded but is missing from
         /// `done` runs again (at-least-once).
-        fn release_worker(
-            &self,
-            _name: &str,
-            _done: Vec<String>,
-        ) -> BoxFuture<'static, Result<(), QueueError>> {
+        fn release_worker(&self, _name: &str, _done: Vec<String>) -> Answer<()> {
             Box::pin(async { Ok(()) })
         }
 
@@ -182,31 +296,172 @@ pub(crate) mod ops {
         /// does), while it finishes its deliveries after a stop: apalis
         /// sends no heartbeats once its worker is stopping. Nothing for
         /// the memory backend, which has no leases.
-        fn keep_alive(&self, _name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+        fn keep_alive(&self, _name: &str) -> Answer<()> {
             Box::pin(async { Ok(()) })
         }
-
-        /// The heartbeat interval, and the lease: how long after a worker's
-        /// last heartbeat other workers take over its jobs.
-        fn lease(&self) -> (Duration, Duration) {
-            let beat = super::super::DEFAULT_HEARTBEAT_INTERVAL;
-            let missed = u32::try_from(super::super::DEFAULT_MISSED_HEARTBEATS).unwrap_or(1);
-            (beat, beat.saturating_mul(missed))
-        }
-
-        /// Runs one apalis worker named `name` until `stop` resolves (then
-        /// `Ok`) or the backend fails (then `Err`, and the caller restarts).
-        fn run_worker(
-            &self,
-            name: String,
-            deliver: Deliver<P, Self>,
-            options: &RunOptions,
-            stop: BoxFuture<'static, ()>,
-        ) -> BoxFuture<'static, Result<(), BoxError>>
-        where
-            Self: Sized;
     }
 }
+
+/// Runs the [`WorkerRun`](ops::WorkerRun) `$run` on the apalis backend
+/// `$storage`; a `'static` future of `Result<(), BoxError>`. Every backend's `run_worker` ends
+/// here. A macro because apalis' `Worker::run` puts bounds on the backend
+/// that are long and different for each storage type.
+macro_rules! run_apalis {
+    ($storage:expr, $run:expr) => {{
+        use apalis::prelude::WorkerBuilderExt as _;
+        let run: $crate::queue::backend::ops::WorkerRun<_> = $run;
+        let worker = apalis_core::worker::builder::WorkerBuilder::new(run.name)
+            .backend($storage)
+            .concurrency(run.concurrency)
+            .build(run.deliver);
+        let stop = run.stop;
+        async move {
+            let ran: Result<(), crate::BoxError> = worker
+                .run_until(async move {
+                    stop.await;
+                    Ok::<(), apalis_core::error::WorkerError>(())
+                })
+                .await
+                .map_err(Into::into);
+            ran
+        }
+    }};
+}
+pub(crate) use run_apalis;
+
+/// A durable backend's apalis storage `$storage` (cloned) with its config
+/// `$config`, fetching as many jobs at once as the [`WorkerRun`](ops::WorkerRun)
+/// `$run` delivers (at least 10), polling every `$run.poll_interval` and
+/// whenever the stream `$wake` yields.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+macro_rules! polled {
+    ($storage:expr, $config:expr, $wake:expr, $run:expr) => {{
+        use apalis_core::backend::ext::BackendExt as _;
+        let config = $config.clone().batch_size($run.concurrency.max(10));
+        $storage.clone().with_config(config).poll_with_strategy(
+            apalis_core::backend::ext::poll_strategy::Strategy::new()
+                .stream($wake)
+                .interval($run.poll_interval),
+        )
+    }};
+}
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) use polled;
+
+/// What every backend type has alike, written once: `Clone` (each field is
+/// a handle, so no `P: Clone`), a `Debug` that shows only the queue's name,
+/// the methods `name` and `dead_letters`, and its [`Parts`](ops::Parts):
+/// its store (`self`, or the field that holds it, and its type), and with
+/// `leased`, the lease of its apalis `config` field. `$open` is a doc-test
+/// line that makes a `queue` of the type.
+macro_rules! queue_handle {
+    (@store self) => {
+        type Store = Self;
+
+        fn store(&self) -> &Self {
+            self
+        }
+    };
+    (@store $field:ident: $store:ty) => {
+        type Store = $store;
+
+        fn store(&self) -> &$store {
+            &self.$field
+        }
+    };
+    (@lease leased) => {
+        fn lease(&self) -> (std::time::Duration, std::time::Duration) {
+            let config = &self.config;
+            $crate::queue::backend::ops::lease(config.heartbeat_interval, config.missed_heartbeats)
+        }
+    };
+    (
+        $queue:ident { $($field:ident),+ $(,)? },
+        store($($store:tt)+),
+        $($leased:ident,)?
+        $open:literal
+    ) => {
+        impl<P: $crate::queue::backend::ops::Payload> $crate::queue::backend::ops::Parts<P>
+            for $queue<P>
+        {
+            $crate::queue::backend::queue_handle!(@store $($store)+);
+
+            fn queue_name(&self) -> &str {
+                &self.name
+            }
+
+            $($crate::queue::backend::queue_handle!(@lease $leased);)?
+        }
+
+        impl<P> Clone for $queue<P> {
+            fn clone(&self) -> Self {
+                $queue { $($field: self.$field.clone()),+ }
+            }
+        }
+
+        impl<P> std::fmt::Debug for $queue<P> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($queue))
+                    .field("name", &self.name)
+                    .finish_non_exhaustive()
+            }
+        }
+
+        impl<P> $queue<P> {
+            /// The queue's name.
+            ///
+            /// ```no_run
+            /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+            #[doc = $open]
+            /// assert_eq!(queue.name(), "q");
+            /// # Ok(()) }
+            /// ```
+            pub fn name(&self) -> &str {
+                &self.name
+            }
+        }
+
+        impl<P: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static> $queue<P> {
+            /// The queue's dead letters: list, replay, purge.
+            ///
+            /// ```no_run
+            /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+            #[doc = $open]
+            /// println!("{} dead", queue.dead_letters().count().await?);
+            /// # Ok(()) }
+            /// ```
+            pub fn dead_letters(&self) -> $crate::queue::DeadLetters<Self, P> {
+                $crate::queue::DeadLetters::new(self.clone())
+            }
+        }
+    };
+}
+pub(crate) use queue_handle;
+
+/// The `lease` setter every durable backend's builder has, written once;
+/// the builder has the fields `heartbeat` and `missed`. `$builder` is a
+/// doc-test expression for a builder of the type.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+macro_rules! lease_setter {
+    ($builder:literal) => {
+        /// Worker heartbeat and how many may be missed before another worker
+        /// takes over the jobs of a dead one
+        /// ([`DEFAULT_HEARTBEAT_INTERVAL`](crate::queue::DEFAULT_HEARTBEAT_INTERVAL) ×
+        /// [`DEFAULT_MISSED_HEARTBEATS`](crate::queue::DEFAULT_MISSED_HEARTBEATS)).
+        ///
+        /// ```
+        #[doc = concat!("let b = ", $builder, ";")]
+        /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
+        /// ```
+        pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
+            self.heartbeat = heartbeat;
+            self.missed = missed.max(1);
+            self
+        }
+    };
+}
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) use lease_setter;
 
 /// The first whole Unix second at least `delay` from now: the durable
 /// backends store due times in seconds, and rounding down would run a
@@ -254,7 +509,7 @@ pub(crate) fn encode_job<P: serde::Serialize>(
 /// backends keep whole seconds, so up to a second later).
 pub(crate) async fn push_tasks<St, K, P>(
     storage: &St,
-    jobs: Vec<(QueuedEvent<P>, Duration)>,
+    jobs: ops::Jobs<P>,
 ) -> Result<(), apalis_core::backend::TaskSinkError<St::Error>>
 where
     St: apalis_core::backend::TaskSink<QueuedEvent<P>, K> + Clone + Send,

@@ -39,8 +39,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use sqlx::migrate::Migrator;
+use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use super::error::QueueError;
+use super::sql::Dialect;
 
 /// The versions of the migrations `migrator` would apply.
 fn known_versions(migrator: &Migrator) -> BTreeSet<i64> {
@@ -73,70 +75,41 @@ fn compare(
     })
 }
 
-/// Checks a SQLite file's apalis migrations against apalis-sqlite's (a new
-/// file, without a migrations table, passes).
-#[cfg(feature = "sqlite")]
-pub(crate) async fn check_sqlite(
-    pool: &sqlx::SqlitePool,
-    queue: &Arc<str>,
-) -> Result<(), QueueError> {
-    let migrator = apalis_sqlite::SqliteStorage::<()>::migrations();
+/// Checks the apalis migrations recorded in the database of `pool` against
+/// those of the pinned apalis crate of its [`Dialect`] (a database without
+/// apalis' migrations table passes).
+pub(crate) async fn check<DB>(pool: &Pool<DB>, queue: &Arc<str>) -> Result<(), QueueError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'r> bool: Decode<'r, DB> + Type<DB>,
+    for<'r> i64: Decode<'r, DB> + Type<DB>,
+{
+    let (apalis, migrator) = DB::apalis();
     let fail = |e| QueueError::backend(queue, "reading apalis' migrations", e);
-    let table = &*migrator.table_name;
-    let exists: Option<(i64,)> =
-        sqlx::query_as("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?")
-            .bind(table)
-            .fetch_optional(pool)
-            .await
-            .map_err(fail)?;
-    if exists.is_none() {
-        return Ok(());
-    }
-    let applied: Vec<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT version FROM \"{table}\""
-    )))
-    .fetch_all(pool)
-    .await
-    .map_err(fail)?;
-    compare(
-        queue,
-        "apalis-sqlite",
-        applied.into_iter().map(|(v,)| v),
-        &migrator,
-    )
-}
-
-/// Checks a Postgres database's apalis migrations against apalis-postgres'
-/// (a database without apalis' migrations table passes).
-#[cfg(feature = "postgres")]
-pub(crate) async fn check_postgres(
-    pool: &sqlx::PgPool,
-    queue: &Arc<str>,
-) -> Result<(), QueueError> {
-    let migrator = apalis_postgres::PostgresStorage::<()>::migrations();
-    let fail = |e| QueueError::backend(queue, "reading apalis' migrations", e);
-    // `apalis._sqlx_migrations`: a name to_regclass resolves, and that
-    // comes from apalis-postgres, not from input.
-    let table = &*migrator.table_name;
-    let (exists,): (Option<String>,) = sqlx::query_as("SELECT to_regclass($1)::text")
-        .bind(table)
+    let table = migrator.table_name.to_string();
+    let exists = sqlx::query(DB::SQL.migrations_exist)
+        .bind(table.clone())
         .fetch_one(pool)
         .await
         .map_err(fail)?;
-    if exists.is_none() {
+    if !exists.try_get::<bool, _>(0).map_err(fail)? {
         return Ok(());
     }
-    let applied: Vec<(i64,)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT version FROM {table}")))
-            .fetch_all(pool)
-            .await
-            .map_err(fail)?;
-    compare(
-        queue,
-        "apalis-postgres",
-        applied.into_iter().map(|(v,)| v),
-        &migrator,
-    )
+    let versions = DB::SQL.versions.replace("{table}", &table);
+    let rows = sqlx::query(sqlx::AssertSqlSafe(versions))
+        .fetch_all(pool)
+        .await
+        .map_err(fail)?;
+    let applied: Vec<i64> = rows
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
+        .map_err(fail)?;
+    compare(queue, apalis, applied, &migrator)
 }
 
 #[cfg(test)]

@@ -36,99 +36,14 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::Utc;
 
 use super::backend::QueueBackend;
+use super::backend::ops::Store;
 use super::error::QueueError;
-use super::{QueuedEvent, push_each};
+use super::job::{DeadLetter, QueuedEvent};
+use super::push_each;
 use crate::Event;
-
-/// Why an event became a dead letter.
-///
-/// ```
-/// use eventsink::queue::DeathCause;
-/// assert_ne!(DeathCause::Permanent, DeathCause::OutOfAttempts);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeathCause {
-    /// The sink failed permanently: retrying cannot help.
-    Permanent,
-    /// The last attempt of the retry schedule failed.
-    OutOfAttempts,
-    /// apalis gave up on the job (it ran it until its own attempt limit, or
-    /// killed it) because the worker could not record the job's outcome:
-    /// the backend kept failing. The worker's maintenance found the job and
-    /// buried it, so that it is not lost silently.
-    Abandoned,
-}
-
-/// An event the queue gave up on, with why.
-///
-/// ```
-/// use eventsink::queue::{DeadLetter, DeathCause};
-/// # fn look(letter: DeadLetter) {
-/// if letter.cause == DeathCause::OutOfAttempts {
-///     println!("{} failed {} times: {}", letter.event.id, letter.attempts, letter.last_error);
-/// }
-/// # }
-/// ```
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DeadLetter<P = serde_json::Value> {
-    /// The event.
-    pub event: Event<P>,
-    /// How many attempts were made.
-    pub attempts: u32,
-    /// The last attempt's error, as the sink displayed it.
-    pub last_error: String,
-    /// Why the queue gave up.
-    pub cause: DeathCause,
-    /// When the queue gave up.
-    pub failed_at: DateTime<Utc>,
-    /// The letter's key, `{queue}:{kind}:{id}`: the key of the event's
-    /// jobs ([`QueuedEvent::key`]). A queue keeps one letter per key.
-    pub key: String,
-    /// The id of the delivery chain that died (see [`QueuedEvent`]): a
-    /// replay removes the letter only while it is still this chain's.
-    #[serde(default)]
-    pub chain: String,
-}
-
-impl<P> Clone for DeadLetter<P> {
-    fn clone(&self) -> Self {
-        DeadLetter {
-            event: self.event.clone(),
-            attempts: self.attempts,
-            last_error: self.last_error.clone(),
-            cause: self.cause,
-            failed_at: self.failed_at,
-            key: self.key.clone(),
-            chain: self.chain.clone(),
-        }
-    }
-}
-
-impl<P> DeadLetter<P> {
-    /// The letter of a job apalis gave up on after `runs` runs, the last
-    /// of which left `last_result`.
-    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-    pub(crate) fn abandoned(job: QueuedEvent<P>, runs: i64, last_result: Option<&str>) -> Self {
-        DeadLetter {
-            last_error: format!(
-                "apalis gave up on the job after {runs} runs whose outcome could not be \
-                 recorded; last result: {}",
-                last_result.unwrap_or("(none)")
-            ),
-            event: job.event,
-            attempts: job.attempt,
-            cause: DeathCause::Abandoned,
-            failed_at: Utc::now(),
-            key: job.key,
-            chain: job.chain,
-        }
-    }
-}
 
 /// Most dead letters replayed per backend call by
 /// [`DeadLetters::replay_all`]: the group commit's batch size.
@@ -196,7 +111,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn list(&self, offset: u64, limit: u64) -> Result<Vec<DeadLetter<P>>, QueueError> {
-        self.backend.dead_page(offset, limit).await
+        self.backend.store().dead_page(offset, limit).await
     }
 
     /// How many dead letters there are.
@@ -208,7 +123,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn count(&self) -> Result<u64, QueueError> {
-        self.backend.dead_count().await
+        self.backend.store().dead_count().await
     }
 
     /// The dead letter with this key (`{queue}:{kind}:{id}`), if there is
@@ -221,7 +136,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn get(&self, key: &str) -> Result<Option<DeadLetter<P>>, QueueError> {
-        self.backend.dead_get(key).await
+        self.backend.store().dead_get(key).await
     }
 
     /// The key of `event`'s dead letter in this queue, for
@@ -273,7 +188,11 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         // this one's could date their letters before `until`.
         let mut ours = std::collections::HashSet::new();
         loop {
-            let page = self.backend.dead_after(after, until, REPLAY_PAGE).await?;
+            let page = self
+                .backend
+                .store()
+                .dead_after(after, until, REPLAY_PAGE)
+                .await?;
             let Some(last) = page.last else {
                 return Ok(replayed);
             };
@@ -297,7 +216,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn purge(&self) -> Result<u64, QueueError> {
-        self.backend.dead_purge().await
+        self.backend.store().dead_purge().await
     }
 
     /// Waits until there are at least `n` dead letters (polling every
@@ -342,7 +261,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
             result?;
         }
         for letter in &letters {
-            self.backend.dead_remove(letter).await?;
+            self.backend.store().dead_remove(letter).await?;
         }
         Ok(chains)
     }

@@ -1,24 +1,17 @@
 //! [`MemoryQueue`]: the in-process backend, for tests and demos. Nothing
 //! survives the process.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use apalis::prelude::WorkerBuilderExt;
 use apalis_core::backend::dequeue::VecDequeBackend;
-use apalis_core::error::WorkerError;
-use apalis_core::worker::builder::WorkerBuilder;
 use futures::future::BoxFuture;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
-use super::QueuedEvent;
-use super::backend::ops::{DeadPage, Ops};
-use super::backend::{push_error, push_tasks};
-use super::dead_letter::{DeadLetter, DeadLetters};
+use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
+use super::backend::{push_error, push_tasks, queue_handle, run_apalis};
 use super::error::QueueError;
-use super::worker::{Deliver, RunOptions};
+use super::job::DeadLetter;
+use super::job::QueuedEvent;
 use crate::BoxError;
 
 /// An in-memory queue on apalis' `VecDequeBackend` (cloneable and safe with
@@ -46,22 +39,9 @@ pub struct MemoryQueue<P = serde_json::Value> {
     dead: Arc<Mutex<Vec<DeadLetter<P>>>>,
 }
 
-impl<P> Clone for MemoryQueue<P> {
-    fn clone(&self) -> Self {
-        MemoryQueue {
-            name: Arc::clone(&self.name),
-            storage: self.storage.clone(),
-            dead: Arc::clone(&self.dead),
-        }
-    }
-}
-
-impl<P> fmt::Debug for MemoryQueue<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryQueue")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
+queue_handle! {
+    MemoryQueue { name, storage, dead }, store(self),
+    " let queue = eventsink::queue::MemoryQueue::<serde_json::Value>::new(\"q\");"
 }
 
 impl<P> MemoryQueue<P> {
@@ -79,28 +59,6 @@ impl<P> MemoryQueue<P> {
         }
     }
 
-    /// The queue's name.
-    ///
-    /// ```
-    /// assert_eq!(eventsink::queue::MemoryQueue::<()>::new("q").name(), "q");
-    /// ```
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The queue's dead letters.
-    ///
-    /// ```
-    /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
-    /// # let _ = dead;
-    /// ```
-    pub fn dead_letters(&self) -> DeadLetters<Self, P>
-    where
-        P: Serialize + DeserializeOwned + Send + Sync + 'static,
-    {
-        DeadLetters::new(self.clone())
-    }
-
     fn dead(&self) -> MutexGuard<'_, Vec<DeadLetter<P>>> {
         // Each update is a single push, retain or clear: a panic elsewhere
         // cannot leave the list half changed.
@@ -108,18 +66,8 @@ impl<P> MemoryQueue<P> {
     }
 }
 
-impl<P> Ops<P> for MemoryQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    fn queue_name(&self) -> &str {
-        &self.name
-    }
-
-    fn push(
-        &self,
-        jobs: Vec<(QueuedEvent<P>, Duration)>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+impl<P: Payload> Ops<P> for MemoryQueue<P> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         // VecDequeBackend ignores due times: hold delayed jobs in a timer
         // task (in memory, like everything here).
         let (now, later): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, d)| d.is_zero());
@@ -145,18 +93,20 @@ where
         })
     }
 
-    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(run_apalis!(self.storage.clone(), run))
+    }
+}
+
+impl<P: Payload> Store<P> for MemoryQueue<P> {
+    fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
         let mut dead = self.dead();
         dead.retain(|d| d.key != letter.key);
         dead.push(letter);
         Box::pin(async { Ok(()) })
     }
 
-    fn dead_page(
-        &self,
-        offset: u64,
-        limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>> {
         let page = self
             .dead()
             .iter()
@@ -167,12 +117,7 @@ where
         Box::pin(async { Ok(page) })
     }
 
-    fn dead_after(
-        &self,
-        after: Option<(i64, String)>,
-        until: i64,
-        limit: u64,
-    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
+    fn dead_after(&self, after: Option<Place>, until: i64, limit: u64) -> Answer<DeadPage<P>> {
         let place = |d: &DeadLetter<P>| (d.failed_at.timestamp_micros(), d.key.clone());
         let mut letters: Vec<_> = self
             .dead()
@@ -187,12 +132,12 @@ where
         Box::pin(async { Ok(DeadPage { letters, last }) })
     }
 
-    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>> {
         let found = self.dead().iter().find(|d| d.key == key).cloned();
         Box::pin(async { Ok(found) })
     }
 
-    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
         let mut dead = self.dead();
         let before = dead.len();
         dead.retain(|d| {
@@ -202,42 +147,20 @@ where
         Box::pin(async move { Ok(removed) })
     }
 
-    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_purge(&self) -> Answer<u64> {
         let mut dead = self.dead();
         let n = dead.len() as u64;
         dead.clear();
         Box::pin(async move { Ok(n) })
     }
 
-    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_count(&self) -> Answer<u64> {
         let n = self.dead().len() as u64;
         Box::pin(async move { Ok(n) })
     }
 
-    fn delete_completed(&self, _age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn delete_completed(&self, _age: Duration) -> Answer<u64> {
         // Completed jobs are not kept in memory.
         Box::pin(async { Ok(0) })
-    }
-
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Deliver<P, Self>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        let worker = WorkerBuilder::new(name)
-            .backend(self.storage.clone())
-            .concurrency(options.concurrency)
-            .build(deliver);
-        Box::pin(async move {
-            worker
-                .run_until(async move {
-                    stop.await;
-                    Ok::<(), WorkerError>(())
-                })
-                .await
-                .map_err(Into::into)
-        })
     }
 }

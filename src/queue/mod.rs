@@ -4,7 +4,7 @@
 //! Publishing to a webhook on the request path ties the request to the
 //! receiver's health, and in-process retries die with the process. Put the
 //! sink behind a task queue instead: `publish` returns as soon as the
-//! backend has stored the event as a job, and a [`Worker`] delivers it with
+//! backend has stored the event as a job, and a [`QueueWorker`] delivers it with
 //! bounded concurrency, a timeout per attempt and a retry schedule that is
 //! written into the backend, so it survives restarts. Concurrent publishes
 //! are written together (group commit), which is what makes a durable
@@ -22,9 +22,9 @@
 //! # let path = tmp.path().join("events.db");
 //! # let webhook = RecordingSink::new();
 //!
-//! let queue = SqliteQueue::open(&path, "webhooks").await?;  // own file, WAL, migrations
-//! let mut sink = ThroughTaskQueue::new(queue).layer(webhook.clone());
-//! let worker = sink.worker().spawn();                       // delivers in the background
+//! let queue = ThroughTaskQueue::new(SqliteQueue::open(&path, "webhooks").await?); // own file, WAL
+//! let mut sink = queue.layer(webhook.clone());              // publishes: stores jobs
+//! let worker = queue.worker(webhook.clone()).spawn();       // delivers in the background
 //!
 //! sink.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
 //! # webhook.wait_for(1, std::time::Duration::from_secs(10)).await?;
@@ -32,6 +32,22 @@
 //! # Ok(()) }
 //! # #[cfg(not(feature = "sqlite"))] fn main() {}
 //! ```
+//!
+//! # Roles and backends
+//!
+//! [`ThroughTaskQueue`] is the layer; the service it wraps a sink in is a
+//! [`QueuePublisher`] (stores each event as a job), and a [`QueueWorker`]
+//! (from [`ThroughTaskQueue::worker`] or [`QueueWorker::new`]) delivers the
+//! jobs to a sink; [`WorkerHandle`] stops it. Every backend opens the same
+//! way, with a shortcut or a builder that ends in the same verb, and infers
+//! its payload type from use (`serde_json::Value` when written without one):
+//!
+//! | backend | shortcut | builder |
+//! |---|---|---|
+//! | [`MemoryQueue`] | `MemoryQueue::new(name)` | — |
+//! | `SqliteQueue` | `SqliteQueue::open(path, name)` | `SqliteQueue::builder(name)….open(path)` |
+//! | `PostgresQueue` | `PostgresQueue::connect(url, name)`, `::attach(pool, name)` | `PostgresQueue::builder(name)….connect(url)` or `.attach(pool)` |
+//! | `RedisQueue` | `RedisQueue::connect(url, name)`, `::attach(conn, name)` | `RedisQueue::builder(name)….connect(url)` or `.attach(conn)` |
 //!
 //! # Guarantees
 //!
@@ -152,8 +168,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tower::{Layer, Service};
 
@@ -164,19 +180,23 @@ mod backend;
 mod contract;
 mod dead_letter;
 mod error;
+mod job;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod schedule;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod worker;
 
 pub use backend::QueueBackend;
-pub use dead_letter::{DeadLetter, DeadLetters, DeathCause};
+pub use dead_letter::DeadLetters;
 pub use error::QueueError;
+pub use job::{DeadLetter, DeathCause, QueuedEvent};
 pub use memory::MemoryQueue;
 #[cfg(feature = "postgres")]
 pub use postgres::{
@@ -188,8 +208,8 @@ pub use schedule::{RetrySchedule, STANDARD_JITTER};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SQLITE_BUSY_TIMEOUT, SqliteQueue, SqliteQueueBuilder};
 pub use worker::{
-    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION, Worker,
-    WorkerHandle,
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION,
+    QueueWorker, WorkerHandle,
 };
 
 /// Most jobs written in one group commit. 256 keeps one SQLite or Postgres
@@ -220,130 +240,11 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// the apalis notes recommend: one late beat under load is not a death.
 pub const DEFAULT_MISSED_HEARTBEATS: usize = 3;
 
-/// The job stored in the backend for one delivery attempt of an event.
-///
-/// It is JSON in every durable backend; the field names are part of the
-/// stored format.
-///
-/// Every job of an event shares its [`key`](QueuedEvent::key),
-/// `{queue}:{kind}:{id}`, which is also the key of the event's dead
-/// letter. The attempts that follow one another after failures form a
-/// *delivery chain* with an id of its own: publishing the event again, or
-/// replaying its dead letter, starts a new chain, so the retries of one
-/// chain never meet the stored jobs of another.
-///
-/// ```
-/// use eventsink::{queue::QueuedEvent, Event};
-///
-/// let job = QueuedEvent::new("orders", Event::new("order.placed", 7));
-/// assert_eq!(job.attempt, 1);
-/// assert!(job.key.starts_with("orders:order.placed:"));
-/// ```
-#[derive(Debug, Serialize, Deserialize)]
-pub struct QueuedEvent<P = serde_json::Value> {
-    /// The event to deliver.
-    pub event: Event<P>,
-    /// Which attempt of its chain this job makes, from 1.
-    pub attempt: u32,
-    /// The event's key, `{queue}:{kind}:{id}`: the idempotency key of its
-    /// published first attempt and the key of its dead letter.
-    pub key: String,
-    /// The delivery chain's id, new for each publish and each replay. A
-    /// job that runs twice (its acknowledgement was lost) schedules the
-    /// same next attempt, which the backend stores once. Empty in jobs
-    /// written before chains existed; the worker then names the chain
-    /// after the backend's id of the job, which is as stable.
-    #[serde(default)]
-    pub chain: String,
-    /// Whether a replay started the chain (its first attempt is then keyed
-    /// by its chain, like a retry).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub replayed: bool,
-}
-
-/// A fresh delivery chain id: a UUID v7, 32 hex digits.
-fn new_chain() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
-}
-
-impl<P> QueuedEvent<P> {
-    /// The first attempt of `event` in `queue`, keyed `{queue}:{kind}:{id}`,
-    /// on a new chain.
-    ///
-    /// ```
-    /// let job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
-    /// assert_eq!(job.key, "q:k:1");
-    /// assert_eq!(job.chain.len(), 32);
-    /// ```
-    pub fn new(queue: &str, event: Event<P>) -> Self {
-        let key = format!("{queue}:{}:{}", event.kind, event.id);
-        QueuedEvent {
-            event,
-            attempt: 1,
-            key,
-            chain: new_chain(),
-            replayed: false,
-        }
-    }
-
-    /// The idempotency key of this job: [`key`](QueuedEvent::key) for the
-    /// first attempt of a published event (publishing it again while that
-    /// job is kept stores nothing new), `{key}~{chain}#{attempt}` for every
-    /// other job.
-    ///
-    /// ```
-    /// let mut job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
-    /// assert_eq!(job.idempotency_key(), "q:k:1");
-    /// job.attempt = 3;
-    /// job.chain = "c7".into();
-    /// assert_eq!(job.idempotency_key(), "q:k:1~c7#3");
-    /// ```
-    pub fn idempotency_key(&self) -> String {
-        if self.attempt <= 1 && !self.replayed {
-            self.key.clone()
-        } else {
-            format!("{}~{}#{}", self.key, self.chain, self.attempt)
-        }
-    }
-
-    /// The next attempt of this job's chain.
-    pub(crate) fn next_attempt(&self) -> Self {
-        QueuedEvent {
-            event: self.event.clone(),
-            attempt: self.attempt.saturating_add(1),
-            key: self.key.clone(),
-            chain: self.chain.clone(),
-            replayed: self.replayed,
-        }
-    }
-
-    /// The first attempt of a new chain for `event`, stored under `key`
-    /// (a replay).
-    pub(crate) fn replay(key: String, event: Event<P>) -> Self {
-        QueuedEvent {
-            event,
-            attempt: 1,
-            key,
-            chain: new_chain(),
-            replayed: true,
-        }
-    }
-}
-
-impl<P> Clone for QueuedEvent<P> {
-    fn clone(&self) -> Self {
-        QueuedEvent {
-            event: self.event.clone(),
-            attempt: self.attempt,
-            key: self.key.clone(),
-            chain: self.chain.clone(),
-            replayed: self.replayed,
-        }
-    }
-}
-
 /// A layer that publishes events into a task queue instead of calling the
-/// sink it wraps; a [`Worker`] calls that sink for every queued event.
+/// sink it wraps. Three roles, three types: this layer holds the queue's
+/// backend, the [`QueuePublisher`] it wraps a sink in stores each event as
+/// a job, and a [`QueueWorker`] ([`ThroughTaskQueue::worker`]) calls the
+/// sink for every queued event.
 ///
 /// ```
 /// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
@@ -351,11 +252,15 @@ impl<P> Clone for QueuedEvent<P> {
 /// use tower::Layer;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let sink = ThroughTaskQueue::new(MemoryQueue::<serde_json::Value>::new("demo")).layer(NoopSink::new());
+/// let queue: ThroughTaskQueue<MemoryQueue> = ThroughTaskQueue::new(MemoryQueue::new("demo"));
+/// let sink = queue.layer(NoopSink::new());
+/// let worker = queue.worker(NoopSink::new()).spawn();
 /// # let _ = sink;
+/// worker.shutdown().await;
 /// # }
 /// ```
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct ThroughTaskQueue<B> {
     backend: B,
     max_batch: usize,
@@ -407,13 +312,36 @@ impl<B> ThroughTaskQueue<B> {
         self.publish_timeout = timeout;
         self
     }
+
+    /// A worker that delivers this queue's events to `sink`; configure it,
+    /// then [`spawn`](QueueWorker::spawn) or
+    /// [`run_until`](QueueWorker::run_until) it. Built from the queue, not
+    /// from the publishing service, so it stays reachable when that service
+    /// is wrapped (in `Buffer`, `Timeout`, a [`BoxSink`](crate::BoxSink)…).
+    /// The same as [`QueueWorker::new`] with this layer's backend.
+    ///
+    /// ```
+    /// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
+    /// use eventsink::NoopSink;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let queue: ThroughTaskQueue<MemoryQueue> = ThroughTaskQueue::new(MemoryQueue::new("q"));
+    /// queue.worker(NoopSink::new()).concurrency(4).spawn().shutdown().await;
+    /// # }
+    /// ```
+    pub fn worker<S, P>(&self, sink: S) -> QueueWorker<S, B, P>
+    where
+        B: QueueBackend<P>,
+    {
+        QueueWorker::new(self.backend.clone(), sink)
+    }
 }
 
 impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
-    type Service = TaskQueue<S, B>;
+    type Service = QueuePublisher<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TaskQueue {
+        QueuePublisher {
             inner,
             backend: self.backend.clone(),
             committer: Arc::new(Committer {
@@ -467,7 +395,7 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
 /// worker.shutdown().await;
 /// # Ok(()) }
 /// ```
-pub struct TaskQueue<S, B> {
+pub struct QueuePublisher<S, B> {
     inner: S,
     backend: B,
     committer: Arc<Committer>,
@@ -484,7 +412,7 @@ enum Slot {
     Reserved(OwnedSemaphorePermit),
 }
 
-impl<S, B> TaskQueue<S, B> {
+impl<S, B> QueuePublisher<S, B> {
     /// The wrapped sink (the one the worker calls).
     ///
     /// ```
@@ -529,9 +457,9 @@ impl<S, B> TaskQueue<S, B> {
         &self.backend
     }
 
-    /// A worker that delivers this queue's events to the wrapped sink;
-    /// configure it, then [`spawn`](Worker::spawn) or
-    /// [`run_until`](Worker::run_until) it.
+    /// A worker that delivers this queue's events to the wrapped sink: the
+    /// same as [`ThroughTaskQueue::worker`] with that sink. Once this
+    /// service is wrapped, build the worker from the layer instead.
     ///
     /// ```
     /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
@@ -540,12 +468,12 @@ impl<S, B> TaskQueue<S, B> {
     /// sink.worker().concurrency(4).spawn().shutdown().await;
     /// # }
     /// ```
-    pub fn worker<P>(&self) -> Worker<S, B, P>
+    pub fn worker<P>(&self) -> QueueWorker<S, B, P>
     where
         S: Clone,
         B: QueueBackend<P>,
     {
-        Worker::new(self.backend.clone(), self.inner.clone())
+        QueueWorker::new(self.backend.clone(), self.inner.clone())
     }
 
     /// The reserved slot, if `poll_ready` got one (and forgets it).
@@ -558,9 +486,9 @@ impl<S, B> TaskQueue<S, B> {
     }
 }
 
-impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
+impl<S: Clone, B: Clone> Clone for QueuePublisher<S, B> {
     fn clone(&self) -> Self {
-        TaskQueue {
+        QueuePublisher {
             inner: self.inner.clone(),
             backend: self.backend.clone(),
             committer: Arc::clone(&self.committer),
@@ -570,9 +498,9 @@ impl<S: Clone, B: Clone> Clone for TaskQueue<S, B> {
     }
 }
 
-impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskQueue<S, B> {
+impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for QueuePublisher<S, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskQueue")
+        f.debug_struct("QueuePublisher")
             .field("inner", &self.inner)
             .field("backend", &self.backend)
             .field("max_batch", &self.committer.max_batch)
@@ -581,7 +509,7 @@ impl<S: fmt::Debug, B: fmt::Debug> fmt::Debug for TaskQueue<S, B> {
     }
 }
 
-impl<S, B, P> Service<Event<P>> for TaskQueue<S, B>
+impl<S, B, P> Service<Event<P>> for QueuePublisher<S, B>
 where
     B: QueueBackend<P>,
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -668,7 +596,7 @@ where
     }
 }
 
-/// The group commit shared by the clones of one [`TaskQueue`].
+/// The group commit shared by the clones of one [`QueuePublisher`].
 struct Committer {
     max_batch: usize,
     /// The publish deadline.

@@ -1,15 +1,9 @@
 //! [`RedisQueue`]: a queue in Redis, for many workers that already share a
 //! Redis.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apalis::prelude::WorkerBuilderExt;
-use apalis_core::backend::ext::BackendExt;
-use apalis_core::backend::ext::poll_strategy::Strategy;
-use apalis_core::error::WorkerError;
-use apalis_core::worker::builder::WorkerBuilder;
 use apalis_redis::{Config, RedisStorage};
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
@@ -17,14 +11,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
-    encode_job, ops::DeadPage, ops::Ops,
+    encode_job, lease_setter, polled, queue_handle, run_apalis,
 };
-use super::dead_letter::{DeadLetter, DeadLetters};
 use super::error::QueueError;
-use super::worker::{Deliver, RunOptions};
-use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS, QueuedEvent};
+use super::job::DeadLetter;
+use super::job::QueuedEvent;
+use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
 /// How long a Redis command may take before it fails. 10 s: redis-rs'
@@ -32,12 +27,31 @@ use crate::BoxError;
 /// #76); 10 s still notices a dead server.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A Lua function the scripts that make jobs due begin with: appends the
+/// job ids `ids` to the active list `KEYS[2]` and signals the workers
+/// (`KEYS[3]`), as apalis' push does.
+macro_rules! lua_activate {
+    () => {
+        r#"
+local function activate(ids)
+    if #ids > 0 then
+        redis.call("rpush", KEYS[2], unpack(ids))
+        redis.call("del", KEYS[3])
+        redis.call("lpush", KEYS[3], 1)
+    end
+end
+"#
+    };
+}
+
 /// Ends stopped worker `ARGV[1]`'s hold on its jobs: those among
 /// `ARGV[3..]` (whose outcome it recorded) are marked done at `ARGV[2]`
 /// (done set `KEYS[5]`, meta prefix `KEYS[6]`), as apalis' acknowledgement
 /// does; the others go back on the active list, as apalis' orphan recovery
 /// does, without waiting for the lease.
-const RELEASE_WORKER: &str = r#"
+const RELEASE_WORKER: &str = concat!(
+    lua_activate!(),
+    r#"
 local inflight = KEYS[4] .. ":" .. ARGV[1]
 for i = 3, #ARGV do
     if redis.call("srem", inflight, ARGV[i]) == 1 then
@@ -46,30 +60,28 @@ for i = 3, #ARGV do
     end
 end
 local jobs = redis.call("smembers", inflight)
-if #jobs > 0 then
-    redis.call("rpush", KEYS[2], unpack(jobs))
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
-end
+activate(jobs)
 redis.call("del", inflight)
 redis.call("zrem", KEYS[1], ARGV[1])
 return #jobs
-"#;
+"#
+);
 
 /// Moves up to `ARGV[2]` due jobs from the scheduled set to the active list,
 /// as apalis' fetch does, but in bounded chunks: apalis moves all of them
 /// with one Lua `unpack`, which fails above about 8,000 items, and then
 /// every fetch fails and the queue is stuck.
-const PROMOTE_DUE: &str = r#"
+const PROMOTE_DUE: &str = concat!(
+    lua_activate!(),
+    r#"
 local ids = redis.call("zrangebyscore", KEYS[1], 0, ARGV[1], "LIMIT", 0, tonumber(ARGV[2]))
 if #ids > 0 then
-    redis.call("rpush", KEYS[2], unpack(ids))
     redis.call("zrem", KEYS[1], unpack(ids))
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
 end
+activate(ids)
 return #ids
-"#;
+"#
+);
 
 /// Removes dead letter `ARGV[1]` from the hash `KEYS[1]` and the order
 /// `KEYS[2]` only if it is still the one of chain `ARGV[2]` that failed at
@@ -149,7 +161,9 @@ const LUA_CHUNK: usize = 1_000;
 ///
 /// `ARGV`: `max_attempts`, then per job: id, data, due second (0 = now),
 /// idempotency key.
-const PUSH_JOBS: &str = r#"
+const PUSH_JOBS: &str = concat!(
+    lua_activate!(),
+    r#"
 local now = {}
 for i = 2, #ARGV, 4 do
     local id = ARGV[i]
@@ -164,13 +178,10 @@ for i = 2, #ARGV, 4 do
         end
     end
 end
-if #now > 0 then
-    redis.call("rpush", KEYS[2], unpack(now))
-    redis.call("del", KEYS[3])
-    redis.call("lpush", KEYS[3], 1)
-end
+activate(now)
 return #now
-"#;
+"#
+);
 
 /// The apalis job id of an idempotency key: a UUID (version 8) made of the
 /// key's SHA-256, so the same key always gives the same id, and a short one.
@@ -243,6 +254,23 @@ async fn promote_due_jobs(mut conn: ConnectionManager, config: Config) -> Result
     }
 }
 
+/// One step of `SSCAN` over the set `key` from `cursor`, asking for about
+/// `count` members: the next cursor (0 at the end) and the members.
+async fn sscan(
+    conn: &mut ConnectionManager,
+    key: &str,
+    cursor: u64,
+    count: usize,
+) -> Result<(u64, Vec<String>), redis::RedisError> {
+    redis::cmd("SSCAN")
+        .arg(key)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+}
+
 /// Walks the done set with `SSCAN` and removes, [`LUA_CHUNK`] ids per
 /// script call, the jobs done at least `age` ago.
 async fn remove_done(
@@ -256,13 +284,7 @@ async fn remove_done(
     let cutoff = current_second().saturating_sub(age.as_secs());
     let (mut cursor, mut removed) = (0u64, 0u64);
     loop {
-        let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
-            .arg(&done)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(LUA_CHUNK)
-            .query_async(&mut conn)
-            .await?;
+        let (next, ids) = sscan(&mut conn, &done, cursor, LUA_CHUNK).await?;
         if !ids.is_empty() {
             let mut call = SCRIPT.prepare_invoke();
             call.key(&done)
@@ -316,66 +338,43 @@ pub struct RedisQueue<P = serde_json::Value> {
     config: Config,
 }
 
-impl<P> Clone for RedisQueue<P> {
-    fn clone(&self) -> Self {
-        RedisQueue {
-            name: Arc::clone(&self.name),
-            wake: self.wake.clone(),
-            conn: self.conn.clone(),
-            storage: self.storage.clone(),
-            config: self.config.clone(),
-        }
-    }
+queue_handle! {
+    RedisQueue { name, wake, conn, storage, config }, store(self), leased,
+    " let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect(\"redis://127.0.0.1/\", \"q\").await?;"
 }
 
-impl<P> fmt::Debug for RedisQueue<P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisQueue")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Settings of a [`RedisQueue`] before it connects. Its `Debug` does not
-/// show the URL (it may hold a password).
+/// Settings of a [`RedisQueue`] before it [`connect`](RedisQueueBuilder::connect)s
+/// to a URL or [`attach`](RedisQueueBuilder::attach)es to a connection.
 ///
 /// ```no_run
 /// use std::time::Duration;
 /// use eventsink::queue::RedisQueue;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-/// let queue: RedisQueue = RedisQueue::builder("redis://127.0.0.1/", "webhooks")
+/// let queue: RedisQueue = RedisQueue::builder("webhooks")
 ///     .lease(Duration::from_secs(2), 3)
-///     .connect()
+///     .connect("redis://127.0.0.1/")
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone)]
+#[must_use]
 pub struct RedisQueueBuilder {
-    url: String,
     name: Arc<str>,
     response_timeout: Duration,
     heartbeat: Duration,
     missed: usize,
 }
 
-impl fmt::Debug for RedisQueueBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisQueueBuilder")
-            .field("url", &"<redacted>")
-            .field("name", &self.name)
-            .field("response_timeout", &self.response_timeout)
-            .field("heartbeat", &self.heartbeat)
-            .field("missed", &self.missed)
-            .finish()
-    }
-}
-
 impl RedisQueueBuilder {
-    /// How long a command may take ([`REDIS_RESPONSE_TIMEOUT`]).
+    lease_setter!("eventsink::queue::RedisQueue::builder(\"q\")");
+
+    /// How long a command may take on the connection that
+    /// [`connect`](RedisQueueBuilder::connect) opens
+    /// ([`REDIS_RESPONSE_TIMEOUT`]).
     ///
     /// ```
-    /// # let b = eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "q");
+    /// # let b = eventsink::queue::RedisQueue::builder("q");
     /// let b = b.response_timeout(std::time::Duration::from_secs(30));
     /// ```
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
@@ -383,21 +382,7 @@ impl RedisQueueBuilder {
         self
     }
 
-    /// Worker heartbeat and how many may be missed before another worker
-    /// takes over the jobs of a dead one ([`DEFAULT_HEARTBEAT_INTERVAL`] ×
-    /// [`DEFAULT_MISSED_HEARTBEATS`]).
-    ///
-    /// ```
-    /// # let b = eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "q");
-    /// let b = b.lease(std::time::Duration::from_secs(1), 2); // takeover after ~2 s
-    /// ```
-    pub fn lease(mut self, heartbeat: Duration, missed: usize) -> Self {
-        self.heartbeat = heartbeat;
-        self.missed = missed.max(1);
-        self
-    }
-
-    /// Connects.
+    /// Connects to the Redis at `url` on a connection manager of its own.
     ///
     /// # Errors
     ///
@@ -407,13 +392,12 @@ impl RedisQueueBuilder {
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
     /// let queue: eventsink::queue::RedisQueue =
-    ///     eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "q").connect().await?;
+    ///     eventsink::queue::RedisQueue::builder("q").connect("redis://127.0.0.1/").await?;
     /// # Ok(()) }
     /// ```
-    pub async fn connect<P>(self) -> Result<RedisQueue<P>, QueueError> {
-        let name = self.name;
-        let fail = |e: redis::RedisError| QueueError::backend(&name, "connecting to Redis", e);
-        let client = redis::Client::open(self.url.as_str()).map_err(fail)?;
+    pub async fn connect<P>(self, url: &str) -> Result<RedisQueue<P>, QueueError> {
+        let fail = |e: redis::RedisError| QueueError::backend(&self.name, "connecting to Redis", e);
+        let client = redis::Client::open(url).map_err(fail)?;
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(CONNECTION_TIMEOUT));
@@ -421,31 +405,45 @@ impl RedisQueueBuilder {
             .get_connection_manager_with_config(manager)
             .await
             .map_err(fail)?;
+        Ok(self.attach(conn))
+    }
+
+    /// Uses `conn` (the application's, say) instead of connecting; its own
+    /// response timeout applies, not
+    /// [`response_timeout`](RedisQueueBuilder::response_timeout) (redis-rs'
+    /// default of 500 ms turns a busy moment into a worker failure).
+    ///
+    /// ```no_run
+    /// # fn f(conn: redis::aio::ConnectionManager) {
+    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::builder("q").attach(conn);
+    /// # }
+    /// ```
+    pub fn attach<P>(self, conn: ConnectionManager) -> RedisQueue<P> {
         let config = Config::default()
-            .queue(&*name)
+            .queue(&*self.name)
             .heartbeat_interval(self.heartbeat)
             .missed_heartbeats(self.missed);
         let storage = RedisStorage::new(conn.clone()).with_config(config.clone());
-        Ok(RedisQueue {
-            name,
+        RedisQueue {
+            name: self.name,
             wake: LocalWake::new(),
             conn,
             storage,
             config,
-        })
+        }
     }
 }
 
 impl RedisQueue {
-    /// Settings for the queue `name` in the Redis at `url`.
+    /// Settings for the queue `name`, to [`connect`](RedisQueueBuilder::connect)
+    /// or [`attach`](RedisQueueBuilder::attach).
     ///
     /// ```
-    /// let builder = eventsink::queue::RedisQueue::builder("redis://127.0.0.1/", "webhooks");
+    /// let builder = eventsink::queue::RedisQueue::builder("webhooks");
     /// # let _ = builder;
     /// ```
-    pub fn builder(url: &str, name: &str) -> RedisQueueBuilder {
+    pub fn builder(name: &str) -> RedisQueueBuilder {
         RedisQueueBuilder {
-            url: url.to_owned(),
             name: name.into(),
             response_timeout: REDIS_RESPONSE_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
@@ -470,34 +468,19 @@ impl<P> RedisQueue<P> {
     /// # Ok(()) }
     /// ```
     pub async fn connect(url: &str, name: &str) -> Result<Self, QueueError> {
-        RedisQueue::builder(url, name).connect().await
+        RedisQueue::builder(name).connect(url).await
     }
 
-    /// The queue's name.
+    /// Opens the queue `name` on an existing connection, with the defaults
+    /// of [`builder`](RedisQueue::builder).
     ///
     /// ```no_run
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect("redis://127.0.0.1/", "q").await?;
-    /// assert_eq!(queue.name(), "q");
-    /// # Ok(()) }
+    /// # fn f(conn: redis::aio::ConnectionManager) {
+    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::attach(conn, "q");
+    /// # }
     /// ```
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The queue's dead letters.
-    ///
-    /// ```no_run
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
-    /// let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect("redis://127.0.0.1/", "q").await?;
-    /// println!("{} dead", queue.dead_letters().count().await?);
-    /// # Ok(()) }
-    /// ```
-    pub fn dead_letters(&self) -> DeadLetters<Self, P>
-    where
-        P: Serialize + DeserializeOwned + Send + Sync + 'static,
-    {
-        DeadLetters::new(self.clone())
+    pub fn attach(conn: ConnectionManager, name: &str) -> Self {
+        RedisQueue::builder(name).attach(conn)
     }
 
     /// Buries the job `id` of apalis' dead set and moves it to the done
@@ -602,18 +585,8 @@ fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter
     serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
 }
 
-impl<P> Ops<P> for RedisQueue<P>
-where
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    fn queue_name(&self) -> &str {
-        &self.name
-    }
-
-    fn push(
-        &self,
-        jobs: Vec<(QueuedEvent<P>, Duration)>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+impl<P: Payload> Ops<P> for RedisQueue<P> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
         let (conn, config, wake) = (self.conn.clone(), self.config.clone(), self.wake.clone());
         let name = Arc::clone(&self.name);
         Box::pin(async move {
@@ -633,7 +606,19 @@ where
         4
     }
 
-    fn bury(&self, letter: DeadLetter<P>) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+        let promote = promote_due_jobs(self.conn.clone(), self.config.clone());
+        let storage = polled!(self.storage, self.config, self.wake.stream(), run);
+        let run = run_apalis!(storage, run);
+        Box::pin(async move {
+            promote.await?;
+            run.await
+        })
+    }
+}
+
+impl<P: Payload> Store<P> for RedisQueue<P> {
+    fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
         let (mut conn, name, fail) = self.parts("storing a dead letter");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -651,11 +636,7 @@ where
         })
     }
 
-    fn dead_page(
-        &self,
-        offset: u64,
-        limit: u64,
-    ) -> BoxFuture<'static, Result<Vec<DeadLetter<P>>, QueueError>> {
+    fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>> {
         let (mut conn, name, fail) = self.parts("listing dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -669,12 +650,7 @@ where
         })
     }
 
-    fn dead_after(
-        &self,
-        after: Option<(i64, String)>,
-        until: i64,
-        limit: u64,
-    ) -> BoxFuture<'static, Result<DeadPage<P>, QueueError>> {
+    fn dead_after(&self, after: Option<Place>, until: i64, limit: u64) -> Answer<DeadPage<P>> {
         let (mut conn, name, fail) = self.parts("listing dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -709,7 +685,7 @@ where
         })
     }
 
-    fn dead_get(&self, key: &str) -> BoxFuture<'static, Result<Option<DeadLetter<P>>, QueueError>> {
+    fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>> {
         let (mut conn, name, fail) = self.parts("reading a dead letter");
         let (hash, _) = self.keys();
         let key = key.to_owned();
@@ -719,7 +695,7 @@ where
         })
     }
 
-    fn dead_remove(&self, letter: &DeadLetter<P>) -> BoxFuture<'static, Result<bool, QueueError>> {
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
         static SCRIPT: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(REMOVE_LETTER));
         let (mut conn, _, fail) = self.parts("removing a dead letter");
@@ -740,7 +716,7 @@ where
         })
     }
 
-    fn dead_purge(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_purge(&self) -> Answer<u64> {
         let (mut conn, _, fail) = self.parts("purging dead letters");
         let (hash, order) = self.keys();
         Box::pin(async move {
@@ -756,19 +732,19 @@ where
         })
     }
 
-    fn dead_count(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn dead_count(&self) -> Answer<u64> {
         let (mut conn, _, fail) = self.parts("counting dead letters");
         let (hash, _) = self.keys();
         Box::pin(async move { conn.hlen(&hash).await.map_err(fail) })
     }
 
-    fn delete_completed(&self, age: Duration) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn delete_completed(&self, age: Duration) -> Answer<u64> {
         let (conn, _, fail) = self.parts("removing completed jobs");
         let config = self.config.clone();
         Box::pin(async move { remove_done(conn, &config, age).await.map_err(fail) })
     }
 
-    fn bury_abandoned(&self) -> BoxFuture<'static, Result<u64, QueueError>> {
+    fn bury_abandoned(&self) -> Answer<u64> {
         let this = self.clone();
         let (_, _, fail) = self.parts("burying jobs apalis gave up on");
         Box::pin(async move {
@@ -776,12 +752,7 @@ where
             let dead = this.config.dead_jobs_set();
             let (mut cursor, mut buried) = (0u64, 0u64);
             loop {
-                let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
-                    .arg(&dead)
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(ABANDONED_PAGE)
-                    .query_async(&mut conn)
+                let (next, ids) = sscan(&mut conn, &dead, cursor, ABANDONED_PAGE)
                     .await
                     .map_err(&fail)?;
                 for id in &ids {
@@ -795,11 +766,7 @@ where
         })
     }
 
-    fn release_worker(
-        &self,
-        name: &str,
-        done: Vec<String>,
-    ) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn release_worker(&self, name: &str, done: Vec<String>) -> Answer<()> {
         let (mut conn, _, fail) = self.parts("releasing a stopped worker's jobs");
         let config = self.config.clone();
         let name = name.to_owned();
@@ -821,7 +788,7 @@ where
         })
     }
 
-    fn keep_alive(&self, name: &str) -> BoxFuture<'static, Result<(), QueueError>> {
+    fn keep_alive(&self, name: &str) -> Answer<()> {
         let (mut conn, _, fail) = self.parts("renewing a worker's lease");
         let workers = self.config.workers_set();
         let name = name.to_owned();
@@ -837,42 +804,6 @@ where
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(fail)
-        })
-    }
-
-    fn lease(&self) -> (Duration, Duration) {
-        let beat = self.config.heartbeat_interval;
-        let missed = u32::try_from(self.config.missed_heartbeats).unwrap_or(u32::MAX);
-        (beat, beat.saturating_mul(missed))
-    }
-
-    fn run_worker(
-        &self,
-        name: String,
-        deliver: Deliver<P, Self>,
-        options: &RunOptions,
-        stop: BoxFuture<'static, ()>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        let config = self.config.clone().batch_size(options.concurrency.max(10));
-        let promote = promote_due_jobs(self.conn.clone(), config.clone());
-        let storage = self.storage.clone().with_config(config).poll_with_strategy(
-            Strategy::new()
-                .stream(self.wake.stream())
-                .interval(options.poll_interval),
-        );
-        let worker = WorkerBuilder::new(name)
-            .backend(storage)
-            .concurrency(options.concurrency)
-            .build(deliver);
-        Box::pin(async move {
-            promote.await?;
-            worker
-                .run_until(async move {
-                    stop.await;
-                    Ok::<(), WorkerError>(())
-                })
-                .await
-                .map_err(Into::into)
         })
     }
 }

@@ -1,4 +1,4 @@
-//! [`Worker`]: delivers queued events to the sink, retries on the
+//! [`QueueWorker`]: delivers queued events to the sink, retries on the
 //! schedule, buries the hopeless, and restarts itself when the backend
 //! fails.
 
@@ -19,10 +19,12 @@ use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 
+use super::already_queued_is_ok;
 use super::backend::QueueBackend;
-use super::dead_letter::{DeadLetter, DeathCause};
+use super::backend::ops::{Delivery, Store, WorkerRun};
+use super::job::QueuedEvent;
+use super::job::{DeadLetter, DeathCause};
 use super::schedule::RetrySchedule;
-use super::{QueuedEvent, already_queued_is_ok};
 use crate::{Backoff, Retryable};
 use crate::{BoxError, Event, Sink};
 
@@ -70,19 +72,10 @@ const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// A worker that has run this long without failing starts its backoff over.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-/// Settings the backend needs to run one apalis worker.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Deliveries at once.
-    pub concurrency: usize,
-    /// Idle polling interval.
-    pub poll_interval: Duration,
-}
-
 /// Delivers the events of a queue to a sink. Build it with
-/// [`TaskQueue::worker`](super::TaskQueue::worker) or [`Worker::new`], then
-/// [`spawn`](Worker::spawn) it (stop it through the [`WorkerHandle`]) or
-/// [`run_until`](Worker::run_until) a shutdown signal.
+/// [`ThroughTaskQueue::worker`](super::ThroughTaskQueue::worker) or [`QueueWorker::new`], then
+/// [`spawn`](QueueWorker::spawn) it (stop it through the [`WorkerHandle`]) or
+/// [`run_until`](QueueWorker::run_until) a shutdown signal.
 ///
 /// Each delivery attempt gets a timeout; a transient failure schedules the
 /// next attempt in the backend after the [`RetrySchedule`]'s delay; a
@@ -93,12 +86,12 @@ pub struct RunOptions {
 ///
 /// ```
 /// use std::time::Duration;
-/// use eventsink::queue::{MemoryQueue, RetrySchedule, Worker};
+/// use eventsink::queue::{MemoryQueue, RetrySchedule, QueueWorker};
 /// use eventsink::RecordingSink;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let queue: MemoryQueue = MemoryQueue::new("webhooks");
-/// let worker = Worker::new(queue, RecordingSink::new())
+/// let worker = QueueWorker::new(queue, RecordingSink::new())
 ///     .concurrency(32)
 ///     .attempt_timeout(Duration::from_secs(10))
 ///     .schedule(RetrySchedule::go_original())
@@ -106,7 +99,8 @@ pub struct RunOptions {
 /// worker.shutdown().await;
 /// # }
 /// ```
-pub struct Worker<S, B, P = serde_json::Value> {
+#[must_use = "a worker does nothing until it is spawned or run"]
+pub struct QueueWorker<S, B, P = serde_json::Value> {
     backend: B,
     sink: S,
     concurrency: usize,
@@ -117,9 +111,9 @@ pub struct Worker<S, B, P = serde_json::Value> {
     _payload: PhantomData<fn() -> P>,
 }
 
-impl<S: fmt::Debug, B: fmt::Debug, P> fmt::Debug for Worker<S, B, P> {
+impl<S: fmt::Debug, B: fmt::Debug, P> fmt::Debug for QueueWorker<S, B, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Worker")
+        f.debug_struct("QueueWorker")
             .field("backend", &self.backend)
             .field("sink", &self.sink)
             .field("concurrency", &self.concurrency)
@@ -131,21 +125,21 @@ impl<S: fmt::Debug, B: fmt::Debug, P> fmt::Debug for Worker<S, B, P> {
     }
 }
 
-impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
+impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
     /// A worker delivering the events of `backend` to `sink`, with the
     /// defaults: [`DEFAULT_CONCURRENCY`], [`DEFAULT_ATTEMPT_TIMEOUT`],
     /// [`DEFAULT_POLL_INTERVAL`], [`RetrySchedule::standard`],
     /// [`DEFAULT_RETENTION`].
     ///
     /// ```
-    /// let worker = eventsink::queue::Worker::new(
+    /// let worker = eventsink::queue::QueueWorker::new(
     ///     eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"),
     ///     eventsink::NoopSink::new(),
     /// );
     /// # let _ = worker;
     /// ```
     pub fn new(backend: B, sink: S) -> Self {
-        Worker {
+        QueueWorker {
             backend,
             sink,
             concurrency: DEFAULT_CONCURRENCY,
@@ -157,22 +151,11 @@ impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
         }
     }
 
-    /// Deliveries at once ([`DEFAULT_CONCURRENCY`]); 0 counts as 1.
-    ///
-    /// ```
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
-    /// let w = w.concurrency(4);
-    /// ```
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
-        self
-    }
-
     /// Timeout of each delivery attempt ([`DEFAULT_ATTEMPT_TIMEOUT`]); a
     /// timed-out attempt is a transient failure.
     ///
     /// ```
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let w = w.attempt_timeout(std::time::Duration::from_secs(5));
     /// ```
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
@@ -180,10 +163,21 @@ impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
         self
     }
 
+    /// Deliveries at once ([`DEFAULT_CONCURRENCY`]); 0 counts as 1.
+    ///
+    /// ```
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.concurrency(4);
+    /// ```
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
     /// How often an idle worker polls ([`DEFAULT_POLL_INTERVAL`]).
     ///
     /// ```
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let w = w.poll_interval(std::time::Duration::from_millis(100));
     /// ```
     pub fn poll_interval(mut self, interval: Duration) -> Self {
@@ -194,7 +188,7 @@ impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
     /// The retry schedule ([`RetrySchedule::standard`]).
     ///
     /// ```
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let w = w.schedule(eventsink::queue::RetrySchedule::go_original());
     /// ```
     pub fn schedule(mut self, schedule: RetrySchedule) -> Self {
@@ -206,7 +200,7 @@ impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
     /// `None` keeps them (for an external clean-up).
     ///
     /// ```
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let w = w.retention(Some(std::time::Duration::from_secs(7 * 24 * 3600)));
     /// ```
     pub fn retention(mut self, keep_for: Option<Duration>) -> Self {
@@ -215,7 +209,7 @@ impl<S, B: QueueBackend<P>, P> Worker<S, B, P> {
     }
 }
 
-impl<S, B, P> Worker<S, B, P>
+impl<S, B, P> QueueWorker<S, B, P>
 where
     S: Sink<P, Error: Into<BoxError>, Future: Send> + Clone + Send + 'static,
     B: QueueBackend<P>,
@@ -226,7 +220,7 @@ where
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let handle = w.spawn();
     /// handle.shutdown().await;
     /// # }
@@ -247,7 +241,7 @@ where
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// w.run_until(async {}).await;
     /// # }
     /// ```
@@ -267,17 +261,13 @@ where
     async fn supervise(self, stop: watch::Receiver<bool>, restarts: Arc<AtomicU64>) {
         let queue = self.backend.name().to_owned();
         let deliveries = Arc::new(Deliveries::default());
-        let deliver = Deliver {
+        let deliver: Delivery<P> = Delivery::new(Deliver {
             inner: BoxCloneService::new(self.sink.map_err(Into::into)),
             backend: self.backend.clone(),
             schedule: Arc::new(self.schedule),
             timeout: self.attempt_timeout,
             deliveries: Arc::clone(&deliveries),
-        };
-        let options = RunOptions {
-            concurrency: self.concurrency,
-            poll_interval: self.poll_interval,
-        };
+        });
         let maintenance =
             tokio::spawn(maintain(self.backend.clone(), self.retention, stop.clone()));
         let instance = worker_instance();
@@ -296,12 +286,13 @@ where
             let started = tokio::time::Instant::now();
             // On its own task, so that a panic inside apalis ends this run,
             // not the supervisor.
-            let mut run = tokio::spawn(self.backend.run_worker(
-                name.clone(),
-                deliver.clone(),
-                &options,
-                stopped(stop.clone()).boxed(),
-            ));
+            let mut run = tokio::spawn(self.backend.run_worker(WorkerRun {
+                name: name.clone(),
+                deliver: deliver.clone(),
+                concurrency: self.concurrency,
+                poll_interval: self.poll_interval,
+                stop: stopped(stop.clone()).boxed(),
+            }));
             let ended = {
                 let ended = std::pin::pin!(&mut run);
                 let stopping = std::pin::pin!(stopped(stop.clone()));
@@ -346,6 +337,7 @@ where
             drain(&self.backend, self.attempt_timeout, &deliveries, &name).await;
             if let Err(e) = self
                 .backend
+                .store()
                 .release_worker(&name, deliveries.take_done())
                 .await
             {
@@ -508,7 +500,7 @@ async fn keep_lease<B: QueueBackend<P>, P>(backend: &B, name: &str) {
     let mut deadline =
         tokio::time::Instant::now() + lease.saturating_sub(beat).saturating_sub(LEASE_MARGIN);
     loop {
-        match tokio::time::timeout_at(deadline, backend.keep_alive(name)).await {
+        match tokio::time::timeout_at(deadline, backend.store().keep_alive(name)).await {
             Ok(Ok(())) => {
                 deadline = tokio::time::Instant::now() + lease.saturating_sub(LEASE_MARGIN)
             }
@@ -562,7 +554,7 @@ async fn maintain<B: QueueBackend<P>, P>(
 ) {
     let queue = backend.name().to_owned();
     loop {
-        match backend.bury_abandoned().await {
+        match backend.store().bury_abandoned().await {
             Ok(0) => {}
             Ok(n) => {
                 tracing::warn!(%queue, buried = n, "jobs apalis gave up on are dead letters now")
@@ -572,7 +564,7 @@ async fn maintain<B: QueueBackend<P>, P>(
             }
         }
         if let Some(age) = retention {
-            match backend.delete_completed(age).await {
+            match backend.store().delete_completed(age).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(%queue, removed = n, "retention"),
                 Err(e) => tracing::warn!(%queue, error = %e, "retention failed"),
@@ -584,12 +576,12 @@ async fn maintain<B: QueueBackend<P>, P>(
     }
 }
 
-/// Stops a spawned [`Worker`]. Dropping the handle stops the worker too
+/// Stops a spawned [`QueueWorker`]. Dropping the handle stops the worker too
 /// (gracefully, in the background): keep it for as long as it should run.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+/// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
 /// let handle = w.spawn();
 /// handle.shutdown().await; // deliveries in flight finish first
 /// # }
@@ -617,7 +609,7 @@ impl WorkerHandle {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// w.spawn().shutdown().await;
     /// # }
     /// ```
@@ -632,7 +624,7 @@ impl WorkerHandle {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let handle = w.spawn();
     /// assert_eq!(handle.restarts(), 0);
     /// # handle.shutdown().await;
@@ -647,7 +639,7 @@ impl WorkerHandle {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// # let w = eventsink::queue::Worker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
     /// let handle = w.spawn();
     /// assert!(!handle.is_finished());
     /// # handle.shutdown().await;
@@ -665,7 +657,7 @@ impl WorkerHandle {
 /// job done and never applies its own retries (see the module docs). It
 /// answers `Err` only when recording the outcome failed; apalis then runs
 /// the job again.
-pub struct Deliver<P, B> {
+struct Deliver<P, B> {
     inner: BoxCloneService<Event<P>, (), BoxError>,
     backend: B,
     schedule: Arc<RetrySchedule>,
@@ -770,6 +762,7 @@ where
                         "delivery failed; event is now a dead letter"
                     );
                     backend
+                        .store()
                         .bury(DeadLetter {
                             event: job.event,
                             attempts: job.attempt,

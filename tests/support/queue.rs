@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use eventsink::queue::{
-    DeathCause, QueueBackend, RetrySchedule, TaskQueue, ThroughTaskQueue, WorkerHandle,
+    DeathCause, QueueBackend, QueuePublisher, RetrySchedule, ThroughTaskQueue, WorkerHandle,
 };
 use eventsink::{Event, RecordingSink, Retryable, SinkExt};
 use serde::Serialize;
@@ -65,7 +65,7 @@ pub fn fast_schedule(attempts: u32) -> RetrySchedule {
     RetrySchedule::fixed((1..attempts).map(|_| Duration::from_millis(1)))
 }
 
-type Sink<B, P> = TaskQueue<RecordingSink<P>, B>;
+type Sink<B, P> = QueuePublisher<RecordingSink<P>, B>;
 
 fn publisher<B: QueueBackend<P> + Clone, P: Payload>(
     backend: &B,

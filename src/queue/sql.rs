@@ -1,0 +1,456 @@
+//! [`SqlStore`]: the dead letters and the worker's upkeep of apalis' jobs in
+//! a SQL database, written once for SQLite and Postgres.
+//!
+//! The statements that both databases accept are here; those that differ
+//! (apalis' table names, JSON functions, locking) are each database's
+//! [`Statements`], given by its [`Dialect`].
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
+
+use super::backend::ops::{Answer, DeadPage, Payload, Place, Store};
+use super::backend::{ABANDONED_PAGE, abandoned_letter};
+use super::error::QueueError;
+use super::job::DeadLetter;
+
+/// The dead letters, one per `(queue, letter_key)`: the key of the
+/// event's jobs, `{queue}:{kind}:{id}`. `chain` says which delivery chain
+/// wrote the letter, so that a replay removes only the letter it replayed.
+/// (`BIGINT` is an integer column in SQLite too.)
+const DEAD_LETTER_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventsink_dead_letters (
+    queue TEXT NOT NULL,
+    letter_key TEXT NOT NULL,
+    chain TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    failed_at BIGINT NOT NULL,
+    letter TEXT NOT NULL,
+    PRIMARY KEY (queue, letter_key)
+);
+CREATE INDEX IF NOT EXISTS eventsink_dead_letters_order
+    ON eventsink_dead_letters (queue, failed_at, letter_key);";
+
+/// Sets the table of the first layout (keyed by event id alone) aside for
+/// the dialect's `upgrade`.
+const RENAME_OLD_DEAD_LETTERS: &str =
+    "ALTER TABLE eventsink_dead_letters RENAME TO eventsink_dead_letters_v1";
+
+/// Stores a letter, replacing the one with its key.
+const STORE_LETTER: &str = "INSERT INTO eventsink_dead_letters \
+     (queue, letter_key, chain, event_id, failed_at, letter) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (queue, letter_key) \
+     DO UPDATE SET chain = excluded.chain, event_id = excluded.event_id, \
+     failed_at = excluded.failed_at, letter = excluded.letter";
+
+const PAGE: &str = "SELECT letter FROM eventsink_dead_letters WHERE queue = $1 \
+     ORDER BY failed_at, letter_key LIMIT $2 OFFSET $3";
+
+const AFTER: &str = "SELECT failed_at, letter_key, letter FROM eventsink_dead_letters \
+     WHERE queue = $1 AND failed_at <= $2 AND (failed_at, letter_key) > ($3, $4) \
+     ORDER BY failed_at, letter_key LIMIT $5";
+
+const GET: &str = "SELECT letter FROM eventsink_dead_letters WHERE queue = $1 AND letter_key = $2";
+
+/// Compare and delete: only the letter of this chain and failure time.
+const REMOVE: &str = "DELETE FROM eventsink_dead_letters \
+     WHERE queue = $1 AND letter_key = $2 AND chain = $3 AND failed_at = $4";
+
+const PURGE: &str = "DELETE FROM eventsink_dead_letters WHERE queue = $1";
+
+const COUNT: &str = "SELECT COUNT(*) FROM eventsink_dead_letters WHERE queue = $1";
+
+/// The statements one database writes its own way. Parameters are `$1`,
+/// `$2`, … in both.
+#[derive(Debug)]
+pub struct Statements {
+    /// Starts a transaction that writes (SQLite: `BEGIN IMMEDIATE`, so two
+    /// processes never both read and then both fail to write).
+    pub(crate) begin: &'static str,
+    /// Run first when preparing the table, to serialise concurrent opens,
+    /// where `begin` does not.
+    pub(crate) lock: Option<&'static str>,
+    /// One boolean: whether the dead-letter table has the first layout.
+    pub(crate) old_layout: &'static str,
+    /// Moves the letters of `eventsink_dead_letters_v1` into the current
+    /// table, keyed `{queue}:{kind}:{id}`, with an unknown (empty) chain.
+    pub(crate) upgrade: &'static str,
+    /// The jobs of queue `$1` apalis gave up on, with an id after `$2`, at
+    /// most `$3`: id, job bytes, runs (`BIGINT`), last result (text).
+    pub(crate) abandoned: &'static str,
+    /// Marks job `$1` done if apalis still holds it as given up on.
+    pub(crate) claim_abandoned: &'static str,
+    /// Deletes queue `$1`'s jobs done at least `$2` seconds ago.
+    pub(crate) delete_completed: &'static str,
+    /// Marks done the jobs of worker `$1` whose ids are in the JSON array
+    /// `$2`, if it still holds them.
+    pub(crate) release_done: &'static str,
+    /// Puts the other jobs worker `$1` holds back in the queue.
+    pub(crate) release_rest: &'static str,
+    /// Renews the heartbeat of worker `$1` of queue `$2`.
+    pub(crate) keep_alive: &'static str,
+    /// One boolean: whether apalis' migrations table `$1` exists.
+    pub(crate) migrations_exist: &'static str,
+    /// The versions in apalis' migrations table `{table}`.
+    pub(crate) versions: &'static str,
+}
+
+/// A SQL database the queue runs on: its statements, and how many rows a
+/// statement changed.
+pub trait Dialect: Database {
+    /// The statements this database writes its own way.
+    const SQL: Statements;
+
+    /// How many rows a statement changed.
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+
+    /// The pinned apalis crate of this database, and its migrations.
+    fn apalis() -> (&'static str, sqlx::migrate::Migrator);
+}
+
+/// The dead letters and upkeep of one queue in a SQL database.
+#[derive(Debug)]
+pub struct SqlStore<DB: Database> {
+    pool: Pool<DB>,
+    name: Arc<str>,
+    _db: PhantomData<fn() -> DB>,
+}
+
+impl<DB: Database> Clone for SqlStore<DB> {
+    fn clone(&self) -> Self {
+        SqlStore {
+            pool: self.pool.clone(),
+            name: Arc::clone(&self.name),
+            _db: PhantomData,
+        }
+    }
+}
+
+impl<DB: Database> SqlStore<DB> {
+    pub(crate) fn new(pool: Pool<DB>, name: Arc<str>) -> Self {
+        SqlStore {
+            pool,
+            name,
+            _db: PhantomData,
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// The pool, the queue's name, and how a `sqlx::Error` of `action`
+    /// becomes a [`QueueError`].
+    fn parts(
+        &self,
+        action: &'static str,
+    ) -> (
+        Pool<DB>,
+        Arc<str>,
+        impl Fn(sqlx::Error) -> QueueError + Send + Sync + 'static,
+    ) {
+        let name = Arc::clone(&self.name);
+        (self.pool.clone(), Arc::clone(&self.name), move |e| {
+            QueueError::backend(&name, action, e)
+        })
+    }
+}
+
+/// A dead letter as the JSON the table keeps.
+fn encode<P: Serialize>(name: &Arc<str>, letter: &DeadLetter<P>) -> Result<String, QueueError> {
+    serde_json::to_string(letter)
+        .map_err(|e| QueueError::backend(name, "encoding a dead letter", e))
+}
+
+fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
+    serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
+}
+
+fn limit(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl<DB, P> Store<P> for SqlStore<DB>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'q> String: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Decode<'q, DB> + Type<DB>,
+    for<'r> bool: Decode<'r, DB> + Type<DB>,
+    for<'r> Vec<u8>: Decode<'r, DB> + Type<DB>,
+    P: Payload,
+{
+    fn prepare(&self) -> Answer<()> {
+        let (pool, _, fail) = self.parts("creating the dead-letter table");
+        Box::pin(async move {
+            let mut tx = pool.begin_with(DB::SQL.begin).await.map_err(&fail)?;
+            if let Some(lock) = DB::SQL.lock {
+                sqlx::query(lock).execute(&mut *tx).await.map_err(&fail)?;
+            }
+            let row = sqlx::query(DB::SQL.old_layout)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            let old: bool = row.try_get(0).map_err(&fail)?;
+            if old {
+                sqlx::raw_sql(RENAME_OLD_DEAD_LETTERS)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+            }
+            sqlx::raw_sql(DEAD_LETTER_TABLE)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            if old {
+                sqlx::raw_sql(DB::SQL.upgrade)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(&fail)?;
+            }
+            tx.commit().await.map_err(&fail)
+        })
+    }
+
+    fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
+        let (pool, name, fail) = self.parts("storing a dead letter");
+        Box::pin(async move {
+            let json = encode(&name, &letter)?;
+            let mut conn = pool.acquire().await.map_err(&fail)?;
+            store_letter::<DB, P>(&mut *conn, &name, &letter, json)
+                .await
+                .map_err(fail)
+        })
+    }
+
+    fn dead_page(&self, offset: u64, count: u64) -> Answer<Vec<DeadLetter<P>>> {
+        let (pool, name, fail) = self.parts("listing dead letters");
+        Box::pin(async move {
+            let rows = sqlx::query(PAGE)
+                .bind(name.to_string())
+                .bind(limit(count))
+                .bind(limit(offset))
+                .fetch_all(&pool)
+                .await
+                .map_err(&fail)?;
+            rows.iter()
+                .map(|row| decode(&name, &row.try_get::<String, _>(0).map_err(&fail)?))
+                .collect()
+        })
+    }
+
+    fn dead_after(&self, after: Option<Place>, until: i64, count: u64) -> Answer<DeadPage<P>> {
+        let (pool, name, fail) = self.parts("listing dead letters");
+        let (at, key) = after.unwrap_or((i64::MIN, String::new()));
+        Box::pin(async move {
+            let rows = sqlx::query(AFTER)
+                .bind(name.to_string())
+                .bind(until)
+                .bind(at)
+                .bind(key)
+                .bind(limit(count))
+                .fetch_all(&pool)
+                .await
+                .map_err(&fail)?;
+            let mut page = DeadPage {
+                letters: Vec::with_capacity(rows.len()),
+                last: None,
+            };
+            for row in &rows {
+                let at: i64 = row.try_get(0).map_err(&fail)?;
+                let key: String = row.try_get(1).map_err(&fail)?;
+                let json: String = row.try_get(2).map_err(&fail)?;
+                page.letters.push(decode(&name, &json)?);
+                page.last = Some((at, key));
+            }
+            Ok(page)
+        })
+    }
+
+    fn dead_get(&self, key: &str) -> Answer<Option<DeadLetter<P>>> {
+        let (pool, name, fail) = self.parts("reading a dead letter");
+        let key = key.to_owned();
+        Box::pin(async move {
+            let row = sqlx::query(GET)
+                .bind(name.to_string())
+                .bind(key)
+                .fetch_optional(&pool)
+                .await
+                .map_err(&fail)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            decode(&name, &row.try_get::<String, _>(0).map_err(&fail)?).map(Some)
+        })
+    }
+
+    fn dead_remove(&self, letter: &DeadLetter<P>) -> Answer<bool> {
+        let (pool, name, fail) = self.parts("removing a dead letter");
+        let failed_at = letter.failed_at.timestamp_micros();
+        let remove = sqlx::query(REMOVE)
+            .bind(name.to_string())
+            .bind(letter.key.clone())
+            .bind(letter.chain.clone())
+            .bind(failed_at);
+        let removed = changed(pool, remove, fail);
+        Box::pin(async move { Ok(removed.await? > 0) })
+    }
+
+    fn dead_purge(&self) -> Answer<u64> {
+        let (pool, name, fail) = self.parts("purging dead letters");
+        changed(pool, sqlx::query(PURGE).bind(name.to_string()), fail)
+    }
+
+    fn dead_count(&self) -> Answer<u64> {
+        let (pool, name, fail) = self.parts("counting dead letters");
+        Box::pin(async move {
+            let row = sqlx::query(COUNT)
+                .bind(name.to_string())
+                .fetch_one(&pool)
+                .await
+                .map_err(&fail)?;
+            let n: i64 = row.try_get(0).map_err(&fail)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn delete_completed(&self, age: Duration) -> Answer<u64> {
+        let (pool, name, fail) = self.parts("removing completed jobs");
+        let age = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        let delete = sqlx::query(DB::SQL.delete_completed).bind(name.to_string());
+        changed(pool, delete.bind(age), fail)
+    }
+
+    fn bury_abandoned(&self) -> Answer<u64> {
+        let (pool, name, fail) = self.parts("burying jobs apalis gave up on");
+        Box::pin(async move {
+            let (mut buried, mut after) = (0, String::new());
+            loop {
+                let rows = sqlx::query(DB::SQL.abandoned)
+                    .bind(name.to_string())
+                    .bind(after.clone())
+                    .bind(ABANDONED_PAGE as i64)
+                    .fetch_all(&pool)
+                    .await
+                    .map_err(&fail)?;
+                for row in &rows {
+                    let id: String = row.try_get(0).map_err(&fail)?;
+                    after.clone_from(&id);
+                    let job: Vec<u8> = row.try_get(1).map_err(&fail)?;
+                    let runs: i64 = row.try_get(2).map_err(&fail)?;
+                    let last: Option<String> = row.try_get(3).map_err(&fail)?;
+                    let Some(letter) = abandoned_letter::<P>(&name, &job, runs, last.as_deref())
+                    else {
+                        continue;
+                    };
+                    let json = encode(&name, &letter)?;
+                    // Claim the job and write its letter in one transaction:
+                    // two workers' maintenance never both bury it, and a
+                    // crash leaves neither or both.
+                    let mut tx = pool.begin_with(DB::SQL.begin).await.map_err(&fail)?;
+                    let claimed = sqlx::query(DB::SQL.claim_abandoned)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(&fail)?;
+                    if DB::rows_affected(&claimed) == 1 {
+                        store_letter::<DB, P>(&mut *tx, &name, &letter, json)
+                            .await
+                            .map_err(&fail)?;
+                        buried += 1;
+                    }
+                    tx.commit().await.map_err(&fail)?;
+                }
+                if rows.len() < ABANDONED_PAGE {
+                    return Ok(buried);
+                }
+            }
+        })
+    }
+
+    fn release_worker(&self, worker: &str, done: Vec<String>) -> Answer<()> {
+        let (pool, name, fail) = self.parts("releasing a stopped worker's jobs");
+        let worker = worker.to_owned();
+        Box::pin(async move {
+            let done = serde_json::to_string(&done)
+                .map_err(|e| QueueError::backend(&name, "releasing a stopped worker's jobs", e))?;
+            let mut tx = pool.begin_with(DB::SQL.begin).await.map_err(&fail)?;
+            sqlx::query(DB::SQL.release_done)
+                .bind(worker.clone())
+                .bind(done)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            sqlx::query(DB::SQL.release_rest)
+                .bind(worker)
+                .execute(&mut *tx)
+                .await
+                .map_err(&fail)?;
+            tx.commit().await.map_err(&fail)
+        })
+    }
+
+    fn keep_alive(&self, worker: &str) -> Answer<()> {
+        let (pool, name, fail) = self.parts("renewing a worker's lease");
+        let worker = worker.to_owned();
+        Box::pin(async move {
+            sqlx::query(DB::SQL.keep_alive)
+                .bind(worker)
+                .bind(name.to_string())
+                .execute(&pool)
+                .await
+                .map_err(fail)?;
+            Ok(())
+        })
+    }
+}
+
+/// Runs `query` on `pool`; how many rows it changed.
+fn changed<DB>(
+    pool: Pool<DB>,
+    query: sqlx::query::Query<'static, DB, DB::Arguments>,
+    fail: impl Fn(sqlx::Error) -> QueueError + Send + 'static,
+) -> Answer<u64>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+{
+    Box::pin(async move {
+        Ok(DB::rows_affected(
+            &query.execute(&pool).await.map_err(fail)?,
+        ))
+    })
+}
+
+/// Stores `letter` (encoded as `json`) on `conn`, replacing the one with
+/// its key.
+async fn store_letter<DB, P>(
+    conn: &mut DB::Connection,
+    name: &str,
+    letter: &DeadLetter<P>,
+    json: String,
+) -> Result<(), sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+{
+    sqlx::query(STORE_LETTER)
+        .bind(name.to_owned())
+        .bind(letter.key.clone())
+        .bind(letter.chain.clone())
+        .bind(letter.event.id.to_string())
+        .bind(letter.failed_at.timestamp_micros())
+        .bind(json)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
