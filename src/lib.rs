@@ -88,6 +88,9 @@
 )]
 
 pub mod backoff;
+#[macro_use]
+mod macros;
+
 pub mod error;
 pub mod event;
 pub mod fs;

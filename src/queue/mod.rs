@@ -413,38 +413,7 @@ enum Slot {
 }
 
 impl<S, B> QueuePublisher<S, B> {
-    /// The wrapped sink (the one the worker calls).
-    ///
-    /// ```
-    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
-    /// let sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
-    /// let _inner: &NoopSink = sink.get_ref();
-    /// ```
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped sink, mutably.
-    ///
-    /// ```
-    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
-    /// let mut sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
-    /// let _inner: &mut NoopSink = sink.get_mut();
-    /// ```
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped sink, consuming the service.
-    ///
-    /// ```
-    /// # use eventsink::{NoopSink, queue::{MemoryQueue, ThroughTaskQueue}}; use tower::Layer;
-    /// let sink = ThroughTaskQueue::new(MemoryQueue::<()>::new("q")).layer(NoopSink::new());
-    /// let _inner: NoopSink = sink.into_inner();
-    /// ```
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    inner_service_accessors!();
 
     /// The queue's backend (for its [`DeadLetters`]).
     ///
