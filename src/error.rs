@@ -115,7 +115,7 @@ pub enum Error {
         /// The destination, without credentials or query string.
         url: String,
         /// The status code.
-        status: u16,
+        status: http::StatusCode,
         /// Whether retrying can help, decided from the status.
         retryable: bool,
         /// The receiver's `Retry-After`, if it sent one.
@@ -382,8 +382,8 @@ fn known<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Retryable> {
 }
 
 /// What an HTTP status usually means for the sender, in a few words.
-fn status_advice(status: u16) -> &'static str {
-    match status {
+fn status_advice(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
         300..=399 => "a redirect, which webhooks never follow; configure the final URL",
         401 | 403 => "the receiver refused our credentials; check its secret and configuration",
         404 => "no endpoint at this URL; check the URL",
@@ -462,7 +462,7 @@ mod tests {
         let wait = Some(Duration::from_secs(30));
         let err: BoxError = Box::new(Wrapper(Error::Http {
             url: "https://example.com/hook".into(),
-            status: 503,
+            status: http::StatusCode::SERVICE_UNAVAILABLE,
             retryable: true,
             retry_after: wait,
             body: String::new(),

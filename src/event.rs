@@ -79,36 +79,41 @@ impl<P> Event<P> {
         Event {
             kind: kind.into(),
             id: uuid::Uuid::now_v7().to_string().into(),
-            created_at: Utc::now().trunc_subsecs(6),
+            created_at: now(),
             payload: Arc::new(payload),
         }
     }
 
-    /// Replaces the id, for re-publishing an event you already know
-    /// (idempotent retries by hand, imports) and for tests.
-    ///
-    /// ```
-    /// let event = eventsink::Event::new("ping", ()).with_id("evt_1");
-    /// assert_eq!(&*event.id, "evt_1");
-    /// ```
-    pub fn with_id(mut self, id: impl Into<Arc<str>>) -> Self {
-        self.id = id.into();
-        self
-    }
-
-    /// Replaces the creation time, for re-publishing and for tests.
+    /// An event of `kind` with the id `id`, created now: for publishing an
+    /// event again that you already know (idempotent retries by hand,
+    /// imports) and for tests. The fields are public; set `created_at`
+    /// with struct update syntax.
     ///
     /// ```
     /// use chrono::{TimeZone, Utc};
+    /// use eventsink::Event;
+    ///
+    /// let event = Event::with_id("ping", "evt_1", ());
+    /// assert_eq!(&*event.id, "evt_1");
     ///
     /// let at = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
-    /// let event = eventsink::Event::new("ping", ()).with_created_at(at);
-    /// assert_eq!(event.created_at, at);
+    /// let imported = Event { created_at: at, ..Event::with_id("ping", "evt_2", ()) };
+    /// assert_eq!(imported.created_at, at);
     /// ```
-    pub fn with_created_at(mut self, created_at: DateTime<Utc>) -> Self {
-        self.created_at = created_at;
-        self
+    pub fn with_id(kind: impl Into<Arc<str>>, id: impl Into<Arc<str>>, payload: P) -> Self {
+        Event {
+            kind: kind.into(),
+            id: id.into(),
+            created_at: now(),
+            payload: Arc::new(payload),
+        }
     }
+}
+
+/// Now, truncated to microseconds (the precision every queue backend
+/// stores, so an event compares equal after a round trip).
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
 }
 
 /// Cheap whatever `P` is: no `P: Clone` needed, the payload is shared.
@@ -132,9 +137,10 @@ mod tests {
     #[test]
     fn json_field_names_and_rfc3339_utc_time() {
         let at = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
-        let event = Event::new("a.b", json!({"x": 1}))
-            .with_id("evt_1")
-            .with_created_at(at);
+        let event = Event {
+            created_at: at,
+            ..Event::with_id("a.b", "evt_1", json!({"x": 1}))
+        };
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(
             json,

@@ -129,12 +129,14 @@ impl FsSink {
     /// use chrono::DateTime;
     /// use eventsink::{Event, FsSink};
     ///
-    /// let event = Event::new("user.signed_up", ())
-    ///     .with_id("evt_1")
-    ///     .with_created_at(DateTime::from_timestamp(1_700_000_000, 0).unwrap());
+    /// let event = Event {
+    ///     created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+    ///     ..Event::with_id("user.signed_up", "evt_1", ())
+    /// };
     /// assert_eq!(FsSink::file_name(&event)?, "1700000000_user.signed_up_evt_1.json");
     ///
-    /// assert!(FsSink::file_name(&event.with_id("../../etc/passwd")).is_err());
+    /// let escaping = Event::with_id("user.signed_up", "../../etc/passwd", ());
+    /// assert!(FsSink::file_name(&escaping).is_err());
     /// # Ok::<(), eventsink::Error>(())
     /// ```
     pub fn file_name<P>(event: &Event<P>) -> Result<String, Error> {
@@ -325,7 +327,7 @@ mod tests {
     use crate::Retryable;
 
     fn named(kind: &str, id: &str) -> Result<String, Error> {
-        FsSink::file_name(&Event::new(kind, ()).with_id(id))
+        FsSink::file_name(&Event::with_id(kind, id, ()))
     }
 
     #[test]

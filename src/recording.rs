@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn ids_and_times_are_ignored() {
         let sink = published(&[("a", json!(1))]);
-        sink.assert_published(&[Event::new("a", json!(1)).with_id("other")]);
+        sink.assert_published(&[Event::with_id("a", "other", json!(1))]);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! use eventsink::{Event, wire};
 //!
 //! // Ids may contain '.', as the Standard Webhooks reference libraries accept.
-//! let event = Event::new("order.placed", ()).with_id("evt_01J.x-y");
+//! let event = Event::with_id("order.placed", "evt_01J.x-y", ());
 //! assert!(wire::check_event(&event).is_ok());
 //!
 //! // A header cannot carry a space or non-ASCII text.

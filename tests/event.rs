@@ -26,9 +26,10 @@ fn typed_payload_reads_as_plain_json_too() {
 #[test]
 fn json_has_exactly_the_four_fields() {
     let at = Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap();
-    let event = Event::new("a.b", json!({"k": "v"}))
-        .with_id("evt_1")
-        .with_created_at(at);
+    let event = Event {
+        created_at: at,
+        ..Event::with_id("a.b", "evt_1", json!({"k": "v"}))
+    };
     let value = serde_json::to_value(&event).unwrap();
     let object = value.as_object().unwrap();
     let mut keys: Vec<_> = object.keys().map(String::as_str).collect();

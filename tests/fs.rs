@@ -62,9 +62,10 @@ async fn names_files_by_time_kind_and_id() {
     let tmp = tempfile::tempdir().unwrap();
     let mut sink = FsSink::new(tmp.path()).unwrap();
     let at = chrono::DateTime::from_timestamp(1_700_000_000, 5_000).unwrap();
-    let event = Event::new("user.signed_up", json!({"user_id": 1}))
-        .with_id("evt_1")
-        .with_created_at(at);
+    let event = Event {
+        created_at: at,
+        ..Event::with_id("user.signed_up", "evt_1", json!({"user_id": 1}))
+    };
     sink.publish(event.clone()).await.unwrap();
     let path = tmp.path().join("1700000000_user.signed_up_evt_1.json");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -82,8 +83,8 @@ async fn a_kind_or_id_that_escapes_the_directory_is_refused_and_nothing_is_writt
     let mut sink = FsSink::new(&inner).unwrap();
     for event in [
         Event::new("../escape", json!(1)),
-        Event::new("ok", json!(1)).with_id("../../escape"),
-        Event::new("ok", json!(1)).with_id("a\\b"),
+        Event::with_id("ok", "../../escape", json!(1)),
+        Event::with_id("ok", "a\\b", json!(1)),
         Event::new("nul\0", json!(1)),
     ] {
         let err = sink.publish(event).await.unwrap_err();
@@ -142,7 +143,7 @@ async fn a_reader_never_sees_a_partial_file() {
     let mut sink = FsSink::new(&dir).unwrap();
     let blob = "x".repeat(256 * 1024);
     // The same id every time: each publish rewrites a file the reader reads.
-    let event = Event::new("big", json!({"blob": blob})).with_id("same");
+    let event = Event::with_id("big", "same", json!({"blob": blob}));
     for _ in 0..100 {
         sink.publish(event.clone()).await.unwrap();
     }

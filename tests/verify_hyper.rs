@@ -80,7 +80,16 @@ async fn plain_hyper_receives_verified_events_and_refuses_bad_signatures() {
         .publish(Event::new("order.placed", json!({"order_id": 8})))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Http { status: 401, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Http {
+                status: http::StatusCode::UNAUTHORIZED,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(
         received.try_recv().is_err(),
         "the forged event never reached the handler"

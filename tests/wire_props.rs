@@ -187,9 +187,10 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(
             |(id, kind, payload, micros, (sent, accepted), pool, held, mask, unrelated, rotate)| {
                 let created_at = Utc.timestamp_micros(micros).unwrap();
-                let event = Event::new(kind, payload)
-                    .with_id(id)
-                    .with_created_at(created_at);
+                let event = Event {
+                    created_at: created_at,
+                    ..Event::with_id(kind, id, payload)
+                };
                 let sender_keys: Vec<usize> = pool[..held].to_vec();
                 // Which check runs: a Go check needs the sender's first key.
                 let go_checked = sent == Scheme::GoCompatible
@@ -333,7 +334,7 @@ async fn an_id_with_a_dot_is_delivered_in_every_scheme() {
         (Scheme::GoCompatible, Scheme::GoCompatible),
         (Scheme::Both, Scheme::Both),
     ] {
-        let event = Event::new("order.placed", serde_json::json!({"n": 1})).with_id("evt_01J.x-y");
+        let event = Event::with_id("order.placed", "evt_01J.x-y", serde_json::json!({"n": 1}));
         run(Case {
             event,
             sent,

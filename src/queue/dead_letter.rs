@@ -20,7 +20,7 @@
 //! let queue = MemoryQueue::new("demo");
 //! let mut sink = ThroughTaskQueue::new(queue.clone()).layer(recorder.clone());
 //! let worker = sink.worker().spawn();
-//! sink.publish(Event::new("ping", serde_json::json!(1)).with_id("evt_1")).await?;
+//! sink.publish(Event::with_id("ping", "evt_1", serde_json::json!(1))).await?;
 //!
 //! let dead = queue.dead_letters();
 //! dead.wait_for_count(1, std::time::Duration::from_secs(5)).await?;
@@ -145,7 +145,7 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// ```
     /// use eventsink::Event;
     /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
-    /// let event = Event::new("order.placed", serde_json::json!(1)).with_id("evt_1");
+    /// let event = Event::with_id("order.placed", "evt_1", serde_json::json!(1));
     /// assert_eq!(dead.key_of(&event), "q:order.placed:evt_1");
     /// ```
     pub fn key_of(&self, event: &Event<P>) -> String {

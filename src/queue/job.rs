@@ -6,7 +6,7 @@
 //! use eventsink::queue::{DeadLetter, DeathCause, QueuedEvent};
 //! use eventsink::Event;
 //!
-//! let job = QueuedEvent::new("orders", Event::new("order.placed", 7).with_id("evt_1"));
+//! let job = QueuedEvent::new("orders", Event::with_id("order.placed", "evt_1", 7));
 //! assert_eq!(job.key, "orders:order.placed:evt_1"); // also the key of its dead letter
 //! # fn look(letter: DeadLetter<i32>) -> bool { letter.cause == DeathCause::Permanent }
 //! ```
@@ -67,7 +67,7 @@ impl<P> QueuedEvent<P> {
     /// on a new chain.
     ///
     /// ```
-    /// let job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
+    /// let job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::with_id("k", "1", ()));
     /// assert_eq!(job.key, "q:k:1");
     /// assert_eq!(job.chain.len(), 32);
     /// ```
@@ -88,7 +88,7 @@ impl<P> QueuedEvent<P> {
     /// other job.
     ///
     /// ```
-    /// let mut job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::new("k", ()).with_id("1"));
+    /// let mut job = eventsink::queue::QueuedEvent::new("q", eventsink::Event::with_id("k", "1", ()));
     /// assert_eq!(job.idempotency_key(), "q:k:1");
     /// job.attempt = 3;
     /// job.chain = "c7".into();

@@ -148,7 +148,7 @@ async fn answer(config: &Config, response: Response) -> Result<(), Error> {
         .unwrap_or_else(|| is_retryable_status(status));
     Err(Error::Http {
         url: config.display_url.clone(),
-        status: status.as_u16(),
+        status,
         retryable,
         retry_after,
         body: sanitize_body(&body),

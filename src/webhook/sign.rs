@@ -106,10 +106,16 @@ mod tests {
 
     #[test]
     fn ids_and_kinds_follow_the_wire_rule() {
-        let ok = Event::new("order.placed", ()).with_id("evt_01J.x-y");
+        let ok = Event::with_id("order.placed", "evt_01J.x-y", ());
         assert_eq!(wire_id(&ok).unwrap(), "evt_01J.x-y");
         let longest = "x".repeat(wire::MAX_ID_BYTES);
-        assert!(wire_id(&ok.clone().with_id(longest.as_str())).is_ok());
+        assert!(
+            wire_id(&Event {
+                id: longest.as_str().into(),
+                ..ok.clone()
+            })
+            .is_ok()
+        );
         for bad in [
             "",
             "has space",
@@ -117,7 +123,11 @@ mod tests {
             "é",
             &"x".repeat(wire::MAX_ID_BYTES + 1),
         ] {
-            let err = wire_id(&ok.clone().with_id(bad)).unwrap_err();
+            let err = wire_id(&Event {
+                id: bad.into(),
+                ..ok.clone()
+            })
+            .unwrap_err();
             assert!(
                 matches!(err, Error::InvalidEvent { field: "id", .. }),
                 "{bad:?}: {err}"
@@ -134,9 +144,10 @@ mod tests {
     #[test]
     fn go_body_has_the_go_field_order() {
         let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-        let event = Event::new("k", serde_json::json!({"a": 1}))
-            .with_id("i")
-            .with_created_at(at);
+        let event = Event {
+            created_at: at,
+            ..Event::with_id("k", "i", serde_json::json!({"a": 1}))
+        };
         let json = serde_json::to_string(&GoBody::new(&event, at)).unwrap();
         assert_eq!(
             json,

@@ -494,8 +494,8 @@ pub async fn two_kinds_sharing_an_id_keep_two_dead_letters(backends: &impl Backe
     recorder.fail_next_permanently(2);
     let mut sink = publisher(&backend, &recorder);
     let worker = spawn_worker(&sink, fast_schedule(3));
-    let a = Event::new("test.kind.a", json!("a")).with_id("shared-id");
-    let b = Event::new("test.kind.b", json!("b")).with_id("shared-id");
+    let a = Event::with_id("test.kind.a", "shared-id", json!("a"));
+    let b = Event::with_id("test.kind.b", "shared-id", json!("b"));
     sink.publish(a.clone()).await.expect("publish a");
     sink.publish(b.clone()).await.expect("publish b");
     dead.wait_for_count(2, ARRIVAL_TIMEOUT)
@@ -576,14 +576,14 @@ pub async fn an_event_the_wire_rule_refuses_is_refused_at_publish(backends: &imp
     let recorder = RecordingSink::new();
     let mut sink = publisher(&backend, &recorder);
     for bad in [
-        Event::new("test.bad", json!(1)).with_id("has space"),
-        Event::new("test.bad", json!(1)).with_id(""),
+        Event::with_id("test.bad", "has space", json!(1)),
+        Event::with_id("test.bad", "", json!(1)),
         Event::new("line\nbreak", json!(1)),
     ] {
         let err = sink.publish(bad.clone()).await.expect_err("refused");
         assert!(!err.is_retryable(), "{:?}/{:?}: {err}", bad.kind, bad.id);
     }
-    let good = Event::new("test.good", json!(2)).with_id("evt_01J.x-y");
+    let good = Event::with_id("test.good", "evt_01J.x-y", json!(2));
     sink.publish(good.clone()).await.expect("publish");
     let worker = spawn_worker(&sink, fast_schedule(3));
     let got = recorder
