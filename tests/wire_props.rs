@@ -188,7 +188,7 @@ fn case() -> impl Strategy<Value = Case> {
             |(id, kind, payload, micros, (sent, accepted), pool, held, mask, unrelated, rotate)| {
                 let created_at = Utc.timestamp_micros(micros).unwrap();
                 let event = Event {
-                    created_at: created_at,
+                    created_at,
                     ..Event::with_id(kind, id, payload)
                 };
                 let sender_keys: Vec<usize> = pool[..held].to_vec();
