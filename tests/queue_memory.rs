@@ -55,9 +55,7 @@ async fn a_panicking_sink_makes_a_dead_letter_and_the_worker_lives_on() {
     let boom = Event::new("test.boom", serde_json::json!(1));
     publisher.publish(boom.clone()).await.unwrap();
     let dead = queue.dead_letters();
-    dead.wait_for_count(1, Duration::from_secs(10))
-        .await
-        .unwrap();
+    dead.wait_for(1, Duration::from_secs(10)).await.unwrap();
     let letter = dead.get(&dead.key_of(&boom)).await.unwrap().unwrap();
     assert_eq!(letter.cause, DeathCause::Permanent);
     assert!(

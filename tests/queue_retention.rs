@@ -85,7 +85,7 @@ async fn abandoned_job_is_buried_and_replays<B: QueueBackend<Value>>(queue: &B, 
         .poll_interval(Duration::from_millis(10))
         .spawn();
     let dead = DeadLetters::<_, Value>::new(queue.clone());
-    dead.wait_for_count(1, ARRIVAL_TIMEOUT)
+    dead.wait_for(1, ARRIVAL_TIMEOUT)
         .await
         .expect("the job apalis gave up on is a dead letter");
     let letter = dead

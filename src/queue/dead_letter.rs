@@ -23,7 +23,7 @@
 //! sink.publish(Event::with_id("ping", "evt_1", serde_json::json!(1))).await?;
 //!
 //! let dead = queue.dead_letters();
-//! dead.wait_for_count(1, std::time::Duration::from_secs(5)).await?;
+//! dead.wait_for(1, std::time::Duration::from_secs(5)).await?;
 //! let letter = dead.get("demo:ping:evt_1").await?.unwrap(); // {queue}:{kind}:{id}
 //! assert_eq!(letter.attempts, 1);
 //! assert!(dead.replay(&letter.key).await?);           // back into the queue
@@ -225,10 +225,10 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
     /// let dead = eventsink::queue::MemoryQueue::<serde_json::Value>::new("q").dead_letters();
-    /// assert_eq!(dead.wait_for_count(0, std::time::Duration::from_millis(10)).await?, 0);
+    /// assert_eq!(dead.wait_for(0, std::time::Duration::from_millis(10)).await?, 0);
     /// # Ok(()) }
     /// ```
-    pub async fn wait_for_count(&self, n: u64, timeout: Duration) -> Result<u64, crate::BoxError> {
+    pub async fn wait_for(&self, n: u64, timeout: Duration) -> Result<u64, crate::BoxError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let count = self.count().await?;

@@ -153,7 +153,7 @@ pub async fn permanent_failure_is_a_dead_letter_at_once(backends: &impl Backends
     let worker = spawn_worker(&sink, fast_schedule(5));
     let event = Event::new("test.permanent", json!({"x": 2}));
     sink.publish(event.clone()).await.expect("publish");
-    dead.wait_for_count(1, ARRIVAL_TIMEOUT)
+    dead.wait_for(1, ARRIVAL_TIMEOUT)
         .await
         .expect("a dead letter");
     let letter = dead
@@ -197,7 +197,7 @@ pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
     for event in &sent {
         sink.publish(event.clone()).await.expect("publish");
     }
-    dead.wait_for_count(3, ARRIVAL_TIMEOUT)
+    dead.wait_for(3, ARRIVAL_TIMEOUT)
         .await
         .expect("three dead letters");
     assert_eq!(recorder.calls(), 6, "two attempts each");
@@ -239,7 +239,7 @@ pub async fn dead_letters_list_show_replay_and_purge(backends: &impl Backends) {
     sink.publish(Event::new("test.dead", json!("last")))
         .await
         .expect("publish");
-    dead.wait_for_count(1, ARRIVAL_TIMEOUT).await.expect("dead");
+    dead.wait_for(1, ARRIVAL_TIMEOUT).await.expect("dead");
     worker.shutdown().await;
     assert_eq!(dead.purge().await.expect("purge"), 1);
     assert_eq!(dead.count().await.expect("count"), 0);
@@ -452,7 +452,7 @@ pub async fn replay_all_racing_fast_failures_loses_nothing(backends: &impl Backe
         .schedule(fast_schedule(3))
         .poll_interval(Duration::from_millis(10))
         .spawn();
-    dead.wait_for_count(N as u64, ARRIVAL_TIMEOUT)
+    dead.wait_for(N as u64, ARRIVAL_TIMEOUT)
         .await
         .expect("every event is a dead letter");
     let before = dead.list(0, N as u64 + 1).await.expect("list");
@@ -463,7 +463,7 @@ pub async fn replay_all_racing_fast_failures_loses_nothing(backends: &impl Backe
     assert_eq!(replayed, N as u64, "each dead letter is replayed once");
     calls.wait(2 * N).await;
     let count = dead
-        .wait_for_count(N as u64, ARRIVAL_TIMEOUT)
+        .wait_for(N as u64, ARRIVAL_TIMEOUT)
         .await
         .expect("every replayed event is a dead letter again");
     worker.shutdown().await;
@@ -498,7 +498,7 @@ pub async fn two_kinds_sharing_an_id_keep_two_dead_letters(backends: &impl Backe
     let b = Event::with_id("test.kind.b", "shared-id", json!("b"));
     sink.publish(a.clone()).await.expect("publish a");
     sink.publish(b.clone()).await.expect("publish b");
-    dead.wait_for_count(2, ARRIVAL_TIMEOUT)
+    dead.wait_for(2, ARRIVAL_TIMEOUT)
         .await
         .expect("one dead letter per kind");
     let letters = dead.list(0, 10).await.expect("list");
