@@ -30,6 +30,7 @@ use ipnet::IpNet;
 /// Which destination addresses a [`WebhookSink`](super::WebhookSink) may
 /// connect to. The default allows any address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
 pub struct EgressPolicy {
     public_only: bool,
     allow: Vec<IpNet>,
