@@ -234,6 +234,7 @@ impl Backoff {
 
     /// The longest [`delay_from_step`](Self::delay_from_step) can be:
     /// `step` at the top of its jitter, or the most a `Retry-After` can ask.
+    #[cfg(feature = "queue")]
     pub(crate) fn longest_from_step(&self, step: Duration) -> Duration {
         step.mul_f64(1.0 + self.jitter).max(self.most_asked(step))
     }

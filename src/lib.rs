@@ -88,6 +88,7 @@
 )]
 
 pub mod backoff;
+#[cfg(any(feature = "queue", feature = "verify"))]
 #[macro_use]
 mod macros;
 
