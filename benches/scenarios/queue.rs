@@ -4,6 +4,12 @@
 //! - `queue_publish_<backend>`: events/s of 64 concurrent publishers through
 //!   `ThroughTaskQueue` (group commit) against the same publishers each
 //!   calling apalis' `push` on a cloned storage;
+//! - `queue_publish_<backend>_c1` (and `queue_publish_sqlite_c8`): events/s
+//!   of one task (eight tasks) awaiting each publish, against one caller
+//!   writing the same rows as directly as the driver allows on one
+//!   connection: SQLite `BEGIN; INSERT; COMMIT` into apalis' `Jobs` table,
+//!   a Postgres autocommit `INSERT` into `apalis.jobs`, a Redis
+//!   `HSET`+`LPUSH` pipeline;
 //! - `queue_e2e_<backend>`: events/s from the first publish until the last
 //!   event reached the sink through the worker, against an apalis worker
 //!   with a no-op handler draining the same number of pushed jobs;
@@ -35,8 +41,8 @@ mod backends {
     use apalis_core::task::Task;
     use apalis_core::worker::builder::WorkerBuilder;
     use eventsink::queue::{
-        DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, PostgresQueue, RedisQueue, SqliteQueue,
-        ThroughTaskQueue,
+        DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, PostgresQueue, QueuedEvent, RedisQueue,
+        SQLITE_BUSY_TIMEOUT, SqliteQueue, ThroughTaskQueue,
     };
     use eventsink::{Event, NoopSink, SinkExt};
     use serde_json::json;
@@ -63,6 +69,22 @@ mod backends {
             Scenario {
                 name: "queue_publish_redis",
                 run: |o| publish(o, Kind::Redis),
+            },
+            Scenario {
+                name: "queue_publish_sqlite_c1",
+                run: |o| publish_few(o, Kind::Sqlite, 1),
+            },
+            Scenario {
+                name: "queue_publish_sqlite_c8",
+                run: |o| publish_few(o, Kind::Sqlite, 8),
+            },
+            Scenario {
+                name: "queue_publish_postgres_c1",
+                run: |o| publish_few(o, Kind::Postgres, 1),
+            },
+            Scenario {
+                name: "queue_publish_redis_c1",
+                run: |o| publish_few(o, Kind::Redis, 1),
             },
             Scenario {
                 name: "queue_e2e_sqlite",
@@ -325,6 +347,194 @@ mod backends {
         });
         round.cleanup().await;
         rate
+    }
+
+    // ------------------------------------------------- publish, few callers
+
+    /// Rounds of the few-callers publish scenarios.
+    const FEW_ROUNDS: usize = 5;
+    /// `max_attempts` of the floors' rows: apalis' default, which our queue
+    /// stores too.
+    const APALIS_MAX_ATTEMPTS: i32 = 25;
+
+    /// apalis' `Jobs` row as our SQLite queue inserts it (same columns and
+    /// values), one per transaction, in one call to sqlx's connection thread.
+    const SQLITE_FLOOR: &str = "BEGIN; \
+        INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, \
+        priority, metadata, idempotency_key) VALUES (?, ?, ?, 'Pending', 0, ?, ?, 0, '{}', ?) \
+        ON CONFLICT (job_type, idempotency_key) DO NOTHING; \
+        COMMIT;";
+
+    /// apalis-postgres' row (its `queries/task/sink.sql`), one event per
+    /// statement.
+    const POSTGRES_FLOOR: &str = "INSERT INTO apalis.jobs (id, job_type, job, status, \
+        attempts, max_attempts, run_at, priority, metadata, idempotency_key) \
+        VALUES ($1, $2, $3, 'Pending', 0, $4, to_timestamp($5::bigint), 0, $6, $7)";
+
+    /// `callers` tasks each awaiting its publishes, against the floor of one
+    /// caller on one connection.
+    fn publish_few(options: &Options, kind: Kind, callers: usize) {
+        let scenario = format!("queue_publish_{}_c{callers}", kind.label());
+        let Some(location) = kind.location(&scenario) else {
+            return;
+        };
+        let events = match kind {
+            Kind::Postgres => options.size(500, 3_000),
+            Kind::Sqlite | Kind::Redis => options.size(1_000, 5_000),
+        };
+        let rt = runtime();
+        let m = paired_rounds(
+            FEW_ROUNDS,
+            || {
+                let ours = publish_few_ours(kind, location.clone(), callers, events);
+                rt.block_on(rt.spawn(ours)).expect("publishers")
+            },
+            || {
+                rt.block_on(rt.spawn(floor(kind, location.clone(), events)))
+                    .expect("floor")
+            },
+        );
+        let baseline = match kind {
+            Kind::Sqlite => "one caller, BEGIN+INSERT+COMMIT into apalis' Jobs, one connection",
+            Kind::Postgres => "one caller, autocommit INSERT into apalis.jobs, one connection",
+            Kind::Redis => "one caller, HSET+LPUSH pipeline, one connection",
+        };
+        report(&scenario, m.ours, m.baseline, m.ratio, "events/s", baseline);
+    }
+
+    async fn publish_few_ours(kind: Kind, location: String, callers: usize, events: usize) -> f64 {
+        let round = Round::new(kind, &location, "few");
+        let per_caller = events / callers;
+        let rate = with_queue!(round, |queue| {
+            let sink = ThroughTaskQueue::new(queue).layer(NoopSink::new());
+            let started = tokio::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for c in 0..callers {
+                let mut sink = sink.clone();
+                tasks.spawn(async move {
+                    for n in 0..per_caller {
+                        sink.publish(event(c * per_caller + n))
+                            .await
+                            .expect("publish");
+                    }
+                });
+            }
+            tasks.join_all().await;
+            per_second(callers * per_caller, started.elapsed())
+        });
+        round.cleanup().await;
+        rate
+    }
+
+    /// Events/s of one caller writing `events` rows of our queue's shape
+    /// straight through the driver, on one connection.
+    async fn floor(kind: Kind, location: String, events: usize) -> f64 {
+        let round = Round::new(kind, &location, "floor");
+        // Our queue creates the schema (apalis' migrations, indexes and, on
+        // SQLite, the planner statistics); the floor then writes to it
+        // without our queue.
+        with_queue!(round, |queue| drop(queue));
+        let rate = match kind {
+            Kind::Sqlite => sqlite_floor(&round, events).await,
+            Kind::Postgres => postgres_floor(&round, events).await,
+            Kind::Redis => redis_floor(&round, events).await,
+        };
+        round.cleanup().await;
+        rate
+    }
+
+    /// A job of the round's queue as our queue stores it: its JSON, its
+    /// idempotency key.
+    fn job(round: &Round, n: usize) -> (Vec<u8>, String) {
+        let job = QueuedEvent::new(&round.queue, event(n));
+        let data = serde_json::to_vec(&job).expect("job JSON");
+        (data, job.idempotency_key())
+    }
+
+    fn now_second() -> i64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        i64::try_from(now.expect("clock after 1970").as_secs()).expect("seconds fit i64")
+    }
+
+    async fn sqlite_floor(round: &Round, events: usize) -> f64 {
+        use sqlx::ConnectOptions;
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+        let mut conn = SqliteConnectOptions::new()
+            .filename(round.sqlite_path())
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            .connect()
+            .await
+            .expect("sqlite connection");
+        let started = tokio::time::Instant::now();
+        for n in 0..events {
+            let (data, key) = job(round, n);
+            sqlx::query(SQLITE_FLOOR)
+                .bind(data)
+                .bind(ulid::Ulid::generate().to_string())
+                .bind(&round.queue)
+                .bind(APALIS_MAX_ATTEMPTS)
+                .bind(now_second())
+                .bind(key)
+                .execute(&mut conn)
+                .await
+                .expect("insert");
+        }
+        let rate = per_second(events, started.elapsed());
+        sqlx::Connection::close(conn).await.expect("close");
+        rate
+    }
+
+    async fn postgres_floor(round: &Round, events: usize) -> f64 {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&round.location)
+            .await
+            .expect("postgres connection");
+        let started = tokio::time::Instant::now();
+        for n in 0..events {
+            let (data, key) = job(round, n);
+            sqlx::query(POSTGRES_FLOOR)
+                .bind(ulid::Ulid::generate().to_string())
+                .bind(&round.queue)
+                .bind(data)
+                .bind(APALIS_MAX_ATTEMPTS)
+                .bind(now_second())
+                .bind(sqlx::postgres::types::PgHstore::default())
+                .bind(key)
+                .execute(&mut conn)
+                .await
+                .expect("insert");
+        }
+        let rate = per_second(events, started.elapsed());
+        sqlx::Connection::close(conn).await.expect("close");
+        rate
+    }
+
+    async fn redis_floor(round: &Round, events: usize) -> f64 {
+        let mut conn = redis::Client::open(round.location.as_str())
+            .expect("redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection");
+        // Under the round's queue name, so that its cleanup deletes them.
+        let (data_key, list_key) = (
+            format!("{}:floor:data", round.queue),
+            format!("{}:floor:active", round.queue),
+        );
+        let started = tokio::time::Instant::now();
+        for n in 0..events {
+            let (data, _) = job(round, n);
+            let id = uuid::Uuid::now_v7().to_string();
+            redis::pipe()
+                .hset(&data_key, &id, data)
+                .ignore()
+                .lpush(&list_key, &id)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("HSET+LPUSH");
+        }
+        per_second(events, started.elapsed())
     }
 
     // ---------------------------------------------------------------- e2e
