@@ -380,7 +380,7 @@ mod backends {
         };
         let events = match kind {
             Kind::Postgres => options.size(500, 3_000),
-            Kind::Sqlite | Kind::Redis => options.size(1_000, 5_000),
+            Kind::Sqlite | Kind::Redis => options.size(2_000, 8_000),
         };
         let rt = runtime();
         let m = paired_rounds(
@@ -482,6 +482,12 @@ mod backends {
                 .expect("insert");
         }
         let rate = per_second(events, started.elapsed());
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE job_type = ?")
+            .bind(&round.queue)
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(usize::try_from(stored), Ok(events), "the floor's rows");
         sqlx::Connection::close(conn).await.expect("close");
         rate
     }
@@ -506,6 +512,13 @@ mod backends {
                 .expect("insert");
         }
         let rate = per_second(events, started.elapsed());
+        let stored: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1")
+                .bind(&round.queue)
+                .fetch_one(&mut conn)
+                .await
+                .expect("count");
+        assert_eq!(usize::try_from(stored), Ok(events), "the floor's rows");
         sqlx::Connection::close(conn).await.expect("close");
         rate
     }
@@ -534,7 +547,14 @@ mod backends {
                 .await
                 .expect("HSET+LPUSH");
         }
-        per_second(events, started.elapsed())
+        let rate = per_second(events, started.elapsed());
+        let stored: usize = redis::cmd("HLEN")
+            .arg(&data_key)
+            .query_async(&mut conn)
+            .await
+            .expect("HLEN");
+        assert_eq!(stored, events, "the floor's jobs");
+        rate
     }
 
     // ---------------------------------------------------------------- e2e
