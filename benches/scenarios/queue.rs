@@ -290,7 +290,14 @@ mod backends {
         let rt = runtime();
         let m = paired_rounds(
             3,
-            || rt.block_on(publish_ours(kind, &location, per_publisher)),
+            || {
+                rt.block_on(publish_ours(
+                    kind,
+                    location.clone(),
+                    PUBLISHERS,
+                    per_publisher,
+                ))
+            },
             || rt.block_on(publish_raw(kind, &location, per_publisher)),
         );
         report(
@@ -303,13 +310,20 @@ mod backends {
         );
     }
 
-    async fn publish_ours(kind: Kind, location: &str, per_publisher: usize) -> f64 {
-        let round = Round::new(kind, location, "publish");
+    /// Events/s of `publishers` tasks each awaiting `per_publisher`
+    /// publishes through our queue.
+    async fn publish_ours(
+        kind: Kind,
+        location: String,
+        publishers: usize,
+        per_publisher: usize,
+    ) -> f64 {
+        let round = Round::new(kind, &location, "publish");
         let rate = with_queue!(round, |queue| {
             let sink = ThroughTaskQueue::new(queue).layer(NoopSink::new());
             let started = tokio::time::Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
-            for p in 0..PUBLISHERS {
+            for p in 0..publishers {
                 let mut sink = sink.clone();
                 tasks.spawn(async move {
                     for n in 0..per_publisher {
@@ -320,7 +334,7 @@ mod backends {
                 });
             }
             tasks.join_all().await;
-            per_second(PUBLISHERS * per_publisher, started.elapsed())
+            per_second(publishers * per_publisher, started.elapsed())
         });
         round.cleanup().await;
         rate
@@ -386,7 +400,7 @@ mod backends {
         let m = paired_rounds(
             FEW_ROUNDS,
             || {
-                let ours = publish_few_ours(kind, location.clone(), callers, events);
+                let ours = publish_ours(kind, location.clone(), callers, events / callers);
                 rt.block_on(rt.spawn(ours)).expect("publishers")
             },
             || {
@@ -400,30 +414,6 @@ mod backends {
             Kind::Redis => "one caller, HSET+LPUSH pipeline, one connection",
         };
         report(&scenario, m.ours, m.baseline, m.ratio, "events/s", baseline);
-    }
-
-    async fn publish_few_ours(kind: Kind, location: String, callers: usize, events: usize) -> f64 {
-        let round = Round::new(kind, &location, "few");
-        let per_caller = events / callers;
-        let rate = with_queue!(round, |queue| {
-            let sink = ThroughTaskQueue::new(queue).layer(NoopSink::new());
-            let started = tokio::time::Instant::now();
-            let mut tasks = tokio::task::JoinSet::new();
-            for c in 0..callers {
-                let mut sink = sink.clone();
-                tasks.spawn(async move {
-                    for n in 0..per_caller {
-                        sink.publish(event(c * per_caller + n))
-                            .await
-                            .expect("publish");
-                    }
-                });
-            }
-            tasks.join_all().await;
-            per_second(callers * per_caller, started.elapsed())
-        });
-        round.cleanup().await;
-        rate
     }
 
     /// Events/s of one caller writing `events` rows of our queue's shape
