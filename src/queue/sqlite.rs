@@ -109,7 +109,11 @@ const ROWS_PER_INSERT: usize = 64;
 
 /// Stores jobs in apalis-sqlite 1.0's `Jobs` table as its own push does
 /// (same columns and values; a duplicate idempotency key is skipped), but
-/// [`ROWS_PER_INSERT`] rows per statement, all in one transaction.
+/// [`ROWS_PER_INSERT`] rows per statement, all in one transaction. A batch
+/// that fits one statement is that statement alone: SQLite makes every
+/// statement atomic and durable by itself, and `BEGIN` and `COMMIT` would
+/// be two more round trips to sqlx's connection thread (most of a lone
+/// publish's time).
 async fn insert_jobs<P: Serialize>(
     pool: &SqlitePool,
     queue: &Arc<str>,
@@ -117,41 +121,53 @@ async fn insert_jobs<P: Serialize>(
 ) -> Result<(), QueueError> {
     let fail = |e: sqlx::Error| QueueError::backend(queue, "pushing jobs", e);
     let now = current_second();
+    if jobs.len() <= ROWS_PER_INSERT {
+        let mut insert = insert_statement(queue, jobs, now)?;
+        insert.build().execute(pool).await.map_err(fail)?;
+        return Ok(());
+    }
     let mut tx = pool.begin().await.map_err(fail)?;
     for chunk in jobs.chunks(ROWS_PER_INSERT) {
-        let mut insert = sqlx::QueryBuilder::new(
-            "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, \
-             priority, metadata, idempotency_key) ",
-        );
-        let mut rows = Vec::with_capacity(chunk.len());
-        for (job, delay) in chunk {
-            let data = encode_job(queue, job)?;
-            let due = if delay.is_zero() {
-                now
-            } else {
-                due_second(*delay)
-            };
-            rows.push((data, job.idempotency_key(), due));
-        }
-        insert.push_values(rows, |mut row, (data, key, due)| {
-            row.push_bind(data)
-                .push_bind(ulid::Ulid::generate().to_string())
-                .push_bind(&**queue)
-                .push("'Pending', 0")
-                .push_bind(i64::from(APALIS_MAX_ATTEMPTS))
-                .push_bind(i64::try_from(due).unwrap_or(i64::MAX))
-                .push("0, '{}'")
-                .push_bind(key);
-        });
-        insert.push(" ON CONFLICT (job_type, idempotency_key) DO NOTHING");
-        insert
-            .build()
-            .persistent(chunk.len() == ROWS_PER_INSERT)
-            .execute(&mut *tx)
-            .await
-            .map_err(fail)?;
+        let mut insert = insert_statement(queue, chunk, now)?;
+        insert.build().execute(&mut *tx).await.map_err(fail)?;
     }
     tx.commit().await.map_err(fail)
+}
+
+/// One `INSERT` of `jobs` (at most [`ROWS_PER_INSERT`]), due from `now`.
+/// sqlx keeps it prepared on each connection: one statement per row count,
+/// at most 64, within sqlx's default cache of 100 statements.
+fn insert_statement<P: Serialize>(
+    queue: &Arc<str>,
+    jobs: &[(QueuedEvent<P>, Duration)],
+    now: u64,
+) -> Result<sqlx::QueryBuilder<sqlx::Sqlite>, QueueError> {
+    let mut insert = sqlx::QueryBuilder::new(
+        "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, \
+         priority, metadata, idempotency_key) ",
+    );
+    let mut rows = Vec::with_capacity(jobs.len());
+    for (job, delay) in jobs {
+        let data = encode_job(queue, job)?;
+        let due = if delay.is_zero() {
+            now
+        } else {
+            due_second(*delay)
+        };
+        rows.push((data, job.idempotency_key(), due));
+    }
+    insert.push_values(rows, |mut row, (data, key, due)| {
+        row.push_bind(data)
+            .push_bind(ulid::Ulid::generate().to_string())
+            .push_bind(queue.to_string())
+            .push("'Pending', 0")
+            .push_bind(i64::from(APALIS_MAX_ATTEMPTS))
+            .push_bind(i64::try_from(due).unwrap_or(i64::MAX))
+            .push("0, '{}'")
+            .push_bind(key);
+    });
+    insert.push(" ON CONFLICT (job_type, idempotency_key) DO NOTHING");
+    Ok(insert)
 }
 
 /// A queue in its own SQLite file (the embedded default; feature `sqlite`).
