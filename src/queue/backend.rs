@@ -472,7 +472,7 @@ pub(crate) fn due_second(delay: Duration) -> u64 {
     due.as_secs() + u64::from(due.subsec_nanos() > 0)
 }
 
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 /// The current whole Unix second, rounded down: a job stored due at it is
 /// due now.
 pub(crate) fn current_second() -> u64 {
@@ -485,12 +485,12 @@ fn since_epoch() -> Duration {
         .unwrap_or_default()
 }
 
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 /// The `max_attempts` stored with each job when we write jobs ourselves:
 /// apalis' default. Our worker counts attempts itself.
 pub(crate) const APALIS_MAX_ATTEMPTS: u32 = 25;
 
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 /// A job as the JSON bytes apalis' `JsonCodec` stores; a payload that
 /// cannot be encoded is [`QueueError::Encode`].
 pub(crate) fn encode_job<P: serde::Serialize>(
