@@ -152,11 +152,14 @@
 //! migrated fails with [`QueueError::NewerSchema`].
 //!
 //! Jobs are stored in apalis' own tables and keys, so apalis' workers and
-//! tools see them, but two backends write them without apalis' push, which
-//! was the cost that limited publishing: SQLite inserts 64 rows per
-//! statement (apalis one), and Redis runs one script per batch that uses the
-//! job id, derived from the idempotency key, as the duplicate check (apalis'
-//! script keeps a separate expiring key per job). At open, the SQLite
+//! tools see them, but the durable backends write them without apalis'
+//! push, which was the cost that limited publishing: SQLite inserts 64 rows
+//! per statement (apalis one), and a batch that fits one statement is that
+//! statement alone, without `BEGIN`/`COMMIT`; Postgres runs apalis' own
+//! insert statement alone (apalis wraps it in a transaction: two more round
+//! trips); Redis runs one script per batch that uses the job id, derived
+//! from the idempotency key, as the duplicate check (apalis' script keeps a
+//! separate expiring key per job). At open, the SQLite
 //! backend also writes planner statistics for apalis' `Jobs` table; without
 //! them a backlog drains in quadratic time.
 
