@@ -319,8 +319,13 @@ impl SqliteQueueBuilder {
             .await
             .map_err(fail("writing planner statistics"))?;
         setup.close().await;
+        // No ping before each use of a pooled connection: a connection to a
+        // local file does not go stale as a network one does (a failing
+        // statement still fails its publish), and the ping was one more
+        // round trip to sqlx's connection thread on every publish.
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(fail("opening the SQLite file"))?;
