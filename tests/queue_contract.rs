@@ -298,13 +298,7 @@ mod sqlite {
                 .fetch_all(pool)
                 .await
                 .unwrap();
-        rows.into_iter()
-            .map(|(id, job)| {
-                let job: QueuedEvent<Value> =
-                    serde_json::from_slice(&job).expect("a job is a QueuedEvent");
-                (job.event.id.to_string(), (id, job))
-            })
-            .collect()
+        super::by_event_id(rows)
     }
 
     fn exceptions() -> Vec<Exception<String>> {
@@ -493,13 +487,7 @@ mod postgres {
         .fetch_all(pool)
         .await
         .unwrap();
-        rows.into_iter()
-            .map(|(id, job)| {
-                let job: QueuedEvent<Value> =
-                    serde_json::from_slice(&job).expect("a job is a QueuedEvent");
-                (job.event.id.to_string(), (id, job))
-            })
-            .collect()
+        super::by_event_id(rows)
     }
 
     fn exceptions() -> Vec<Exception<Value>> {
@@ -966,4 +954,15 @@ mod redis_backend {
             );
         }
     }
+}
+
+/// Stored jobs `(row id, job bytes)`, decoded and keyed by event id.
+fn by_event_id(rows: Vec<(String, Vec<u8>)>) -> BTreeMap<String, (String, QueuedEvent<Value>)> {
+    rows.into_iter()
+        .map(|(id, job)| {
+            let job: QueuedEvent<Value> =
+                serde_json::from_slice(&job).expect("a job is a QueuedEvent");
+            (job.event.id.to_string(), (id, job))
+        })
+        .collect()
 }
