@@ -119,6 +119,9 @@ type Events = BoxSink<Signup>;
 struct Stats {
     /// Signups whose publish returned `Ok`: stored in the queue.
     published: AtomicU64,
+    /// Delivery attempts the receiver acknowledged (2xx): each ends the
+    /// delivery of its event.
+    acknowledged: AtomicU64,
     /// Delivery attempts that failed; the queue retries each (or buries it).
     failed_attempts: AtomicU64,
     /// Receiver answers 2xx: first deliveries and duplicates.
@@ -200,15 +203,19 @@ async fn run<B: QueueBackend<Signup>>(backend: B, args: &Args) -> Result<Summary
 
     let queue = ThroughTaskQueue::new(backend.clone());
     let events: Events = queue.layer(webhook.clone()).boxed_sink();
-    let failures = Arc::clone(&stats);
-    let counting_failures = ServiceBuilder::new()
-        .map_err(move |e: eventsink::Error| {
-            failures.failed_attempts.fetch_add(1, Relaxed);
-            e
+    let attempts = Arc::clone(&stats);
+    let counting_attempts = ServiceBuilder::new()
+        .map_result(move |result: Result<(), eventsink::Error>| {
+            let counter = match result {
+                Ok(()) => &attempts.acknowledged,
+                Err(_) => &attempts.failed_attempts,
+            };
+            counter.fetch_add(1, Relaxed);
+            result
         })
         .service(webhook);
     let worker = queue
-        .worker(counting_failures)
+        .worker(counting_attempts)
         .schedule(demo_schedule())
         .spawn();
     let app = Server::start(application(events, &stats)).await?;
@@ -381,8 +388,8 @@ async fn send_signups(url: String, count: u64) {
     senders.join_all().await;
 }
 
-/// Shows progress until every published event was delivered or buried (or
-/// nothing moved for [`PATIENCE`]); the counts then.
+/// Shows progress until the queue has finished with every published event,
+/// acknowledged or buried (or nothing moved for [`PATIENCE`]); the counts then.
 async fn watch_progress<B: QueueBackend<Signup>>(
     stats: &Stats,
     dead_letters: &DeadLetters<B, Signup>,
@@ -396,7 +403,7 @@ async fn watch_progress<B: QueueBackend<Signup>>(
         tick.tick().await;
         let now = Counts::take(stats, dead_letters.count().await?);
         progress.show(&now);
-        let settled = now.delivered + now.dead >= now.published;
+        let settled = now.acknowledged + now.dead >= now.published;
         if signups.is_finished() && settled || last_change.0.elapsed() > PATIENCE {
             progress.bar.finish_and_clear();
             return Ok(now);
@@ -412,6 +419,7 @@ async fn watch_progress<B: QueueBackend<Signup>>(
 struct Counts {
     published: u64,
     delivered: u64,
+    acknowledged: u64,
     duplicates: u64,
     retried: u64,
     dead: u64,
@@ -423,6 +431,7 @@ impl Counts {
         Counts {
             published: stats.published.load(Relaxed),
             delivered,
+            acknowledged: stats.acknowledged.load(Relaxed),
             duplicates: stats.answered_ok.load(Relaxed).saturating_sub(delivered),
             retried: stats.failed_attempts.load(Relaxed),
             dead,
