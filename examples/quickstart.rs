@@ -124,7 +124,8 @@ struct Stats {
     acknowledged: AtomicU64,
     /// Delivery attempts that failed; the queue retries each (or buries it).
     failed_attempts: AtomicU64,
-    /// Receiver answers 2xx: first deliveries and duplicates.
+    /// Receiver answers 2xx (some lost on the way with `--flaky`): first
+    /// deliveries and duplicates.
     answered_ok: AtomicU64,
     /// Event ids the receiver's handler ran for.
     ids: Mutex<HashSet<Arc<str>>>,
@@ -158,20 +159,14 @@ async fn open_and_run(args: &Args) -> Result<Summary, BoxError> {
     #[cfg(feature = "postgres")]
     if let Some(url) = &args.postgres {
         println!("queue {queue} on Postgres"); // not the URL: it may hold a password
-        return run(
-            eventsink::queue::PostgresQueue::connect(url, &queue).await?,
-            args,
-        )
-        .await;
+        let backend = eventsink::queue::PostgresQueue::connect(url, &queue).await?;
+        return run(backend, args).await;
     }
     #[cfg(feature = "redis")]
     if let Some(url) = &args.redis {
         println!("queue {queue} on Redis");
-        return run(
-            eventsink::queue::RedisQueue::connect(url, &queue).await?,
-            args,
-        )
-        .await;
+        let backend = eventsink::queue::RedisQueue::connect(url, &queue).await?;
+        return run(backend, args).await;
     }
     // Still here with a URL: its backend's feature is not compiled in.
     for (flag, wanted) in [("postgres", &args.postgres), ("redis", &args.redis)] {
@@ -196,13 +191,14 @@ async fn open_and_run(args: &Args) -> Result<Summary, BoxError> {
 async fn run<B: QueueBackend<Signup>>(backend: B, args: &Args) -> Result<Summary, BoxError> {
     let stats = Arc::new(Stats::default());
     let secret = Secret::generate()?;
-    let receiver = Server::start(receiver(secret.clone(), &stats, args.flaky)).await?;
+    let receiver = Server::start(receiver_app(secret.clone(), &stats, args.flaky)).await?;
     let webhook = WebhookSink::builder(format!("{}/hooks", receiver.url))
         .secret(secret)
         .build()?;
 
     let queue = ThroughTaskQueue::new(backend.clone());
     let events: Events = queue.layer(webhook.clone()).boxed_sink();
+    // The worker's sink: the webhook, counting each attempt's outcome.
     let attempts = Arc::clone(&stats);
     let counting_attempts = ServiceBuilder::new()
         .map_result(move |result: Result<(), eventsink::Error>| {
@@ -218,7 +214,7 @@ async fn run<B: QueueBackend<Signup>>(backend: B, args: &Args) -> Result<Summary
         .worker(counting_attempts)
         .schedule(demo_schedule())
         .spawn();
-    let app = Server::start(application(events, &stats)).await?;
+    let app = Server::start(signup_app(events, &stats)).await?;
 
     let started = Instant::now();
     let signups = tokio::spawn(send_signups(format!("{}/signup", app.url), args.events));
@@ -265,7 +261,7 @@ struct AppState {
     stats: Arc<Stats>,
 }
 
-fn application(events: Events, stats: &Arc<Stats>) -> Router {
+fn signup_app(events: Events, stats: &Arc<Stats>) -> Router {
     let state = AppState {
         events,
         stats: Arc::clone(stats),
@@ -295,7 +291,7 @@ async fn signup(
 
 /// The receiver: verification and replay guard in front of the handler,
 /// counting answers outside them, and `--flaky`'s bad network outermost.
-fn receiver(secret: Secret, stats: &Arc<Stats>, flaky: bool) -> Router {
+fn receiver_app(secret: Secret, stats: &Arc<Stats>, flaky: bool) -> Router {
     let verify = VerifyConfig::new(secret).replay_guard(MemoryReplayGuard::new());
     let app = Router::new()
         .route("/hooks", post(receive))
