@@ -148,6 +148,11 @@ async fn main() -> ExitCode {
         Ok(summary) => summary.verdict(),
         Err(e) => {
             eprintln!("quickstart failed: {e}");
+            let mut cause = e.source();
+            while let Some(source) = cause {
+                eprintln!("  caused by: {source}");
+                cause = source.source();
+            }
             ExitCode::FAILURE
         }
     }
@@ -497,15 +502,20 @@ impl Summary {
         let c = &self.counts;
         let unpublished = self.requested.saturating_sub(c.published);
         let undelivered = c.published.saturating_sub(c.delivered);
-        if unpublished + undelivered + c.dead == 0 {
+        let problems: Vec<String> = [
+            (unpublished, "signups not published (see the errors above)"),
+            (undelivered, "published events never reached the receiver"),
+            (c.dead, "events ended as dead letters"),
+        ]
+        .into_iter()
+        .filter(|(count, _)| *count > 0)
+        .map(|(count, what)| format!("{count} {what}"))
+        .collect();
+        if problems.is_empty() {
             println!("ok: every event arrived, once at the handler");
             return ExitCode::SUCCESS;
         }
-        eprintln!(
-            "FAILED: {unpublished} signups not published (errors above), {undelivered} published \
-             events never reached the receiver, {} dead letters",
-            c.dead
-        );
+        eprintln!("FAILED: {}", problems.join("; "));
         ExitCode::FAILURE
     }
 }
