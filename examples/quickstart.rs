@@ -325,6 +325,8 @@ async fn receive(State(stats): State<Arc<Stats>>, body: Bytes) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// Counts the 2xx answers of the verified app: the handler's, and the
+/// replay guard's `200 already handled` to duplicates.
 async fn count_answers(State(stats): State<Arc<Stats>>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     if response.status().is_success() {
