@@ -3,8 +3,8 @@
 //! receiver verifies and deduplicates them.
 //!
 //! ```text
-//! cargo run --example quickstart                           # 1,000 signups, SQLite in a temp dir
-//! cargo run --example quickstart -- --flaky                # the receiver fails for a while: retries
+//! cargo run --example quickstart                           # 1,000 signups, SQLite in a temp dir, a flaky receiver
+//! cargo run --example quickstart -- --steady               # a receiver that never fails
 //! cargo run --example quickstart -- --events 10 --serve    # then try it yourself with curl
 //! cargo run --example quickstart --features postgres -- --postgres postgres://localhost/test
 //! cargo run --example quickstart --features redis -- --redis redis://127.0.0.1:6379/
@@ -19,8 +19,9 @@
 //! handled` without running the handler twice. The run shows progress, prints
 //! a summary, and exits 0 only if every event arrived and none is a dead letter.
 //!
-//! Flags: `--events N` (1,000), `--flaky` (for a few seconds: 503s, one 429
-//! with `Retry-After`, answers lost after the handler ran), `--postgres URL`
+//! Flags: `--events N` (1,000), `--flaky` (the default: for a few seconds,
+//! 503s, one 429 with `Retry-After`, answers lost after the handler ran),
+//! `--steady` (a receiver that never fails), `--postgres URL`
 //! or `--redis URL` (another backend, with that feature), `--serve` (keep
 //! both apps running until Ctrl-C), `--help`.
 
@@ -77,7 +78,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 #[derive(Debug, Parser)]
 #[command(after_help = "\
 Examples:
-  cargo run --example quickstart -- --flaky
+  cargo run --example quickstart -- --steady
   cargo run --example quickstart -- --events 10 --serve
   cargo run --example quickstart --features postgres -- --postgres postgres://localhost/test
   cargo run --example quickstart --features redis -- --redis redis://127.0.0.1:6379/")]
@@ -88,8 +89,12 @@ struct Args {
     /// Make delivery fail for the receiver's first 3 s: ~20 % answered 503, one
     /// 429 with Retry-After, ~10 % handled but their answer lost (their retries are
     /// duplicates, answered by the replay guard). The queue retries them all.
+    /// This is the default; the flag only says so.
     #[arg(long)]
     flaky: bool,
+    /// A receiver that never fails (no retries, no duplicates).
+    #[arg(long, conflicts_with = "flaky")]
+    steady: bool,
     /// Queue on this Postgres database instead of SQLite (needs the `postgres` feature).
     #[arg(long, value_name = "URL", conflicts_with = "redis")]
     postgres: Option<String>,
@@ -196,7 +201,12 @@ async fn open_and_run(args: &Args) -> Result<Summary, BoxError> {
 async fn run<B: QueueBackend<Signup>>(backend: B, args: &Args) -> Result<Summary, BoxError> {
     let stats = Arc::new(Stats::default());
     let secret = Secret::generate()?;
-    let receiver = Server::start(receiver_app(secret.clone(), &stats, args.flaky)).await?;
+    let receiver = Server::start(receiver_app(
+        secret.clone(),
+        &stats,
+        args.flaky || !args.steady,
+    ))
+    .await?;
     let webhook = WebhookSink::builder(format!("{}/hooks", receiver.url))
         .secret(secret)
         .build()?;
