@@ -1,13 +1,15 @@
 //! A stand-alone publisher process: an axum app that stores each event it
 //! is sent in a shared queue, for `worker` processes to deliver.
 //!
-//! - `POST /events/{kind}` with a JSON body publishes `Event::new(kind,
-//!   body)` through `ThroughTaskQueue` and answers `202 Accepted` with
-//!   `{"id": "..."}` once the backend has stored it (so the event will be
-//!   delivered at least once); `503` with the error when the backend is
-//!   down or slow (send it again: publishing is idempotent only with the
-//!   same id, so a retried request may store a second event), `422` when
-//!   the event cannot be stored.
+//! - `POST /events/{kind}` with a JSON body publishes an event of `kind`
+//!   with the body as its payload through `ThroughTaskQueue`, and answers
+//!   `202 Accepted` with `{"id": "..."}` once the backend has stored it
+//!   (it will be delivered at least once). The id is the request's
+//!   `Idempotency-Key` header, or a new UUID v7 without one. `503` with the
+//!   error means the backend is down or slow, and the event may or may not
+//!   be stored: send the request again with the same `Idempotency-Key`
+//!   (without one, a retry is a second event). `422` means the event cannot
+//!   be stored (an id or kind the wire format refuses).
 //! - `GET /healthz` answers `200 ok`.
 //!
 //! It runs no worker: start `worker` processes on the same queue (see
@@ -35,7 +37,7 @@ use std::process::ExitCode;
 
 use axum::Router;
 use axum::extract::{Json, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
@@ -117,20 +119,29 @@ fn publisher<B: QueueBackend<Value>>(queue: B) -> BoxSink {
 async fn publish(
     State(mut sink): State<BoxSink>,
     Path(kind): Path<String>,
+    headers: HeaderMap,
     Json(payload): Json<Value>,
 ) -> Response {
-    let event = Event::new(kind, payload);
+    let event = match headers.get("idempotency-key").map(HeaderValue::to_str) {
+        None => Event::new(kind, payload),
+        Some(Ok(key)) => Event::with_id(kind, key, payload),
+        Some(Err(_)) => {
+            let error = "the Idempotency-Key header must be visible ASCII; use a UUID";
+            return (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response();
+        }
+    };
     let id = event.id.clone();
     match sink.publish(event).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
         Err(e) => {
-            tracing::warn!(event = %id, error = %e, "publish failed");
+            let error = shared::chain(&*e);
+            tracing::warn!(event = %id, %error, "publish failed");
             let status = if e.is_retryable() {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::UNPROCESSABLE_ENTITY
             };
-            (status, Json(json!({ "error": e.to_string() }))).into_response()
+            (status, Json(json!({ "error": error }))).into_response()
         }
     }
 }

@@ -8,11 +8,12 @@
 //! `ThroughTaskQueue` onto the same queue name.
 //!
 //! Two workers and a publisher by hand, with the `receiver` example as the
-//! destination (each command in its own terminal, with the same two
-//! variables exported in each):
+//! destination. Make a secret once (`echo whsec_$(openssl rand -base64
+//! 32)`), then run each command in its own terminal, after the two
+//! `export`s:
 //!
 //! ```text
-//! export WEBHOOK_SECRET=whsec_$(openssl rand -base64 32)    # once; share it
+//! export WEBHOOK_SECRET=whsec_...    # the same secret in every terminal
 //! export QUEUE_POSTGRES_URL=postgres://postgres@127.0.0.1/test
 //! EVENTSINK_WEBHOOK_SECRET=$WEBHOOK_SECRET cargo run --example receiver --features axum
 //! cargo run --example worker --features postgres,redis -- --url http://127.0.0.1:3000/webhooks

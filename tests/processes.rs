@@ -180,7 +180,9 @@ async fn run(backend: &[&str], name: &str, workers: &[&str]) -> Report {
 }
 
 /// POSTs [`EVENTS`] events to `url` from [`CLIENTS`] tasks; the ids the
-/// publisher answered with.
+/// publisher answered with. Every tenth event carries an `Idempotency-Key`
+/// and is POSTed twice, as a client whose first answer was lost would: the
+/// second answer has the same id, and stores nothing new.
 async fn post_events(url: &str) -> HashSet<String> {
     let client = reqwest::Client::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -189,18 +191,13 @@ async fn post_events(url: &str) -> HashSet<String> {
         tasks.spawn(async move {
             let mut ids = Vec::new();
             for n in (task..EVENTS).step_by(CLIENTS) {
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(json!({ "n": n }).to_string())
-                    .send()
-                    .await
-                    .expect("POST to the publisher");
-                let status = response.status();
-                let body = response.bytes().await.expect("the publisher's answer");
-                assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
-                let answer: Value = serde_json::from_slice(&body).expect("JSON answer");
-                ids.push(answer["id"].as_str().expect("an id").to_owned());
+                let key = (n % 10 == 0).then(|| format!("evt-{n}"));
+                let id = post_event(&client, &url, n, key.as_deref()).await;
+                if let Some(key) = key {
+                    assert_eq!(id, key);
+                    assert_eq!(post_event(&client, &url, n, Some(&key)).await, key);
+                }
+                ids.push(id);
             }
             ids
         });
@@ -208,6 +205,23 @@ async fn post_events(url: &str) -> HashSet<String> {
     let ids: HashSet<String> = tasks.join_all().await.into_iter().flatten().collect();
     assert_eq!(ids.len(), EVENTS, "one distinct id per event");
     ids
+}
+
+/// POSTs the event `{"n": n}`; the id in the `202` answer.
+async fn post_event(client: &reqwest::Client, url: &str, n: usize, key: Option<&str>) -> String {
+    let mut request = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(json!({ "n": n }).to_string());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.expect("POST to the publisher");
+    let status = response.status();
+    let body = response.bytes().await.expect("the publisher's answer");
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let answer: Value = serde_json::from_slice(&body).expect("JSON answer");
+    answer["id"].as_str().expect("an id").to_owned()
 }
 
 /// Variables cargo sets for a test besides `CARGO_PKG_*`, which describe

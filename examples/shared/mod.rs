@@ -3,6 +3,7 @@
 //! shutdown signals and logging.
 
 use std::future::Future;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -109,7 +110,7 @@ where
 
 /// `error: its sources` for a log line: a queue error's message says what
 /// failed, its source why.
-fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -146,10 +147,12 @@ pub(crate) fn shutdown_signal()
     })
 }
 
-/// Logs to stderr as `RUST_LOG` says (`info` by default).
+/// Logs to stderr as `RUST_LOG` says (`info` by default), in colour only
+/// on a terminal.
 pub(crate) fn init_tracing() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
 }
