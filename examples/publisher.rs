@@ -79,7 +79,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .route("/events/{kind}", post(publish))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(sink);
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
     println!("listening on http://{}", listener.local_addr()?);
     tracing::info!(queue = %args.queue.name, "publishing");
     axum::serve(listener, app)

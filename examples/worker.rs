@@ -81,9 +81,11 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), BoxError> {
     let mut stop = Box::pin(shared::shutdown_signal()?);
     // A `SecretError` never contains the secret.
-    let secret: Secret =
-        (args.secret.parse()).map_err(|e| format!("--secret (WEBHOOK_SECRET): {e}"))?;
-    let webhook = (WebhookSink::builder(&args.url).secret(secret).build())
+    let secret =
+        Secret::from_whsec(&args.secret).map_err(|e| format!("--secret (WEBHOOK_SECRET): {e}"))?;
+    let webhook = WebhookSink::builder(&args.url)
+        .secret(secret)
+        .build()
         .map_err(|e| format!("--url (WEBHOOK_URL): {e}"))?;
     tracing::info!(queue = %args.queue.name, ?webhook, "starting");
     let location = args.queue.location()?;
