@@ -718,3 +718,21 @@ pub async fn delete_redis_keys(url: &str, names: &[String]) {
             .await;
     }
 }
+
+/// Deletes the jobs, dead letters and workers of the Postgres queues
+/// `names`.
+#[cfg(feature = "postgres")]
+pub async fn delete_postgres_queues(url: &str, names: &[String]) {
+    let Ok(pool) = sqlx::PgPool::connect(url).await else {
+        return;
+    };
+    for name in names {
+        for sql in [
+            "DELETE FROM apalis.jobs WHERE job_type = $1",
+            "DELETE FROM eventsink_dead_letters WHERE queue = $1",
+            "DELETE FROM apalis.workers WHERE worker_type = $1",
+        ] {
+            let _ = sqlx::query(sql).bind(name).execute(&pool).await;
+        }
+    }
+}
