@@ -20,7 +20,7 @@ use super::backend::{
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
-use super::sql::{Dialect, SqlStore, Statements};
+use super::sql::{Dialect, SqlStore, Statements, stats_statement};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -64,6 +64,7 @@ impl Dialect for sqlx::Sqlite {
         // apalis-sqlite's keep_alive.sql.
         keep_alive: "UPDATE Workers SET last_seen = strftime('%s', 'now') \
              WHERE id = $1 AND worker_type = $2",
+        stats: stats_statement!("Jobs", "run_at"),
         migrations_exist: "SELECT EXISTS \
              (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
         versions: "SELECT version FROM \"{table}\"",
