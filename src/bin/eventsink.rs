@@ -36,7 +36,7 @@
 // is missing: everything that talks to a queue is unused then.
 #![cfg_attr(
     not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
-    allow(dead_code, unused_imports)
+    allow(dead_code, unreachable_code, unused_imports, unused_variables)
 )]
 
 use std::path::PathBuf;
@@ -313,31 +313,34 @@ fn not_built(feature: &str, flag: &str) -> Failure {
 }
 
 async fn open(location: &Location, queue: &str) -> Result<Backend, Failure> {
-    let opened: Result<Backend, QueueError> = match location {
+    let failed = |e: QueueError| {
+        let at = location.describe();
+        Failure::Error(format!(
+            "cannot open queue {queue:?} in {at}: {}",
+            chain(&e)
+        ))
+    };
+    match location {
         #[cfg(feature = "sqlite")]
         Location::Sqlite(path) => eventsink::queue::SqliteQueue::builder(queue)
             .create_if_missing(false)
             .open(path)
             .await
-            .map(Backend::Sqlite),
+            .map(Backend::Sqlite)
+            .map_err(failed),
         #[cfg(feature = "postgres")]
         Location::Postgres(url) => eventsink::queue::PostgresQueue::connect(url, queue)
             .await
-            .map(Backend::Postgres),
+            .map(Backend::Postgres)
+            .map_err(failed),
         #[cfg(feature = "redis")]
         Location::Redis(url) => eventsink::queue::RedisQueue::connect(url, queue)
             .await
-            .map(Backend::Redis),
+            .map(Backend::Redis)
+            .map_err(failed),
         #[allow(unreachable_patterns)]
-        other => return Err(not_built(&other.flag()[2..], other.flag())),
-    };
-    opened.map_err(|e| {
-        Failure::Error(format!(
-            "cannot open queue {queue:?} in {}: {}",
-            location.describe(),
-            chain(&e)
-        ))
-    })
+        other => Err(not_built(&other.flag()[2..], other.flag())),
+    }
 }
 
 async fn run(cli: Cli) -> Result<String, Failure> {
@@ -360,14 +363,15 @@ async fn run(cli: Cli) -> Result<String, Failure> {
     }
     let secrets = location.secrets();
     let done = async {
-        match open(&location, &queue).await? {
+        let out: Result<String, Failure> = match open(&location, &queue).await? {
             #[cfg(feature = "sqlite")]
             Backend::Sqlite(backend) => command(backend, &cli, &queue).await,
             #[cfg(feature = "postgres")]
             Backend::Postgres(backend) => command(backend, &cli, &queue).await,
             #[cfg(feature = "redis")]
             Backend::Redis(backend) => command(backend, &cli, &queue).await,
-        }
+        };
+        out
     };
     done.await.map_err(|failure| scrub(failure, &secrets))
 }
