@@ -107,6 +107,44 @@ async fn counts_each_state<B: QueueBackend<Value>>(backend: B) {
         json,
         json!({"pending": 0, "scheduled": 1, "running": 0, "dead": 1, "oldest_due": null})
     );
+
+    // A delivery under way is running until it ends.
+    let (started, mut starts) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = {
+        let release = std::sync::Arc::clone(&release);
+        tower::service_fn(move |_: Event| {
+            let _ = started.send(());
+            let release = std::sync::Arc::clone(&release);
+            async move {
+                let _permit = release.acquire().await;
+                Ok::<(), eventsink::Error>(())
+            }
+        })
+    };
+    let mut sink = ThroughTaskQueue::new(backend.clone()).layer(held);
+    sink.publish(Event::new("test.stats.held", json!(0)))
+        .await
+        .expect("publish");
+    let worker = sink
+        .worker()
+        .poll_interval(Duration::from_millis(10))
+        .spawn();
+    starts.recv().await.expect("the delivery started");
+    let holding = backend.stats().await.expect("stats");
+    assert_eq!(
+        (
+            holding.pending,
+            holding.scheduled,
+            holding.running,
+            holding.dead
+        ),
+        (0, 1, 1, 1),
+        "one delivery under way: {holding:?}"
+    );
+    release.add_permits(1);
+    wait_for_stats(&backend, "the delivery to end", |s| s.running == 0).await;
+    worker.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
