@@ -31,18 +31,7 @@ impl Backends for Postgres {
 
     async fn cleanup(&self) {
         let names = self.names.lock().unwrap().clone();
-        let Ok(pool) = sqlx::PgPool::connect(&self.url).await else {
-            return;
-        };
-        for name in names {
-            for sql in [
-                "DELETE FROM apalis.jobs WHERE job_type = $1",
-                "DELETE FROM eventsink_dead_letters WHERE queue = $1",
-                "DELETE FROM apalis.workers WHERE worker_type = $1",
-            ] {
-                let _ = sqlx::query(sql).bind(&name).execute(&pool).await;
-            }
-        }
+        support::queue::delete_postgres_rows(&self.url, &names).await;
     }
 }
 

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use super::error::QueueError;
 use super::job::DeadLetter;
 use super::job::QueuedEvent;
+use super::stats::QueueStats;
 use crate::BoxError;
 
 /// A queue backend: [`MemoryQueue`](super::MemoryQueue), and with their
@@ -61,6 +62,26 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
         older_than: Duration,
     ) -> BoxFuture<'static, Result<u64, QueueError>> {
         ops::Store::delete_completed(self.store(), older_than)
+    }
+
+    /// A snapshot of the queue: jobs pending, scheduled and running, dead
+    /// letters, and the oldest pending job's due time. What each counts on
+    /// each backend is on [`QueueStats`].
+    ///
+    /// ```
+    /// use eventsink::queue::{MemoryQueue, QueueBackend, ThroughTaskQueue};
+    /// use eventsink::{Event, NoopSink, SinkExt};
+    /// use tower::Layer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+    /// let queue: MemoryQueue = MemoryQueue::new("q");
+    /// let mut sink = ThroughTaskQueue::new(queue.clone()).layer(NoopSink::new());
+    /// sink.publish(Event::new("ping", serde_json::json!(1))).await?;
+    /// assert_eq!(queue.stats().await?.pending, 1); // no worker yet
+    /// # Ok(()) }
+    /// ```
+    fn stats(&self) -> BoxFuture<'static, Result<QueueStats, QueueError>> {
+        ops::Store::stats(self.store())
     }
 }
 
@@ -269,6 +290,10 @@ pub(crate) mod ops {
 
         /// How many dead letters the queue has.
         fn dead_count(&self) -> Answer<u64>;
+
+        /// A snapshot of the queue's jobs and dead letters, as
+        /// [`QueueStats`] defines them for each backend.
+        fn stats(&self) -> Answer<QueueStats>;
 
         /// Deletes this queue's jobs that finished with their outcome
         /// recorded (apalis' `Done`) at least `age` ago; how many. A job

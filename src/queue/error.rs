@@ -74,6 +74,16 @@ pub enum QueueError {
         /// The newest migration this crate knows.
         newest_known: i64,
     },
+    /// The queue was to be opened only if it exists
+    /// (`SqliteQueueBuilder::create_if_missing(false)`), and it does not:
+    /// the file is missing or holds no queue. Nothing was created.
+    /// Permanent: check the path.
+    Missing {
+        /// The queue's name.
+        queue: Arc<str>,
+        /// What is missing, e.g. `the SQLite file "q.db" does not exist`.
+        what: String,
+    },
     /// The backend did not store the event within the publish deadline
     /// ([`ThroughTaskQueue::publish_timeout`](super::ThroughTaskQueue::publish_timeout)):
     /// it is slow, hung or unreachable. Transient. The event may or may not
@@ -161,7 +171,7 @@ impl Retryable for QueueError {
     fn is_retryable(&self) -> bool {
         match self {
             QueueError::Encode { source, .. } => source.is_retryable(),
-            QueueError::NewerSchema { .. } => false,
+            QueueError::NewerSchema { .. } | QueueError::Missing { .. } => false,
             _ => true,
         }
     }
@@ -204,6 +214,10 @@ impl fmt::Display for QueueError {
                  eventsink knows is {newest_known}; jobs written now might never be fetched. \
                  Upgrade eventsink to a release built on that {apalis}",
                 env!("CARGO_PKG_VERSION")
+            ),
+            QueueError::Missing { queue, what } => write!(
+                f,
+                "queue {queue:?}: {what}; nothing was created: check the path"
             ),
             QueueError::Timeout { queue, after } => write!(
                 f,

@@ -194,6 +194,7 @@ mod schedule;
 mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod stats;
 mod worker;
 
 pub use backend::QueueBackend;
@@ -210,6 +211,7 @@ pub use redis::{REDIS_RESPONSE_TIMEOUT, RedisQueue, RedisQueueBuilder};
 pub use schedule::{RetrySchedule, STANDARD_JITTER};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SQLITE_BUSY_TIMEOUT, SqliteQueue, SqliteQueueBuilder};
+pub use stats::QueueStats;
 pub use worker::{
     DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION,
     QueueWorker, WorkerHandle,

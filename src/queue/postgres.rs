@@ -16,7 +16,7 @@ use super::backend::{
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
-use super::sql::{Dialect, SqlStore, Statements};
+use super::sql::{Dialect, SqlStore, Statements, stats_statement};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -86,6 +86,10 @@ impl Dialect for sqlx::Postgres {
              WHERE id = $1 AND worker_type = $2",
         // `apalis._sqlx_migrations`: a name to_regclass resolves, and that
         // comes from apalis-postgres, not from input.
+        stats: stats_statement!(
+            "apalis.jobs",
+            "CAST(FLOOR(EXTRACT(EPOCH FROM run_at)) AS BIGINT)"
+        ),
         migrations_exist: "SELECT to_regclass($1) IS NOT NULL",
         versions: "SELECT version FROM {table}",
     };

@@ -19,6 +19,7 @@ use super::backend::{
 use super::error::QueueError;
 use super::job::DeadLetter;
 use super::job::QueuedEvent;
+use super::stats::QueueStats;
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -146,6 +147,42 @@ redis.call("sadd", KEYS[2], ARGV[1])
 redis.call("hset", KEYS[3], "status", "Done", "done_at", ARGV[2])
 return 1
 "#;
+
+/// The queue's stats at Unix second `ARGV[1]`: the active list `KEYS[1]`
+/// and the due part of the scheduled set `KEYS[2]` are pending, the rest
+/// of that set scheduled; running are the in-flight sets (prefix `KEYS[4]`)
+/// of the workers registered in `KEYS[3]`; dead the letters' hash
+/// `KEYS[5]`. Then the oldest due score in the scheduled set, and the data
+/// (hash `KEYS[6]`) of the job at the head of the active list.
+const STATS: &str = r#"
+local pending = redis.call("llen", KEYS[1])
+local due = redis.call("zcount", KEYS[2], "-inf", ARGV[1])
+local later = redis.call("zcount", KEYS[2], "(" .. ARGV[1], "+inf")
+local running = 0
+for _, worker in ipairs(redis.call("zrange", KEYS[3], 0, -1)) do
+    running = running + redis.call("scard", KEYS[4] .. ":" .. worker)
+end
+local dead = redis.call("hlen", KEYS[5])
+local oldest = redis.call("zrangebyscore", KEYS[2], "-inf", ARGV[1], "WITHSCORES", "LIMIT", 0, 1)
+local head = redis.call("lindex", KEYS[1], 0)
+local head_job = false
+if head then
+    head_job = redis.call("hget", KEYS[6], head)
+end
+return {pending + due, later, running, dead, oldest[2] or false, head_job}
+"#;
+
+/// The part of a stored job that [`STATS`] needs: when its event was
+/// created.
+#[derive(serde::Deserialize)]
+struct HeadJob {
+    event: HeadEvent,
+}
+
+#[derive(serde::Deserialize)]
+struct HeadEvent {
+    created_at: chrono::DateTime<chrono::Utc>,
+}
 
 /// Jobs moved per `PROMOTE_DUE` or `PUSH_JOBS` call: well under Lua's
 /// `unpack` limit (about 8,000).
@@ -736,6 +773,37 @@ impl<P: Payload> Store<P> for RedisQueue<P> {
         let (mut conn, _, fail) = self.parts("counting dead letters");
         let (hash, _) = self.keys();
         Box::pin(async move { conn.hlen(&hash).await.map_err(fail) })
+    }
+
+    fn stats(&self) -> Answer<QueueStats> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(STATS));
+        let (mut conn, _, fail) = self.parts("reading the queue's stats");
+        let (hash, _) = self.keys();
+        let config = self.config.clone();
+        Box::pin(async move {
+            type Reply = (u64, u64, u64, u64, Option<String>, Option<Vec<u8>>);
+            let (pending, scheduled, running, dead, oldest, head): Reply = SCRIPT
+                .key(config.active_jobs_list())
+                .key(config.scheduled_jobs_set())
+                .key(config.workers_set())
+                .key(config.inflight_jobs_set())
+                .key(hash)
+                .key(config.job_data_hash())
+                .arg(current_second())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(fail)?;
+            // A score is a float in Redis' reply; due seconds are whole.
+            let due = oldest.and_then(|s| s.parse::<f64>().ok()).map(|s| s as i64);
+            let mut stats = QueueStats::from_counts([pending, scheduled, running, dead], due);
+            let head = head.and_then(|job| serde_json::from_slice::<HeadJob>(&job).ok());
+            if let Some(head) = head {
+                let created = head.event.created_at;
+                stats.oldest_due = Some(stats.oldest_due.map_or(created, |due| due.min(created)));
+            }
+            Ok(stats)
+        })
     }
 
     fn delete_completed(&self, age: Duration) -> Answer<u64> {

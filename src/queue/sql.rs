@@ -14,9 +14,10 @@ use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use super::backend::ops::{Answer, DeadPage, Payload, Place, Store};
-use super::backend::{ABANDONED_PAGE, abandoned_letter};
+use super::backend::{ABANDONED_PAGE, abandoned_letter, current_second};
 use super::error::QueueError;
 use super::job::DeadLetter;
+use super::stats::QueueStats;
 
 /// The dead letters, one per `(queue, letter_key)`: the key of the
 /// event's jobs, `{queue}:{kind}:{id}`. `chain` says which delivery chain
@@ -63,6 +64,36 @@ const PURGE: &str = "DELETE FROM eventsink_dead_letters WHERE queue = $1";
 
 const COUNT: &str = "SELECT COUNT(*) FROM eventsink_dead_letters WHERE queue = $1";
 
+/// The statement of [`Store::stats`] on apalis' jobs table `$jobs`, where
+/// `$due` is a job's `run_at` in Unix seconds: for queue `$1` at Unix
+/// second `$2`, the counts pending, scheduled, running and dead, then the
+/// oldest pending job's due second. Waiting jobs are `Pending` ones and
+/// `Failed` ones apalis runs again; `Queued` (fetched) and `Running` ones
+/// are held by a worker, as apalis' orphan recovery has it.
+macro_rules! stats_statement {
+    ($jobs:literal, $due:literal) => {
+        concat!(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN status NOT IN ('Queued', 'Running') AND ",
+            $due,
+            " <= $2 THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN status NOT IN ('Queued', 'Running') AND ",
+            $due,
+            " > $2 THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN status IN ('Queued', 'Running') THEN 1 ELSE 0 END), 0) AS BIGINT), \
+             (SELECT COUNT(*) FROM eventsink_dead_letters WHERE queue = $1), \
+             MIN(CASE WHEN status NOT IN ('Queued', 'Running') AND ",
+            $due,
+            " <= $2 THEN ",
+            $due,
+            " END) FROM ",
+            $jobs,
+            " WHERE job_type = $1 AND (status IN ('Pending', 'Queued', 'Running') \
+             OR (status = 'Failed' AND attempts < max_attempts))"
+        )
+    };
+}
+pub(crate) use stats_statement;
+
 /// The statements one database writes its own way. Parameters are `$1`,
 /// `$2`, … in both.
 #[derive(Debug)]
@@ -92,6 +123,8 @@ pub struct Statements {
     pub(crate) release_rest: &'static str,
     /// Renews the heartbeat of worker `$1` of queue `$2`.
     pub(crate) keep_alive: &'static str,
+    /// The queue's stats: [`stats_statement`] on this database's table.
+    pub(crate) stats: &'static str,
     /// One boolean: whether apalis' migrations table `$1` exists.
     pub(crate) migrations_exist: &'static str,
     /// The versions in apalis' migrations table `{table}`.
@@ -316,6 +349,26 @@ where
                 .map_err(&fail)?;
             let n: i64 = row.try_get(0).map_err(&fail)?;
             Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    fn stats(&self) -> Answer<QueueStats> {
+        let (pool, name, fail) = self.parts("reading the queue's stats");
+        let now = i64::try_from(current_second()).unwrap_or(i64::MAX);
+        Box::pin(async move {
+            let row = sqlx::query(DB::SQL.stats)
+                .bind(name.to_string())
+                .bind(now)
+                .fetch_one(&pool)
+                .await
+                .map_err(&fail)?;
+            let mut counts = [0u64; 4];
+            for (i, count) in counts.iter_mut().enumerate() {
+                let n: i64 = row.try_get(i).map_err(&fail)?;
+                *count = u64::try_from(n).unwrap_or(0);
+            }
+            let oldest: Option<i64> = row.try_get(4).map_err(&fail)?;
+            Ok(QueueStats::from_counts(counts, oldest))
         })
     }
 

@@ -20,7 +20,7 @@ use super::backend::{
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
-use super::sql::{Dialect, SqlStore, Statements};
+use super::sql::{Dialect, SqlStore, Statements, stats_statement};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -64,6 +64,7 @@ impl Dialect for sqlx::Sqlite {
         // apalis-sqlite's keep_alive.sql.
         keep_alive: "UPDATE Workers SET last_seen = strftime('%s', 'now') \
              WHERE id = $1 AND worker_type = $2",
+        stats: stats_statement!("Jobs", "run_at"),
         migrations_exist: "SELECT EXISTS \
              (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
         versions: "SELECT version FROM \"{table}\"",
@@ -234,6 +235,7 @@ queue_handle! {
 #[must_use]
 pub struct SqliteQueueBuilder {
     name: Arc<str>,
+    create: bool,
     full: bool,
     busy_timeout: Duration,
     heartbeat: Duration,
@@ -256,6 +258,28 @@ impl SqliteQueueBuilder {
         self
     }
 
+    /// Whether [`open`](SqliteQueueBuilder::open) creates the file and
+    /// its tables when they are missing (`true`, the default). With
+    /// `false` it opens only a file that already holds a queue (apalis'
+    /// `Jobs` table), and otherwise fails with [`QueueError::Missing`],
+    /// leaving the path as it was: for tools that inspect a queue, where
+    /// a mistyped path must not become an empty queue.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use eventsink::queue::{QueueError, SqliteQueue};
+    /// # let tmp = tempfile::tempdir().unwrap();
+    /// let path = tmp.path().join("typo.db");
+    /// let opened = SqliteQueue::builder("q").create_if_missing(false).open::<serde_json::Value>(&path).await;
+    /// assert!(matches!(opened, Err(QueueError::Missing { .. })));
+    /// assert!(!path.exists());
+    /// # }
+    /// ```
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
     /// How long to wait for another connection's lock
     /// ([`SQLITE_BUSY_TIMEOUT`]).
     ///
@@ -269,12 +293,15 @@ impl SqliteQueueBuilder {
     }
 
     /// Opens the queue in the SQLite file at `path`: creates the file if
-    /// needed, opens the pool and migrates.
+    /// needed (see [`create_if_missing`](SqliteQueueBuilder::create_if_missing)),
+    /// opens the pool and migrates.
     ///
     /// # Errors
     ///
     /// [`QueueError::Backend`] if the file cannot be opened or migrated.
     /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
+    /// [`QueueError::Missing`] if it holds no queue and
+    /// `create_if_missing` is off.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
@@ -291,9 +318,23 @@ impl SqliteQueueBuilder {
             let name = Arc::clone(&name);
             move |e: sqlx::Error| QueueError::backend(&name, action, e)
         };
+        let missing = |what: &str| QueueError::Missing {
+            queue: Arc::clone(&name),
+            what: format!("the SQLite file {:?} {what}", path.as_ref()),
+        };
+        if !self.create && !path.as_ref().is_file() {
+            return Err(missing("does not exist"));
+        }
+        if !self.create
+            && !holds_queue(path.as_ref())
+                .await
+                .map_err(fail("opening the SQLite file"))?
+        {
+            return Err(missing("holds no queue (no apalis Jobs table)"));
+        }
         let options = SqliteConnectOptions::new()
             .filename(path.as_ref())
-            .create_if_missing(true)
+            .create_if_missing(self.create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(if self.full {
                 SqliteSynchronous::Full
@@ -344,6 +385,25 @@ impl SqliteQueueBuilder {
     }
 }
 
+/// Whether the SQLite file at `path` has apalis' `Jobs` table; read on a
+/// read-only connection, which changes nothing in a file that is not a
+/// queue (opening the queue's pool would switch it to WAL).
+async fn holds_queue(path: &Path) -> Result<bool, sqlx::Error> {
+    use sqlx::ConnectOptions as _;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .connect()
+        .await?;
+    let holds = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'Jobs')",
+    )
+    .fetch_one(&mut conn)
+    .await;
+    sqlx::Connection::close(conn).await?;
+    holds
+}
+
 impl SqliteQueue {
     /// Settings for the queue `name`, to [`open`](SqliteQueueBuilder::open)
     /// in a SQLite file.
@@ -355,6 +415,7 @@ impl SqliteQueue {
     pub fn builder(name: &str) -> SqliteQueueBuilder {
         SqliteQueueBuilder {
             name: name.into(),
+            create: true,
             full: false,
             busy_timeout: SQLITE_BUSY_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT_INTERVAL,

@@ -692,6 +692,24 @@ macro_rules! queue_tests {
     (@each [$($gate:tt)*] $backends:expr;) => {};
 }
 
+/// Deletes the jobs, dead letters and workers of the queue `names` in
+/// Postgres.
+#[cfg(feature = "postgres")]
+pub async fn delete_postgres_rows(url: &str, names: &[String]) {
+    let Ok(pool) = sqlx::PgPool::connect(url).await else {
+        return;
+    };
+    for name in names {
+        for sql in [
+            "DELETE FROM apalis.jobs WHERE job_type = $1",
+            "DELETE FROM eventsink_dead_letters WHERE queue = $1",
+            "DELETE FROM apalis.workers WHERE worker_type = $1",
+        ] {
+            let _ = sqlx::query(sql).bind(name).execute(&pool).await;
+        }
+    }
+}
+
 /// Deletes every Redis key that mentions one of the queue `names`.
 #[cfg(feature = "redis")]
 pub async fn delete_redis_keys(url: &str, names: &[String]) {
