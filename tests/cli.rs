@@ -323,3 +323,39 @@ async fn redis_tour() {
     tour(queue, &["--redis", &url, "--queue", &name]).await;
     support::queue::delete_redis_keys(&url, &[name]).await;
 }
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
+async fn a_postgres_database_without_a_queue_is_an_error_and_is_not_migrated() {
+    use sqlx::Connection as _;
+    let url = support::queue::backend_url("EVENTSINK_POSTGRES_URL");
+    let database = unique_name("cli_empty").replace('-', "_");
+    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql(&format!("CREATE DATABASE {database}"))
+        .execute(&mut admin)
+        .await
+        .expect("create an empty database");
+    let (server, _) = url.rsplit_once('/').expect("a Postgres URL ends in /DATABASE");
+    let empty = format!("{server}/{database}");
+
+    let run = eventsink(&["--postgres", &empty, "--queue", "q", "stats"]);
+    let mut conn = sqlx::PgConnection::connect(&empty).await.expect("connect");
+    let schema: Option<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = 'apalis'")
+            .fetch_optional(&mut conn)
+            .await
+            .expect("look for the apalis schema");
+    conn.close().await.expect("close");
+    sqlx::raw_sql(&format!("DROP DATABASE {database}"))
+        .execute(&mut admin)
+        .await
+        .expect("drop the database");
+
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("holds no queue"), "{}", run.stderr);
+    assert_eq!(schema, None, "the CLI migrated the database it only inspects");
+}

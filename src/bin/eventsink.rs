@@ -329,7 +329,9 @@ async fn open(location: &Location, queue: &str) -> Result<Backend, Failure> {
             .map(Backend::Sqlite)
             .map_err(failed),
         #[cfg(feature = "postgres")]
-        Location::Postgres(url) => eventsink::queue::PostgresQueue::connect(url, queue)
+        Location::Postgres(url) => eventsink::queue::PostgresQueue::builder(queue)
+            .create_if_missing(false)
+            .connect(url)
             .await
             .map(Backend::Postgres)
             .map_err(failed),

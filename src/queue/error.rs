@@ -75,9 +75,9 @@ pub enum QueueError {
         newest_known: i64,
     },
     /// The queue was to be opened only if it exists
-    /// (`SqliteQueueBuilder::create_if_missing(false)`), and it does not:
-    /// the file is missing or holds no queue. Nothing was created.
-    /// Permanent: check the path.
+    /// (`create_if_missing(false)` on the SQLite or Postgres builder), and
+    /// it does not: the file is missing, or the file or database holds no
+    /// queue. Nothing was created. Permanent: check the path or URL.
     Missing {
         /// The queue's name.
         queue: Arc<str>,
@@ -217,7 +217,7 @@ impl fmt::Display for QueueError {
             ),
             QueueError::Missing { queue, what } => write!(
                 f,
-                "queue {queue:?}: {what}; nothing was created: check the path"
+                "queue {queue:?}: {what}; nothing was created: check the path or URL"
             ),
             QueueError::Timeout { queue, after } => write!(
                 f,

@@ -162,6 +162,7 @@ pub struct PostgresQueueBuilder {
     max_connections: u32,
     heartbeat: Duration,
     missed: usize,
+    create: bool,
 }
 
 impl PostgresQueueBuilder {
@@ -176,6 +177,23 @@ impl PostgresQueueBuilder {
     /// ```
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(2);
+        self
+    }
+
+    /// Whether [`connect`](PostgresQueueBuilder::connect) and
+    /// [`attach`](PostgresQueueBuilder::attach) create apalis' schema (and
+    /// the `hstore` extension it needs) when the database has none (`true`,
+    /// the default). With `false` they open only a database that already
+    /// holds apalis' `apalis.jobs` table, and otherwise fail with
+    /// [`QueueError::Missing`], changing nothing: for tools that inspect a
+    /// queue, where a mistyped URL must not migrate another database.
+    ///
+    /// ```
+    /// let b = eventsink::queue::PostgresQueue::builder("q").create_if_missing(false);
+    /// # let _ = b;
+    /// ```
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.create = create;
         self
     }
 
@@ -228,6 +246,12 @@ impl PostgresQueueBuilder {
         P: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         let name = self.name;
+        if !self.create && !holds_queue(&pool, &name).await? {
+            return Err(QueueError::Missing {
+                queue: name,
+                what: "the database holds no queue (no apalis.jobs table)".into(),
+            });
+        }
         super::contract::check(&pool, &name).await?;
         PostgresStorage::<()>::setup(&pool)
             .await
@@ -248,6 +272,14 @@ impl PostgresQueueBuilder {
     }
 }
 
+/// Whether the database behind `pool` has apalis' jobs table.
+async fn holds_queue(pool: &PgPool, name: &Arc<str>) -> Result<bool, QueueError> {
+    sqlx::query_scalar("SELECT to_regclass('apalis.jobs') IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| QueueError::backend(name, "looking for apalis' jobs table", e))
+}
+
 impl PostgresQueue {
     /// Settings for the queue `name`, to [`connect`](PostgresQueueBuilder::connect)
     /// or [`attach`](PostgresQueueBuilder::attach).
@@ -262,6 +294,7 @@ impl PostgresQueue {
             max_connections: POSTGRES_MAX_CONNECTIONS,
             heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
             missed: DEFAULT_MISSED_HEARTBEATS,
+            create: true,
         }
     }
 }
