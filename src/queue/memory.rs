@@ -1,13 +1,18 @@
 //! [`MemoryQueue`]: the in-process backend, for tests and demos. Nothing
 //! survives the process.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use apalis_core::backend::dequeue::VecDequeBackend;
+use apalis_core::task::Task;
 use futures::future::BoxFuture;
 
-use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
+use super::Published;
+use super::backend::ops::{
+    Answer, DeadPage, Delivery, Jobs, Ops, Payload, Place, Store, WorkerRun,
+};
 use super::backend::{push_error, push_tasks, queue_handle, run_apalis};
 use super::error::QueueError;
 use super::job::DeadLetter;
@@ -17,7 +22,8 @@ use crate::BoxError;
 /// An in-memory queue on apalis' `VecDequeBackend` (cloneable and safe with
 /// concurrent publishers, unlike `MemoryStorage`). For tests and demos:
 /// queued jobs, scheduled retries and dead letters live in this process
-/// only. A duplicate is recognised only while its job waits.
+/// only. A duplicate is recognised only while its job waits (until a
+/// worker takes it).
 ///
 /// ```
 /// use eventsink::queue::{MemoryQueue, ThroughTaskQueue};
@@ -37,10 +43,14 @@ pub struct MemoryQueue<P = serde_json::Value> {
     name: Arc<str>,
     storage: VecDequeBackend<QueuedEvent<P>>,
     dead: Arc<Mutex<Vec<DeadLetter<P>>>>,
+    /// The idempotency keys of the jobs pushed and not yet handed to a
+    /// delivery: the duplicate check (`VecDequeBackend` skips a duplicate
+    /// without saying so).
+    waiting: Arc<Mutex<HashSet<String>>>,
 }
 
 queue_handle! {
-    MemoryQueue { name, storage, dead }, store(self),
+    MemoryQueue { name, storage, dead, waiting }, store(self),
     " let queue = eventsink::queue::MemoryQueue::<serde_json::Value>::new(\"q\");"
 }
 
@@ -56,6 +66,7 @@ impl<P> MemoryQueue<P> {
             name: name.into(),
             storage: VecDequeBackend::new(),
             dead: Arc::new(Mutex::new(Vec::new())),
+            waiting: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -64,15 +75,39 @@ impl<P> MemoryQueue<P> {
         // cannot leave the list half changed.
         self.dead.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Marks each job's key as waiting; per job, whether it was new.
+    fn mark_waiting(&self, jobs: &Jobs<P>) -> Vec<Published> {
+        let mut waiting = lock(&self.waiting);
+        jobs.iter()
+            .map(|(job, _)| match waiting.insert(job.idempotency_key()) {
+                true => Published::Stored,
+                false => Published::AlreadyQueued,
+            })
+            .collect()
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere between two statements
+/// that each leave the set whole.
+fn lock(waiting: &Mutex<HashSet<String>>) -> MutexGuard<'_, HashSet<String>> {
+    waiting.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<P: Payload> Ops<P> for MemoryQueue<P> {
-    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>> {
+        let outcomes = self.mark_waiting(&jobs);
+        let jobs = jobs
+            .into_iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| outcome.is_stored())
+            .map(|(job, _)| job);
         // VecDequeBackend ignores due times: hold delayed jobs in a timer
         // task (in memory, like everything here).
-        let (now, later): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(_, d)| d.is_zero());
+        let (now, later): (Vec<_>, Vec<_>) = jobs.partition(|(_, d)| d.is_zero());
         if !later.is_empty() {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                self.unmark(later.iter().chain(&now));
                 return Box::pin(async { Err(QueueError::NoRuntime) });
             };
             for (job, delay) in later {
@@ -85,16 +120,42 @@ impl<P: Payload> Ops<P> for MemoryQueue<P> {
                 });
             }
         }
-        let (storage, name) = (self.storage.clone(), Arc::clone(&self.name));
+        let queue = self.clone();
         Box::pin(async move {
-            push_tasks(&storage, now)
-                .await
-                .map_err(|e| push_error(&name, e))
+            match push_tasks(&queue.storage, now.clone()).await {
+                Ok(()) => Ok(outcomes),
+                Err(e) => {
+                    // Not stored: a publish of it again must store it.
+                    queue.unmark(&now);
+                    Err(push_error(&queue.name, e))
+                }
+            }
         })
     }
 
-    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn run_worker(&self, mut run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+        // A job handed to a delivery no longer waits: publishing its event
+        // again stores it anew.
+        let waiting = Arc::clone(&self.waiting);
+        let unmark = move |task: Task<QueuedEvent<P>>| {
+            lock(&waiting).remove(&task.args.idempotency_key());
+            task
+        };
+        run.deliver = Delivery::new(tower::util::MapRequest::new(run.deliver, unmark));
         Box::pin(run_apalis!(self.storage.clone(), run))
+    }
+}
+
+impl<P> MemoryQueue<P> {
+    /// Forgets the keys of `jobs`, which were not stored.
+    fn unmark<'a>(&self, jobs: impl IntoIterator<Item = &'a (QueuedEvent<P>, Duration)>)
+    where
+        P: 'a,
+    {
+        let mut waiting = lock(&self.waiting);
+        for (job, _) in jobs {
+            waiting.remove(&job.idempotency_key());
+        }
     }
 }
 

@@ -196,7 +196,7 @@ mod sql;
 mod sqlite;
 mod worker;
 
-pub use backend::QueueBackend;
+pub use backend::{BackendPayload, QueueBackend};
 pub use dead_letter::DeadLetters;
 pub use error::QueueError;
 pub use job::{DeadLetter, DeathCause, QueuedEvent};
@@ -486,11 +486,12 @@ where
     B: QueueBackend<P>,
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    type Response = ();
+    /// Whether this publish stored the event, or found it already queued.
+    type Response = Published;
     type Error = QueueError;
     /// An async block: hand the job to the group commit, wait (at most the
     /// publish timeout) for its batch to be stored.
-    type Future = BoxFuture<'static, Result<(), QueueError>>;
+    type Future = BoxFuture<'static, Result<Published, QueueError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The inner sink is the worker's, not ours: publishing only needs
@@ -568,6 +569,100 @@ where
     }
 }
 
+/// What a publish did: the answer of [`QueuePublisher`], per event (each
+/// publisher of a group-commit batch gets its own).
+///
+/// Both mean the event is in the queue and will be delivered (at least
+/// once): `Ok` keeps its meaning. The difference is whose job delivers it.
+/// [`AlreadyQueued`](Published::AlreadyQueued) means the backend already
+/// held the first job of this event (same kind and id; see *Duplicates* in
+/// the [module docs](self)) and stored nothing new: the job queued first
+/// is the one delivered, with the payload it was published with. A caller
+/// that reuses ids on purpose, or counts what it stored, tells them apart;
+/// most callers ignore it.
+///
+/// It is the publisher's `Response` rather than a separate method so that
+/// it travels through whatever tower layers wrap the publisher (`Timeout`,
+/// `LoadShed`, `ConcurrencyLimit`, `Buffer`, a boxed service) unchanged:
+/// the same choice tower makes for every service. A [`Sink`](crate::Sink)
+/// may answer anything, so the publisher stays a sink; box it as a
+/// [`BoxSink<P, Published>`](crate::BoxSink) (or [`Publisher`]), or drop
+/// the answer with `ServiceExt::map_response` where a `BoxSink<P>` of `()`
+/// is expected.
+///
+/// ```
+/// use eventsink::queue::{MemoryQueue, Published, ThroughTaskQueue};
+/// use eventsink::{Event, NoopSink, SinkExt};
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// let mut sink = ThroughTaskQueue::new(MemoryQueue::new("demo")).layer(NoopSink::new());
+/// let event = Event::with_id("order.placed", "order-7", serde_json::json!({"order_id": 7}));
+/// assert_eq!(sink.publish(event.clone()).await?, Published::Stored);
+/// assert_eq!(sink.publish(event).await?, Published::AlreadyQueued); // no worker yet: still waiting
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Published {
+    /// The backend stored the event as a new job.
+    Stored,
+    /// The backend already held this event's first job (queued, or
+    /// completed within retention) and stored nothing new.
+    AlreadyQueued,
+}
+
+impl Published {
+    /// Whether this publish stored a new job.
+    ///
+    /// ```
+    /// assert!(eventsink::queue::Published::Stored.is_stored());
+    /// assert!(!eventsink::queue::Published::AlreadyQueued.is_stored());
+    /// ```
+    pub fn is_stored(self) -> bool {
+        self == Published::Stored
+    }
+}
+
+/// A queue's publishing service with its layers, boxed: what to keep in
+/// application state (axum's `State`, a struct field) instead of spelling
+/// `LoadShed<ConcurrencyLimit<Timeout<QueuePublisher<WebhookSink, SqliteQueue<P>>>>>`.
+/// Clone it per request; clones share the queue's group commit. It is a
+/// [`BoxSink`](crate::BoxSink) whose response is [`Published`]; errors are
+/// boxed ([`QueueError`], tower's `Elapsed` or `Overloaded`), and
+/// [`Retryable`](crate::Retryable) tells which are worth a retry. Boxing
+/// costs one allocation per publish, nothing next to a backend's write.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventsink::queue::{MemoryQueue, Publisher, ThroughTaskQueue};
+/// use eventsink::{Event, NoopSink, SinkExt};
+/// use tower::ServiceBuilder;
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     events: Publisher, // Publisher<serde_json::Value>
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// let queue = ThroughTaskQueue::new(MemoryQueue::new("orders"));
+/// let state = AppState {
+///     events: ServiceBuilder::new()
+///         .load_shed()
+///         .concurrency_limit(64)
+///         .timeout(Duration::from_secs(2))
+///         .layer(queue.clone())
+///         .service(NoopSink::new())
+///         .boxed_sink(),
+/// };
+/// let worker = queue.worker(NoopSink::new()).spawn();
+///
+/// let mut events = state.events.clone(); // in a handler
+/// events.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub type Publisher<P = serde_json::Value> = crate::BoxSink<P, Published>;
+
 /// The group commit shared by the clones of one [`QueuePublisher`].
 struct Committer {
     max_batch: usize,
@@ -602,7 +697,7 @@ impl<P> Clone for BatchSender<P> {
 /// holds until it is answered.
 struct Pending<P> {
     job: QueuedEvent<P>,
-    reply: oneshot::Sender<Result<(), QueueError>>,
+    reply: oneshot::Sender<Result<Published, QueueError>>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -711,14 +806,16 @@ async fn commit_batches<B, P>(
 }
 
 /// Pushes `jobs` due now in one call. If that fails because of one job (a
-/// duplicate key in Postgres, a payload that cannot be encoded), pushes
-/// them one at a time, so that job fails only itself; if it fails because
-/// of the backend (down, locked, unreachable), every job gets that error at
-/// once. A duplicate counts as stored.
+/// payload that cannot be encoded), pushes them one at a time, so that job
+/// fails only itself; if it fails because of the backend (down, locked,
+/// unreachable), every job gets that error at once. Each job that is
+/// stored is [`Published::Stored`]; one whose key the backend already
+/// holds (or an earlier job of the same batch took) is
+/// [`Published::AlreadyQueued`].
 pub(crate) async fn push_each<B, P>(
     backend: &B,
     jobs: Vec<QueuedEvent<P>>,
-) -> Vec<Result<(), QueueError>>
+) -> Vec<Result<Published, QueueError>>
 where
     B: QueueBackend<P>,
 {
@@ -730,8 +827,8 @@ where
         .map(|job| (job, Duration::ZERO))
         .collect();
     match backend.push(batch).await {
-        Ok(()) => return (0..count).map(|_| Ok(())).collect(),
-        Err(e) if count == 1 => return vec![already_queued_is_ok(e)],
+        Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+        Err(e) if count == 1 => return vec![Err(e)],
         Err(e) if e.concerns_one_job() => {
             tracing::debug!(error = %e, count, "batch push failed on one job; pushing one at a time")
         }
@@ -741,8 +838,8 @@ where
     let mut jobs = jobs.into_iter();
     while let Some(job) = jobs.next() {
         match backend.push(vec![(job, Duration::ZERO)]).await {
-            Ok(()) => results.push(Ok(())),
-            Err(e) if e.concerns_one_job() => results.push(already_queued_is_ok(e)),
+            Ok(outcomes) => results.extend(outcomes.into_iter().map(Ok)),
+            Err(e) if e.concerns_one_job() => results.push(Err(e)),
             // The backend failed: the jobs left would only fail the same way.
             Err(e) => {
                 results.extend(e.for_each(&queue, jobs.len() + 1).into_iter().map(Err));
@@ -751,11 +848,4 @@ where
         }
     }
     results
-}
-
-pub(crate) fn already_queued_is_ok(e: QueueError) -> Result<(), QueueError> {
-    match e {
-        QueueError::AlreadyQueued { .. } => Ok(()),
-        e => Err(e),
-    }
 }
