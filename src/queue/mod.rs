@@ -100,7 +100,9 @@
 //! - **Duplicates.** A published event's first job is keyed
 //!   `{queue}:{kind}:{id}`: publishing the event again while that job is
 //!   queued, or until retention removes it once completed, stores nothing
-//!   new. Redis does the same (its job ids are derived from the keys); the
+//!   new and answers [`Published::AlreadyQueued`] (a new job answers
+//!   [`Published::Stored`]), to each publisher of a batch its own answer.
+//!   Redis does the same (its job ids are derived from the keys); the
 //!   memory backend only while the job waits.
 //!
 //! # What can lose an event
@@ -117,7 +119,111 @@
 //!
 //! A `publish` that returns an error, or is dropped before it returns, may
 //! or may not have stored the event: publish it again with the same id
-//! (a stored first job makes that a no-op).
+//! (a stored first job makes that a no-op, answered
+//! [`Published::AlreadyQueued`]).
+//!
+//! # Tower layers with ThroughTaskQueue
+//!
+//! The worker already does, durably, what in-process layers would do
+//! around a sink: it delivers with bounded **concurrency**
+//! ([`QueueWorker::concurrency`]), bounds each **attempt** with a timeout
+//! ([`QueueWorker::attempt_timeout`]) and writes each **retry** into the
+//! backend ([`QueueWorker::schedule`]), where it survives a restart. So
+//! put no `RetryPolicy`, `Timeout` or `ConcurrencyLimit` between the queue
+//! and the sink (an in-process retry there would die with the process and
+//! hold a delivery slot while it waits); wrap the sink only in what shapes
+//! one request, such as a rate limit toward the receiver.
+//!
+//! The publish path is where layers belong: a request handler publishes
+//! and should neither wait long nor pile up while the backend is slow.
+//!
+//! - **A timeout** (`ServiceBuilder::timeout`) sized to the request's
+//!   budget, shorter than the built-in [`DEFAULT_PUBLISH_TIMEOUT`].
+//! - **Load shedding** (`ServiceBuilder::load_shed`): the publisher's
+//!   `poll_ready` is `Pending` while its group commit is full, so a
+//!   shedding stack answers `Overloaded` at once instead of queueing
+//!   requests in memory; answer 503 and let the client retry.
+//!   `concurrency_limit` bounds the publishes in flight further.
+//! - **Stable ids.** A publish that timed out (or was shed after its
+//!   `call`, or whose connection dropped) may still have stored the event:
+//!   a caller that retries must publish the same event again, with the same
+//!   id ([`Event::with_id`](crate::Event::with_id), e.g. the order id), so
+//!   the queue recognises it ([`Published::AlreadyQueued`]) and the
+//!   receiver gets it once, not under two ids.
+//!
+//! Box the stack as a [`Publisher`] to keep it in application state.
+//!
+//! **Graceful shutdown.** When the receiver is served by the same server
+//! (a monolith that sends webhooks to itself, or a test), stop in this
+//! order: stop accepting the requests that publish; then
+//! [`WorkerHandle::shutdown`], which waits for the deliveries in flight,
+//! and those need the receiving routes; then the server. Stopping the
+//! server first fails those deliveries; nothing is lost (their retries are
+//! stored and run after the restart), but they arrive late.
+//!
+//! ```
+//! # #[cfg(all(feature = "axum", feature = "webhook"))]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//!
+//! use axum::http::StatusCode;
+//! use eventsink::queue::{MemoryQueue, Publisher, ThroughTaskQueue};
+//! use eventsink::{Event, SinkExt, WebhookSink};
+//! use tower::ServiceBuilder;
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let webhook = WebhookSink::builder(format!("http://{}/hooks", listener.local_addr()?)).build()?;
+//! let queue = ThroughTaskQueue::new(MemoryQueue::new("orders"));
+//! let publisher: Publisher = ServiceBuilder::new()
+//!     .load_shed()                      // a full queue answers at once
+//!     .timeout(Duration::from_secs(2))  // the request's budget for storing
+//!     .layer(queue.clone())
+//!     .service(webhook.clone())
+//!     .boxed_sink();
+//! let worker = queue
+//!     .worker(webhook)                  // no retry or timeout layers here:
+//!     .concurrency(16)                  // the worker bounds deliveries,
+//!     .attempt_timeout(Duration::from_secs(10)) // each attempt,
+//!     .spawn();                         // and stores each retry
+//!
+//! let accepting = Arc::new(AtomicBool::new(true));
+//! let place_order = {
+//!     let accepting = Arc::clone(&accepting);
+//!     move |axum::extract::Path(id): axum::extract::Path<u64>| {
+//!         let (accepting, mut events) = (Arc::clone(&accepting), publisher.clone());
+//!         async move {
+//!             if !accepting.load(Ordering::SeqCst) {
+//!                 return StatusCode::SERVICE_UNAVAILABLE;
+//!             }
+//!             // The order id as the event id: a client's retry is the same event.
+//!             let event = Event::with_id("order.placed", format!("order-{id}"), serde_json::json!({"id": id}));
+//!             match events.publish(event).await {
+//!                 Ok(_) => StatusCode::ACCEPTED,
+//!                 Err(_) => StatusCode::SERVICE_UNAVAILABLE, // shed, timed out, backend down
+//!             }
+//!         }
+//!     }
+//! };
+//! let app = axum::Router::new()
+//!     .route("/orders/{id}", axum::routing::post(place_order))
+//!     .route("/hooks", axum::routing::post(|| async { StatusCode::NO_CONTENT }));
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(async move {
+//!     axum::serve(listener, app)
+//!         .with_graceful_shutdown(async { let _ = stopped.await; })
+//!         .await
+//! });
+//!
+//! // … serve until asked to stop, then:
+//! accepting.store(false, Ordering::SeqCst); // 1. no new publishes
+//! worker.shutdown().await;                  // 2. deliveries in flight reach /hooks
+//! let _ = stop.send(());                    // 3. the server, last
+//! server.await??;
+//! # Ok(()) }
+//! # #[cfg(not(all(feature = "axum", feature = "webhook")))] fn main() {}
+//! ```
 //!
 //! # Pressure and outages
 //!
@@ -363,8 +469,10 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
 }
 
 /// The publishing service of [`ThroughTaskQueue`]: each event becomes a job
-/// in the backend; `Ok` means the backend has stored it (never that it was
-/// delivered). Cheap to clone; clones share one group commit.
+/// in the backend; `Ok` means the backend holds it (never that it was
+/// delivered), [`Published::Stored`] by this publish or
+/// [`Published::AlreadyQueued`] before it. Cheap to clone; clones share
+/// one group commit.
 ///
 /// Concurrent publishes are written together: while one batch is being
 /// written, the next collects, and is written as soon as the first is done.
