@@ -87,11 +87,13 @@ impl<B: fmt::Debug, P> fmt::Debug for DeadLetters<B, P> {
 }
 
 impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
-    /// The dead letters kept in `backend`.
+    /// The dead letters kept in `backend`; the payload type is the
+    /// backend's, so `DeadLetters<SqliteQueue<Order>>` needs no second
+    /// parameter.
     ///
     /// ```
     /// use eventsink::queue::{DeadLetters, MemoryQueue};
-    /// let dead: DeadLetters<_, serde_json::Value> = DeadLetters::new(MemoryQueue::new("q"));
+    /// let dead: DeadLetters<MemoryQueue<u32>> = DeadLetters::new(MemoryQueue::new("q"));
     /// # let _ = dead;
     /// ```
     pub fn new(backend: B) -> Self {
