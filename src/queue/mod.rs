@@ -957,3 +957,110 @@ where
     }
     results
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One batch of `ids` in `backend`, answered per job.
+    async fn answers<B: QueueBackend<serde_json::Value>>(
+        backend: &B,
+        ids: &[&str],
+    ) -> Vec<Published> {
+        let jobs = ids
+            .iter()
+            .map(|id| {
+                QueuedEvent::new(
+                    backend.name(),
+                    Event::with_id("k", *id, serde_json::json!(id)),
+                )
+            })
+            .collect();
+        push_each(backend, jobs)
+            .await
+            .into_iter()
+            .map(|r| r.expect("push"))
+            .collect()
+    }
+
+    /// Duplicates inside one backend call: the first copy is stored, the
+    /// others, and a key stored by an earlier call, are already queued.
+    async fn one_batch_answers_each_job<B: QueueBackend<serde_json::Value>>(backend: B) {
+        use Published::{AlreadyQueued, Stored};
+        assert_eq!(answers(&backend, &["a"]).await, [Stored]);
+        let got = answers(&backend, &["b", "a", "b", "c", "b"]).await;
+        assert_eq!(
+            got,
+            [Stored, AlreadyQueued, AlreadyQueued, Stored, AlreadyQueued]
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_answers_each_job_of_a_batch() {
+        one_batch_answers_each_job(MemoryQueue::new("batch")).await;
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_answers_each_job_of_a_batch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queue = SqliteQueue::open(dir.path().join("q.db"), "batch")
+            .await
+            .expect("open");
+        one_batch_answers_each_job(queue).await;
+    }
+
+    /// A queue name of its own, for the shared Postgres and Redis.
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    fn unique_name() -> String {
+        format!("t-batch-{}", uuid::Uuid::now_v7().simple())
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    #[cfg_attr(
+        not(eventsink_postgres),
+        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+    )]
+    async fn postgres_answers_each_job_of_a_batch() {
+        let url = std::env::var("EVENTSINK_POSTGRES_URL").expect("EVENTSINK_POSTGRES_URL");
+        let name = unique_name();
+        let queue = PostgresQueue::connect(&url, &name).await.expect("connect");
+        one_batch_answers_each_job(queue.clone()).await;
+        sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+            .bind(&name)
+            .execute(queue.pool())
+            .await
+            .expect("clean up");
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    #[cfg_attr(
+        not(eventsink_redis),
+        ignore = "set EVENTSINK_REDIS_URL to run against Redis"
+    )]
+    async fn redis_answers_each_job_of_a_batch() {
+        let url = std::env::var("EVENTSINK_REDIS_URL").expect("EVENTSINK_REDIS_URL");
+        let name = unique_name();
+        let queue = RedisQueue::connect(&url, &name).await.expect("connect");
+        one_batch_answers_each_job(queue).await;
+        let client = ::redis::Client::open(url).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("*{name}*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        if !keys.is_empty() {
+            let () = ::redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .expect("clean up");
+        }
+    }
+}
