@@ -4,7 +4,9 @@
 //! - `POST /events/{kind}` with a JSON body publishes an event of `kind`
 //!   with the body as its payload through `ThroughTaskQueue`, and answers
 //!   `202 Accepted` with `{"id": "..."}` once the backend has stored it
-//!   (it will be delivered at least once). The id is the request's
+//!   (it will be delivered at least once), or `200 OK` with
+//!   `{"id": "...", "already_queued": true}` when an event with that id is
+//!   queued already (nothing new is stored). The id is the request's
 //!   `Idempotency-Key` header, or a new UUID v7 without one. `503` with the
 //!   error means the backend is down or slow, and the event may or may not
 //!   be stored: send the request again with the same `Idempotency-Key`
@@ -42,7 +44,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
 use eventsink::queue::{PostgresQueue, QueueBackend, RedisQueue, SqliteQueue, ThroughTaskQueue};
-use eventsink::{BoxError, BoxSink, Event, NoopSink, Retryable, SinkExt};
+use eventsink::queue::{Published, Publisher};
+use eventsink::{BoxError, Event, NoopSink, Retryable, SinkExt};
 use serde_json::{Value, json};
 use shared::{Location, QueueArgs};
 use tower::Layer;
@@ -95,7 +98,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
 }
 
 /// Opens the queue at `location` and returns its publishing service.
-async fn open(location: Location<'_>, name: &str) -> Result<BoxSink, BoxError> {
+async fn open(location: Location<'_>, name: &str) -> Result<Publisher, BoxError> {
     Ok(match location {
         Location::Postgres(url) => {
             publisher::<PostgresQueue>(shared::open(|| PostgresQueue::connect(url, name)).await?)
@@ -111,7 +114,7 @@ async fn open(location: Location<'_>, name: &str) -> Result<BoxSink, BoxError> {
 
 /// Publishing only: the inner sink is the worker's, and no worker runs
 /// here, so it is a `NoopSink` that is never called.
-fn publisher<B: QueueBackend<Value>>(queue: B) -> BoxSink {
+fn publisher<B: QueueBackend<Value>>(queue: B) -> Publisher {
     ThroughTaskQueue::new(queue)
         .layer(NoopSink::new())
         .boxed_sink()
@@ -119,7 +122,7 @@ fn publisher<B: QueueBackend<Value>>(queue: B) -> BoxSink {
 
 /// `POST /events/{kind}`: stores the event; `202` with its id once stored.
 async fn publish(
-    State(mut sink): State<BoxSink>,
+    State(mut sink): State<Publisher>,
     Path(kind): Path<String>,
     headers: HeaderMap,
     Json(payload): Json<Value>,
@@ -134,7 +137,12 @@ async fn publish(
     };
     let id = event.id.clone();
     match sink.publish(event).await {
-        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
+        Ok(Published::Stored) => (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response(),
+        // A retry with the same Idempotency-Key: the first request stored it.
+        Ok(Published::AlreadyQueued) => {
+            let body = json!({ "id": id, "already_queued": true });
+            (StatusCode::OK, Json(body)).into_response()
+        }
         Err(e) => {
             let error = shared::chain(&*e);
             tracing::warn!(event = %id, %error, "publish failed");

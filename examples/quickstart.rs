@@ -40,10 +40,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
-use eventsink::queue::{DeadLetters, QueueBackend, RetrySchedule, SqliteQueue, ThroughTaskQueue};
+use eventsink::queue::{
+    DeadLetters, Published, Publisher, QueueBackend, RetrySchedule, SqliteQueue, ThroughTaskQueue,
+};
 use eventsink::signature::Secret;
 use eventsink::verify::{MemoryReplayGuard, VerifyConfig, VerifyWebhookLayer};
-use eventsink::{Backoff, BoxError, BoxSink, Event, SinkExt, WebhookSink};
+use eventsink::{Backoff, BoxError, Event, SinkExt, WebhookSink};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -113,11 +115,12 @@ struct Signup {
     email: String,
 }
 
-/// The application's publishing sink. The backend is chosen at run time, so
-/// it is boxed; with one backend it would be
-/// `QueuePublisher<WebhookSink, SqliteQueue<Signup>>`. Cheap to clone: axum
-/// hands every request its own clone, and they share one group commit.
-type Events = BoxSink<Signup>;
+/// The application's publishing sink: [`Publisher`], a boxed publishing
+/// stack. The backend is chosen at run time, so it is boxed; with one backend
+/// it could be `QueuePublisher<WebhookSink, SqliteQueue<Signup>>`. Cheap to
+/// clone: axum hands every request its own clone, and they share one group
+/// commit.
+type Events = Publisher<Signup>;
 
 /// What the three parts saw, for the progress line and the summary.
 #[derive(Debug, Default)]
@@ -296,10 +299,13 @@ async fn signup(
     let event = Event::new("user.signed_up", signup);
     let id = event.id.to_string();
     match events.publish(event).await {
-        Ok(()) => {
+        Ok(Published::Stored) => {
             stats.published.fetch_add(1, Relaxed);
             (StatusCode::ACCEPTED, id).into_response()
         }
+        // An event with this id is queued already (a client retrying with
+        // the same id): nothing new was stored.
+        Ok(Published::AlreadyQueued) => (StatusCode::OK, id).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not queued: {e}")).into_response(),
     }
 }

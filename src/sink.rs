@@ -1,4 +1,4 @@
-//! [`Sink`]: any `tower::Service` that takes an [`Event`] and answers `()`;
+//! [`Sink`]: any `tower::Service` that takes an [`Event`];
 //! [`SinkExt::publish`] to send one; [`BoxSink`] to store sinks of different
 //! types.
 //!
@@ -26,7 +26,13 @@ use tower::{Service, ServiceExt};
 
 use crate::{BoxError, Event};
 
-/// A service that delivers [`Event`]s: `tower::Service<Event<P>, Response = ()>`.
+/// A service that takes [`Event`]s: `tower::Service<Event<P>>`.
+///
+/// Its `Response` is what the sink tells the caller about the event: `()`
+/// for the sinks that deliver (webhook, files, memory, nothing), and
+/// [`Published`](crate::queue::Published) for the queue's publisher
+/// (stored, or already queued). Code that only cares that the event was
+/// taken ignores it.
 ///
 /// This is a trait alias with a blanket implementation; you never implement
 /// it yourself. Use it in bounds:
@@ -35,14 +41,15 @@ use crate::{BoxError, Event};
 /// use eventsink::{Event, Sink, SinkExt};
 ///
 /// async fn announce<S: Sink>(sink: &mut S) -> Result<(), S::Error> {
-///     sink.publish(Event::new("app.started", serde_json::Value::Null)).await
+///     sink.publish(Event::new("app.started", serde_json::Value::Null)).await?;
+///     Ok(())
 /// }
 /// # let mut sink = eventsink::NoopSink::new();
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(announce(&mut sink)).unwrap();
 /// ```
-pub trait Sink<P = serde_json::Value>: Service<Event<P>, Response = ()> {}
+pub trait Sink<P = serde_json::Value>: Service<Event<P>> {}
 
-impl<S, P> Sink<P> for S where S: Service<Event<P>, Response = ()> + ?Sized {}
+impl<S, P> Sink<P> for S where S: Service<Event<P>> + ?Sized {}
 
 /// Methods for every [`Sink`].
 pub trait SinkExt<P>: Sink<P> {
@@ -71,7 +78,8 @@ pub trait SinkExt<P>: Sink<P> {
     }
 
     /// Boxes the sink into a [`BoxSink`], erasing its type; errors become
-    /// [`BoxError`]s.
+    /// [`BoxError`]s, the response stays (`()` for a delivering sink,
+    /// [`Published`](crate::queue::Published) for the queue's publisher).
     ///
     /// ```
     /// use eventsink::{BoxSink, NoopSink, RecordingSink, SinkExt};
@@ -79,7 +87,7 @@ pub trait SinkExt<P>: Sink<P> {
     /// let sinks: Vec<BoxSink> = vec![NoopSink::new().boxed_sink(), RecordingSink::new().boxed_sink()];
     /// assert_eq!(sinks.len(), 2);
     /// ```
-    fn boxed_sink(self) -> BoxSink<P>
+    fn boxed_sink(self) -> BoxSink<P, Self::Response>
     where
         Self: Sized + Clone + Send + Sync + 'static,
         Self::Future: Send + 'static,
@@ -92,8 +100,12 @@ pub trait SinkExt<P>: Sink<P> {
 
 impl<S, P> SinkExt<P> for S where S: Sink<P> + ?Sized {}
 
-/// A type-erased, cloneable sink, for storing sinks of different types
-/// together (configuration chooses webhook or file at run time).
+/// A type-erased, cloneable (and `Sync`) sink, for storing sinks of
+/// different types together (configuration chooses webhook or file at run
+/// time), or a long stack of layers under a short name (axum state). `R`
+/// is the response: `()` for the sinks that deliver; a boxed queue
+/// publisher is a [`Publisher`](crate::queue::Publisher), a
+/// `BoxSink<P, Published>`.
 ///
 /// Build one with [`SinkExt::boxed_sink`].
 ///
@@ -111,7 +123,8 @@ impl<S, P> SinkExt<P> for S where S: Sink<P> + ?Sized {}
 /// sink.publish(Event::new("app.started", serde_json::Value::Null)).await?;
 /// # Ok(()) }
 /// ```
-pub type BoxSink<P = serde_json::Value> = tower::util::BoxCloneSyncService<Event<P>, (), BoxError>;
+pub type BoxSink<P = serde_json::Value, R = ()> =
+    tower::util::BoxCloneSyncService<Event<P>, R, BoxError>;
 
 pin_project! {
     /// The future of [`SinkExt::publish`]: readiness, then the call.

@@ -335,11 +335,13 @@ async fn a_postgres_database_without_a_queue_is_an_error_and_is_not_migrated() {
     let url = support::queue::backend_url("EVENTSINK_POSTGRES_URL");
     let database = unique_name("cli_empty").replace('-', "_");
     let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect");
-    sqlx::raw_sql(&format!("CREATE DATABASE {database}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
         .execute(&mut admin)
         .await
         .expect("create an empty database");
-    let (server, _) = url.rsplit_once('/').expect("a Postgres URL ends in /DATABASE");
+    let (server, _) = url
+        .rsplit_once('/')
+        .expect("a Postgres URL ends in /DATABASE");
     let empty = format!("{server}/{database}");
 
     let run = eventsink(&["--postgres", &empty, "--queue", "q", "stats"]);
@@ -350,12 +352,17 @@ async fn a_postgres_database_without_a_queue_is_an_error_and_is_not_migrated() {
             .await
             .expect("look for the apalis schema");
     conn.close().await.expect("close");
-    sqlx::raw_sql(&format!("DROP DATABASE {database}"))
-        .execute(&mut admin)
-        .await
-        .expect("drop the database");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {database} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("drop the database");
 
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("holds no queue"), "{}", run.stderr);
-    assert_eq!(schema, None, "the CLI migrated the database it only inspects");
+    assert_eq!(
+        schema, None,
+        "the CLI migrated the database it only inspects"
+    );
 }

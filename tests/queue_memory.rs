@@ -74,14 +74,21 @@ async fn a_panicking_sink_makes_a_dead_letter_and_the_worker_lives_on() {
 
 #[tokio::test]
 async fn the_publishing_service_boxes_into_a_box_sink() {
-    use eventsink::queue::ThroughTaskQueue;
+    use eventsink::queue::{Published, Publisher, ThroughTaskQueue};
     use eventsink::{BoxSink, Event, NoopSink, SinkExt};
-    use tower::Layer;
+    use tower::{Layer, ServiceExt};
     let queue: MemoryQueue = MemoryQueue::new(unique_name("boxed"));
-    let mut sink: BoxSink = ThroughTaskQueue::new(queue.clone())
-        .layer(NoopSink::new())
-        .boxed_sink();
-    sink.publish(Event::new("test.boxed", serde_json::json!(1)))
+    let layer = ThroughTaskQueue::new(queue.clone());
+    let mut sink: Publisher = layer.layer(NoopSink::new()).boxed_sink();
+    let published = sink
+        .publish(Event::new("test.boxed", serde_json::json!(1)))
+        .await
+        .expect("publish through a Publisher");
+    assert_eq!(published, Published::Stored);
+    // Where a sink of `()` is expected, drop the answer.
+    let mut plain: BoxSink = layer.layer(NoopSink::new()).map_response(drop).boxed_sink();
+    plain
+        .publish(Event::new("test.boxed", serde_json::json!(2)))
         .await
         .expect("publish through a BoxSink");
 }

@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::Mutex;
 
-use eventsink::queue::{PostgresQueue, ThroughTaskQueue};
+use eventsink::queue::{PostgresQueue, Published, ThroughTaskQueue};
 use eventsink::{Event, NoopSink, SinkExt};
 use serde_json::json;
 use support::queue::{Backends, Payload, backend_url, unique_name};
@@ -67,11 +67,17 @@ async fn one_duplicate_in_a_batch_does_not_fail_the_others() {
         } else {
             Event::new("test.batch", json!(n))
         };
-        tasks.spawn(async move { sink.publish(event).await });
+        tasks.spawn(async move { (n, sink.publish(event).await) });
     }
     while let Some(done) = tasks.join_next().await {
-        done.unwrap()
-            .expect("every publish succeeds, the duplicate too");
+        let (n, answer) = done.unwrap();
+        let answer = answer.expect("every publish succeeds, the duplicate too");
+        let expected = if n == 7 {
+            Published::AlreadyQueued
+        } else {
+            Published::Stored
+        };
+        assert_eq!(answer, expected, "publish {n}");
     }
     let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1")
         .bind(queue.name())

@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::Published;
 use super::error::QueueError;
 use super::job::DeadLetter;
 use super::job::QueuedEvent;
@@ -83,6 +84,22 @@ pub trait QueueBackend<P>: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'sta
     fn stats(&self) -> BoxFuture<'static, Result<QueueStats, QueueError>> {
         ops::Store::stats(self.store())
     }
+}
+
+/// The payload type a backend stores: `P` of `MemoryQueue<P>`,
+/// `SqliteQueue<P>`, `PostgresQueue<P>` and `RedisQueue<P>`. It lets types
+/// that hold a backend name the payload from it, as
+/// [`DeadLetters<B>`](super::DeadLetters) does.
+///
+/// ```
+/// use eventsink::queue::{BackendPayload, MemoryQueue};
+///
+/// let payload: <MemoryQueue<u32> as BackendPayload>::Payload = 7u32;
+/// # let _ = payload;
+/// ```
+pub trait BackendPayload {
+    /// The payload of the events the backend stores.
+    type Payload;
 }
 
 impl<P, T> QueueBackend<P> for T where T: ops::Ops<P> + Clone + Send + Sync + fmt::Debug + 'static {}
@@ -197,10 +214,10 @@ pub(crate) mod ops {
     /// and running apalis' worker. Every future is `'static` (it owns a
     /// clone of the pool or connection).
     pub trait Ops<P>: Parts<P> {
-        /// Stores jobs, each due after its delay, in one backend call.
-        /// A duplicate idempotency key is either skipped silently or
-        /// reported as [`QueueError::AlreadyQueued`] (Postgres).
-        fn push(&self, jobs: Jobs<P>) -> Answer<()>;
+        /// Stores jobs, each due after its delay, in one backend call;
+        /// per job, in order, whether it was stored or its idempotency key
+        /// was already held (by the backend, or an earlier job of `jobs`).
+        fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>>;
 
         /// How many group-commit batches may be written at once: 1 where
         /// writers only queue behind each other (SQLite, memory).
@@ -418,6 +435,10 @@ macro_rules! queue_handle {
             $($crate::queue::backend::queue_handle!(@lease $leased);)?
         }
 
+        impl<P> $crate::queue::BackendPayload for $queue<P> {
+            type Payload = P;
+        }
+
         impl<P> Clone for $queue<P> {
             fn clone(&self) -> Self {
                 $queue { $($field: self.$field.clone()),+ }
@@ -455,7 +476,7 @@ macro_rules! queue_handle {
             /// println!("{} dead", queue.dead_letters().count().await?);
             /// # Ok(()) }
             /// ```
-            pub fn dead_letters(&self) -> $crate::queue::DeadLetters<Self, P> {
+            pub fn dead_letters(&self) -> $crate::queue::DeadLetters<Self> {
                 $crate::queue::DeadLetters::new(self.clone())
             }
         }
@@ -555,6 +576,26 @@ where
         .collect();
     let mut storage = storage.clone();
     storage.push_all(futures::stream::iter(tasks)).await
+}
+
+/// Each job's outcome, in order, from the idempotency keys an insert
+/// returned (the rows it stored): the first job with a returned key was
+/// stored, any other was already queued.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn outcomes<P>(
+    jobs: &[(QueuedEvent<P>, Duration)],
+    stored: Vec<String>,
+) -> Vec<Published> {
+    let mut stored: std::collections::HashSet<String> = stored.into_iter().collect();
+    jobs.iter()
+        .map(|(job, _)| {
+            if stored.remove(&job.idempotency_key()) {
+                Published::Stored
+            } else {
+                Published::AlreadyQueued
+            }
+        })
+        .collect()
 }
 
 /// Most abandoned jobs buried per query by `bury_abandoned`.

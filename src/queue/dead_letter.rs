@@ -38,8 +38,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::backend::QueueBackend;
 use super::backend::ops::Store;
+use super::backend::{BackendPayload, QueueBackend};
 use super::error::QueueError;
 use super::job::{DeadLetter, QueuedEvent};
 use super::push_each;
@@ -64,7 +64,7 @@ const REPLAY_PAGE: u64 = super::DEFAULT_MAX_BATCH as u64;
 /// assert_eq!(dead.purge().await?, 0);
 /// # Ok(()) }
 /// ```
-pub struct DeadLetters<B, P = serde_json::Value> {
+pub struct DeadLetters<B, P = <B as BackendPayload>::Payload> {
     backend: B,
     _payload: PhantomData<fn() -> P>,
 }
@@ -87,11 +87,13 @@ impl<B: fmt::Debug, P> fmt::Debug for DeadLetters<B, P> {
 }
 
 impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
-    /// The dead letters kept in `backend`.
+    /// The dead letters kept in `backend`; the payload type is the
+    /// backend's, so `DeadLetters<SqliteQueue<Order>>` needs no second
+    /// parameter.
     ///
     /// ```
     /// use eventsink::queue::{DeadLetters, MemoryQueue};
-    /// let dead: DeadLetters<_, serde_json::Value> = DeadLetters::new(MemoryQueue::new("q"));
+    /// let dead: DeadLetters<MemoryQueue<u32>> = DeadLetters::new(MemoryQueue::new("q"));
     /// # let _ = dead;
     /// ```
     pub fn new(backend: B) -> Self {

@@ -45,8 +45,9 @@ pub enum QueueError {
         source: crate::Error,
     },
     /// The backend already holds a job with this idempotency key: the event
-    /// is already queued. Publishing treats this as success and never
-    /// returns it.
+    /// is already queued. Not returned by this crate: a publish answers
+    /// [`Published::AlreadyQueued`](super::Published::AlreadyQueued)
+    /// instead. Kept so that matches on `QueueError` keep compiling.
     AlreadyQueued {
         /// The idempotency key.
         key: String,

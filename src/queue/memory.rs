@@ -11,6 +11,7 @@ use apalis_core::task::Task;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 
+use super::Published;
 use super::backend::ops::{
     Answer, DeadPage, Delivery, Jobs, Ops, Payload, Place, Store, WorkerRun,
 };
@@ -84,31 +85,38 @@ impl<P> MemoryQueue<P> {
         lock(&self.jobs)
     }
 
-    /// Notes `jobs` as waiting, and keeps those whose key did not wait
-    /// already (the others are duplicates).
-    fn admit(&self, jobs: Jobs<P>) -> Vec<(QueuedEvent<P>, Duration, String)> {
+    /// Notes `jobs` as waiting: per job, whether it is new (its key did
+    /// not wait already), and the new ones with their keys.
+    fn admit(&self, jobs: Jobs<P>) -> (Vec<Published>, Admitted<P>) {
         let mut tally = self.tally();
         let now = Utc::now();
-        jobs.into_iter()
-            .filter_map(|(job, delay)| {
+        let mut admitted = Vec::new();
+        let outcomes = jobs
+            .into_iter()
+            .map(|(job, delay)| {
                 let key = job.idempotency_key();
                 if tally.waiting.contains_key(&key) {
-                    return None;
+                    return Published::AlreadyQueued;
                 }
                 let due = chrono::Duration::from_std(delay)
                     .ok()
                     .and_then(|delay| now.checked_add_signed(delay))
                     .unwrap_or(DateTime::<Utc>::MAX_UTC);
                 tally.waiting.insert(key.clone(), due);
-                Some((job, delay, key))
+                admitted.push((job, delay, key));
+                Published::Stored
             })
-            .collect()
+            .collect();
+        (outcomes, admitted)
     }
 
     fn dead(&self) -> MutexGuard<'_, Vec<DeadLetter<P>>> {
         lock(&self.dead)
     }
 }
+
+/// Jobs admitted to the queue, with their idempotency keys.
+type Admitted<P> = Vec<(QueuedEvent<P>, Duration, String)>;
 
 /// Locks `mutex`. Each update under these locks is a single push, retain,
 /// insert or removal: a panic elsewhere cannot leave them half changed.
@@ -125,16 +133,17 @@ fn forget(jobs: &Mutex<Tally>, keys: impl IntoIterator<Item = String>) {
 }
 
 impl<P: Payload> Ops<P> for MemoryQueue<P> {
-    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>> {
+        let (outcomes, admitted) = self.admit(jobs);
         // VecDequeBackend ignores due times: hold delayed jobs in a timer
         // task (in memory, like everything here).
-        let (now, later): (Vec<_>, Vec<_>) = self
-            .admit(jobs)
-            .into_iter()
-            .partition(|(_, d, _)| d.is_zero());
+        let (now, later): (Vec<_>, Vec<_>) =
+            admitted.into_iter().partition(|(_, d, _)| d.is_zero());
         if !later.is_empty() {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                forget(&self.jobs, later.into_iter().map(|(_, _, key)| key));
+                // Nothing is stored: a publish of these again must store them.
+                let keys = later.into_iter().chain(now).map(|(_, _, key)| key);
+                forget(&self.jobs, keys);
                 return Box::pin(async { Err(QueueError::NoRuntime) });
             };
             for (job, delay, key) in later {
@@ -157,11 +166,13 @@ impl<P: Payload> Ops<P> for MemoryQueue<P> {
                 .into_iter()
                 .map(|(job, delay, _)| (job, delay))
                 .collect();
-            let pushed = push_tasks(&storage, now).await;
-            if pushed.is_err() {
-                forget(&jobs, keys);
+            match push_tasks(&storage, now).await {
+                Ok(()) => Ok(outcomes),
+                Err(e) => {
+                    forget(&jobs, keys);
+                    Err(push_error(&name, e))
+                }
             }
-            pushed.map_err(|e| push_error(&name, e))
         })
     }
 

@@ -100,7 +100,9 @@
 //! - **Duplicates.** A published event's first job is keyed
 //!   `{queue}:{kind}:{id}`: publishing the event again while that job is
 //!   queued, or until retention removes it once completed, stores nothing
-//!   new. Redis does the same (its job ids are derived from the keys); the
+//!   new and answers [`Published::AlreadyQueued`] (a new job answers
+//!   [`Published::Stored`]), to each publisher of a batch its own answer.
+//!   Redis does the same (its job ids are derived from the keys); the
 //!   memory backend only while the job waits.
 //!
 //! # What can lose an event
@@ -117,7 +119,111 @@
 //!
 //! A `publish` that returns an error, or is dropped before it returns, may
 //! or may not have stored the event: publish it again with the same id
-//! (a stored first job makes that a no-op).
+//! (a stored first job makes that a no-op, answered
+//! [`Published::AlreadyQueued`]).
+//!
+//! # Tower layers with ThroughTaskQueue
+//!
+//! The worker already does, durably, what in-process layers would do
+//! around a sink: it delivers with bounded **concurrency**
+//! ([`QueueWorker::concurrency`]), bounds each **attempt** with a timeout
+//! ([`QueueWorker::attempt_timeout`]) and writes each **retry** into the
+//! backend ([`QueueWorker::schedule`]), where it survives a restart. So
+//! put no `RetryPolicy`, `Timeout` or `ConcurrencyLimit` between the queue
+//! and the sink (an in-process retry there would die with the process and
+//! hold a delivery slot while it waits); wrap the sink only in what shapes
+//! one request, such as a rate limit toward the receiver.
+//!
+//! The publish path is where layers belong: a request handler publishes
+//! and should neither wait long nor pile up while the backend is slow.
+//!
+//! - **A timeout** (`ServiceBuilder::timeout`) sized to the request's
+//!   budget, shorter than the built-in [`DEFAULT_PUBLISH_TIMEOUT`].
+//! - **Load shedding** (`ServiceBuilder::load_shed`): the publisher's
+//!   `poll_ready` is `Pending` while its group commit is full, so a
+//!   shedding stack answers `Overloaded` at once instead of queueing
+//!   requests in memory; answer 503 and let the client retry.
+//!   `concurrency_limit` bounds the publishes in flight further.
+//! - **Stable ids.** A publish that timed out (or was shed after its
+//!   `call`, or whose connection dropped) may still have stored the event:
+//!   a caller that retries must publish the same event again, with the same
+//!   id ([`Event::with_id`](crate::Event::with_id), e.g. the order id), so
+//!   the queue recognises it ([`Published::AlreadyQueued`]) and the
+//!   receiver gets it once, not under two ids.
+//!
+//! Box the stack as a [`Publisher`] to keep it in application state.
+//!
+//! **Graceful shutdown.** When the receiver is served by the same server
+//! (a monolith that sends webhooks to itself, or a test), stop in this
+//! order: stop accepting the requests that publish; then
+//! [`WorkerHandle::shutdown`], which waits for the deliveries in flight,
+//! and those need the receiving routes; then the server. Stopping the
+//! server first fails those deliveries; nothing is lost (their retries are
+//! stored and run after the restart), but they arrive late.
+//!
+//! ```
+//! # #[cfg(all(feature = "axum", feature = "webhook"))]
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//!
+//! use axum::http::StatusCode;
+//! use eventsink::queue::{MemoryQueue, Publisher, ThroughTaskQueue};
+//! use eventsink::{Event, SinkExt, WebhookSink};
+//! use tower::ServiceBuilder;
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let webhook = WebhookSink::builder(format!("http://{}/hooks", listener.local_addr()?)).build()?;
+//! let queue = ThroughTaskQueue::new(MemoryQueue::new("orders"));
+//! let publisher: Publisher = ServiceBuilder::new()
+//!     .load_shed()                      // a full queue answers at once
+//!     .timeout(Duration::from_secs(2))  // the request's budget for storing
+//!     .layer(queue.clone())
+//!     .service(webhook.clone())
+//!     .boxed_sink();
+//! let worker = queue
+//!     .worker(webhook)                  // no retry or timeout layers here:
+//!     .concurrency(16)                  // the worker bounds deliveries,
+//!     .attempt_timeout(Duration::from_secs(10)) // each attempt,
+//!     .spawn();                         // and stores each retry
+//!
+//! let accepting = Arc::new(AtomicBool::new(true));
+//! let place_order = {
+//!     let accepting = Arc::clone(&accepting);
+//!     move |axum::extract::Path(id): axum::extract::Path<u64>| {
+//!         let (accepting, mut events) = (Arc::clone(&accepting), publisher.clone());
+//!         async move {
+//!             if !accepting.load(Ordering::SeqCst) {
+//!                 return StatusCode::SERVICE_UNAVAILABLE;
+//!             }
+//!             // The order id as the event id: a client's retry is the same event.
+//!             let event = Event::with_id("order.placed", format!("order-{id}"), serde_json::json!({"id": id}));
+//!             match events.publish(event).await {
+//!                 Ok(_) => StatusCode::ACCEPTED,
+//!                 Err(_) => StatusCode::SERVICE_UNAVAILABLE, // shed, timed out, backend down
+//!             }
+//!         }
+//!     }
+//! };
+//! let app = axum::Router::new()
+//!     .route("/orders/{id}", axum::routing::post(place_order))
+//!     .route("/hooks", axum::routing::post(|| async { StatusCode::NO_CONTENT }));
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(async move {
+//!     axum::serve(listener, app)
+//!         .with_graceful_shutdown(async { let _ = stopped.await; })
+//!         .await
+//! });
+//!
+//! // … serve until asked to stop, then:
+//! accepting.store(false, Ordering::SeqCst); // 1. no new publishes
+//! worker.shutdown().await;                  // 2. deliveries in flight reach /hooks
+//! let _ = stop.send(());                    // 3. the server, last
+//! server.await??;
+//! # Ok(()) }
+//! # #[cfg(not(all(feature = "axum", feature = "webhook")))] fn main() {}
+//! ```
 //!
 //! # Pressure and outages
 //!
@@ -197,7 +303,7 @@ mod sqlite;
 mod stats;
 mod worker;
 
-pub use backend::QueueBackend;
+pub use backend::{BackendPayload, QueueBackend};
 pub use dead_letter::DeadLetters;
 pub use error::QueueError;
 pub use job::{DeadLetter, DeathCause, QueuedEvent};
@@ -365,8 +471,10 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
 }
 
 /// The publishing service of [`ThroughTaskQueue`]: each event becomes a job
-/// in the backend; `Ok` means the backend has stored it (never that it was
-/// delivered). Cheap to clone; clones share one group commit.
+/// in the backend; `Ok` means the backend holds it (never that it was
+/// delivered), [`Published::Stored`] by this publish or
+/// [`Published::AlreadyQueued`] before it. Cheap to clone; clones share
+/// one group commit.
 ///
 /// Concurrent publishes are written together: while one batch is being
 /// written, the next collects, and is written as soon as the first is done.
@@ -488,11 +596,12 @@ where
     B: QueueBackend<P>,
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    type Response = ();
+    /// Whether this publish stored the event, or found it already queued.
+    type Response = Published;
     type Error = QueueError;
     /// An async block: hand the job to the group commit, wait (at most the
     /// publish timeout) for its batch to be stored.
-    type Future = BoxFuture<'static, Result<(), QueueError>>;
+    type Future = BoxFuture<'static, Result<Published, QueueError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The inner sink is the worker's, not ours: publishing only needs
@@ -570,6 +679,100 @@ where
     }
 }
 
+/// What a publish did: the answer of [`QueuePublisher`], per event (each
+/// publisher of a group-commit batch gets its own).
+///
+/// Both mean the event is in the queue and will be delivered (at least
+/// once): `Ok` keeps its meaning. The difference is whose job delivers it.
+/// [`AlreadyQueued`](Published::AlreadyQueued) means the backend already
+/// held the first job of this event (same kind and id; see *Duplicates* in
+/// the [module docs](self)) and stored nothing new: the job queued first
+/// is the one delivered, with the payload it was published with. A caller
+/// that reuses ids on purpose, or counts what it stored, tells them apart;
+/// most callers ignore it.
+///
+/// It is the publisher's `Response` rather than a separate method so that
+/// it travels through whatever tower layers wrap the publisher (`Timeout`,
+/// `LoadShed`, `ConcurrencyLimit`, `Buffer`, a boxed service) unchanged:
+/// the same choice tower makes for every service. A [`Sink`](crate::Sink)
+/// may answer anything, so the publisher stays a sink; box it as a
+/// [`BoxSink<P, Published>`](crate::BoxSink) (or [`Publisher`]), or drop
+/// the answer with `ServiceExt::map_response` where a `BoxSink<P>` of `()`
+/// is expected.
+///
+/// ```
+/// use eventsink::queue::{MemoryQueue, Published, ThroughTaskQueue};
+/// use eventsink::{Event, NoopSink, SinkExt};
+/// use tower::Layer;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// let mut sink = ThroughTaskQueue::new(MemoryQueue::new("demo")).layer(NoopSink::new());
+/// let event = Event::with_id("order.placed", "order-7", serde_json::json!({"order_id": 7}));
+/// assert_eq!(sink.publish(event.clone()).await?, Published::Stored);
+/// assert_eq!(sink.publish(event).await?, Published::AlreadyQueued); // no worker yet: still waiting
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Published {
+    /// The backend stored the event as a new job.
+    Stored,
+    /// The backend already held this event's first job (queued, or
+    /// completed within retention) and stored nothing new.
+    AlreadyQueued,
+}
+
+impl Published {
+    /// Whether this publish stored a new job.
+    ///
+    /// ```
+    /// assert!(eventsink::queue::Published::Stored.is_stored());
+    /// assert!(!eventsink::queue::Published::AlreadyQueued.is_stored());
+    /// ```
+    pub fn is_stored(self) -> bool {
+        self == Published::Stored
+    }
+}
+
+/// A queue's publishing service with its layers, boxed: what to keep in
+/// application state (axum's `State`, a struct field) instead of spelling
+/// `LoadShed<ConcurrencyLimit<Timeout<QueuePublisher<WebhookSink, SqliteQueue<P>>>>>`.
+/// Clone it per request; clones share the queue's group commit. It is a
+/// [`BoxSink`](crate::BoxSink) whose response is [`Published`]; errors are
+/// boxed ([`QueueError`], tower's `Elapsed` or `Overloaded`), and
+/// [`Retryable`](crate::Retryable) tells which are worth a retry. Boxing
+/// costs one allocation per publish, nothing next to a backend's write.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventsink::queue::{MemoryQueue, Publisher, ThroughTaskQueue};
+/// use eventsink::{Event, NoopSink, SinkExt};
+/// use tower::ServiceBuilder;
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     events: Publisher, // Publisher<serde_json::Value>
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// let queue = ThroughTaskQueue::new(MemoryQueue::new("orders"));
+/// let state = AppState {
+///     events: ServiceBuilder::new()
+///         .load_shed()
+///         .concurrency_limit(64)
+///         .timeout(Duration::from_secs(2))
+///         .layer(queue.clone())
+///         .service(NoopSink::new())
+///         .boxed_sink(),
+/// };
+/// let worker = queue.worker(NoopSink::new()).spawn();
+///
+/// let mut events = state.events.clone(); // in a handler
+/// events.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+pub type Publisher<P = serde_json::Value> = crate::BoxSink<P, Published>;
+
 /// The group commit shared by the clones of one [`QueuePublisher`].
 struct Committer {
     max_batch: usize,
@@ -604,7 +807,7 @@ impl<P> Clone for BatchSender<P> {
 /// holds until it is answered.
 struct Pending<P> {
     job: QueuedEvent<P>,
-    reply: oneshot::Sender<Result<(), QueueError>>,
+    reply: oneshot::Sender<Result<Published, QueueError>>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -713,14 +916,16 @@ async fn commit_batches<B, P>(
 }
 
 /// Pushes `jobs` due now in one call. If that fails because of one job (a
-/// duplicate key in Postgres, a payload that cannot be encoded), pushes
-/// them one at a time, so that job fails only itself; if it fails because
-/// of the backend (down, locked, unreachable), every job gets that error at
-/// once. A duplicate counts as stored.
+/// payload that cannot be encoded), pushes them one at a time, so that job
+/// fails only itself; if it fails because of the backend (down, locked,
+/// unreachable), every job gets that error at once. Each job that is
+/// stored is [`Published::Stored`]; one whose key the backend already
+/// holds (or an earlier job of the same batch took) is
+/// [`Published::AlreadyQueued`].
 pub(crate) async fn push_each<B, P>(
     backend: &B,
     jobs: Vec<QueuedEvent<P>>,
-) -> Vec<Result<(), QueueError>>
+) -> Vec<Result<Published, QueueError>>
 where
     B: QueueBackend<P>,
 {
@@ -732,8 +937,8 @@ where
         .map(|job| (job, Duration::ZERO))
         .collect();
     match backend.push(batch).await {
-        Ok(()) => return (0..count).map(|_| Ok(())).collect(),
-        Err(e) if count == 1 => return vec![already_queued_is_ok(e)],
+        Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+        Err(e) if count == 1 => return vec![Err(e)],
         Err(e) if e.concerns_one_job() => {
             tracing::debug!(error = %e, count, "batch push failed on one job; pushing one at a time")
         }
@@ -743,8 +948,8 @@ where
     let mut jobs = jobs.into_iter();
     while let Some(job) = jobs.next() {
         match backend.push(vec![(job, Duration::ZERO)]).await {
-            Ok(()) => results.push(Ok(())),
-            Err(e) if e.concerns_one_job() => results.push(already_queued_is_ok(e)),
+            Ok(outcomes) => results.extend(outcomes.into_iter().map(Ok)),
+            Err(e) if e.concerns_one_job() => results.push(Err(e)),
             // The backend failed: the jobs left would only fail the same way.
             Err(e) => {
                 results.extend(e.for_each(&queue, jobs.len() + 1).into_iter().map(Err));
@@ -755,9 +960,109 @@ where
     results
 }
 
-pub(crate) fn already_queued_is_ok(e: QueueError) -> Result<(), QueueError> {
-    match e {
-        QueueError::AlreadyQueued { .. } => Ok(()),
-        e => Err(e),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One batch of `ids` in `backend`, answered per job.
+    async fn answers<B: QueueBackend<serde_json::Value>>(
+        backend: &B,
+        ids: &[&str],
+    ) -> Vec<Published> {
+        let jobs = ids
+            .iter()
+            .map(|id| {
+                QueuedEvent::new(
+                    backend.name(),
+                    Event::with_id("k", *id, serde_json::json!(id)),
+                )
+            })
+            .collect();
+        push_each(backend, jobs)
+            .await
+            .into_iter()
+            .map(|r| r.expect("push"))
+            .collect()
+    }
+
+    /// Duplicates inside one backend call: the first copy is stored, the
+    /// others, and a key stored by an earlier call, are already queued.
+    async fn one_batch_answers_each_job<B: QueueBackend<serde_json::Value>>(backend: B) {
+        use Published::{AlreadyQueued, Stored};
+        assert_eq!(answers(&backend, &["a"]).await, [Stored]);
+        let got = answers(&backend, &["b", "a", "b", "c", "b"]).await;
+        assert_eq!(
+            got,
+            [Stored, AlreadyQueued, AlreadyQueued, Stored, AlreadyQueued]
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_answers_each_job_of_a_batch() {
+        one_batch_answers_each_job(MemoryQueue::new("batch")).await;
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_answers_each_job_of_a_batch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queue = SqliteQueue::open(dir.path().join("q.db"), "batch")
+            .await
+            .expect("open");
+        one_batch_answers_each_job(queue).await;
+    }
+
+    /// A queue name of its own, for the shared Postgres and Redis.
+    #[cfg(any(feature = "postgres", feature = "redis"))]
+    fn unique_name() -> String {
+        format!("t-batch-{}", uuid::Uuid::now_v7().simple())
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    #[cfg_attr(
+        not(eventsink_postgres),
+        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+    )]
+    async fn postgres_answers_each_job_of_a_batch() {
+        let url = std::env::var("EVENTSINK_POSTGRES_URL").expect("EVENTSINK_POSTGRES_URL");
+        let name = unique_name();
+        let queue = PostgresQueue::connect(&url, &name).await.expect("connect");
+        one_batch_answers_each_job(queue.clone()).await;
+        sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+            .bind(&name)
+            .execute(queue.pool())
+            .await
+            .expect("clean up");
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    #[cfg_attr(
+        not(eventsink_redis),
+        ignore = "set EVENTSINK_REDIS_URL to run against Redis"
+    )]
+    async fn redis_answers_each_job_of_a_batch() {
+        let url = std::env::var("EVENTSINK_REDIS_URL").expect("EVENTSINK_REDIS_URL");
+        let name = unique_name();
+        let queue = RedisQueue::connect(&url, &name).await.expect("connect");
+        one_batch_answers_each_job(queue).await;
+        let client = ::redis::Client::open(url).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("*{name}*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        if !keys.is_empty() {
+            let () = ::redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .expect("clean up");
+        }
     }
 }

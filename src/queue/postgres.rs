@@ -9,9 +9,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 
+use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, current_second, due_second, encode_job, lease_setter, polled,
+    APALIS_MAX_ATTEMPTS, current_second, due_second, encode_job, lease_setter, outcomes, polled,
     queue_handle, run_apalis,
 };
 use super::error::QueueError;
@@ -42,12 +43,16 @@ const ROWS_PER_INSERT: usize = 32;
 /// values apalis' push gives every job of ours (priority 0, 25 attempts,
 /// no metadata), run as one statement: apalis wraps it in `BEGIN` and
 /// `COMMIT`, two more round trips to the server for nothing, as one
-/// statement is atomic by itself. `tests/queue_contract.rs` shows the rows
-/// equal to apalis' own push and consumed by apalis' worker.
+/// statement is atomic by itself. A duplicate idempotency key is skipped
+/// (`ON CONFLICT DO NOTHING`, where apalis fails the whole batch) and the
+/// keys of the rows stored are returned, so each publisher learns whether
+/// its event was stored or already queued. `tests/queue_contract.rs` shows
+/// the rows equal to apalis' own push and consumed by apalis' worker.
 const INSERT_JOBS: &str = "INSERT INTO apalis.jobs \
     (id, job_type, job, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key) \
     SELECT unnest($1::text[]), $2::text, unnest($3::bytea[]), 'Pending', 0, $4::integer, \
-    to_timestamp(unnest($5::bigint[])), 0, ''::hstore, unnest($6::text[])";
+    to_timestamp(unnest($5::bigint[])), 0, ''::hstore, unnest($6::text[]) \
+    ON CONFLICT (job_type, idempotency_key) DO NOTHING RETURNING idempotency_key";
 
 impl Dialect for sqlx::Postgres {
     const SQL: Statements = Statements {
@@ -352,13 +357,14 @@ where
 }
 
 impl<P: Payload> Ops<P> for PostgresQueue<P> {
-    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>> {
         let (pool, name) = (self.pool().clone(), Arc::clone(&self.name));
         Box::pin(async move {
+            let mut stored = Vec::with_capacity(jobs.len());
             for chunk in jobs.chunks(ROWS_PER_INSERT) {
-                insert_jobs(&pool, &name, chunk).await?;
+                stored.extend(insert_jobs(&pool, &name, chunk).await?);
             }
-            Ok(())
+            Ok(outcomes(&jobs, stored))
         })
     }
 
@@ -374,13 +380,13 @@ impl<P: Payload> Ops<P> for PostgresQueue<P> {
     }
 }
 
-/// Stores `jobs` (at most [`ROWS_PER_INSERT`]) with [`INSERT_JOBS`]; a
-/// duplicate idempotency key is [`QueueError::AlreadyQueued`].
+/// Stores `jobs` (at most [`ROWS_PER_INSERT`]) with [`INSERT_JOBS`]; the
+/// idempotency keys of the rows stored (a duplicate is skipped).
 async fn insert_jobs<P: Serialize>(
     pool: &PgPool,
     queue: &Arc<str>,
     jobs: &[(QueuedEvent<P>, Duration)],
-) -> Result<(), QueueError> {
+) -> Result<Vec<String>, QueueError> {
     let now = current_second();
     let mut ids = Vec::with_capacity(jobs.len());
     let mut data = Vec::with_capacity(jobs.len());
@@ -397,22 +403,14 @@ async fn insert_jobs<P: Serialize>(
         due.push(i64::try_from(at).unwrap_or(i64::MAX));
         keys.push(job.idempotency_key());
     }
-    sqlx::query(INSERT_JOBS)
+    sqlx::query_scalar(INSERT_JOBS)
         .bind(ids)
         .bind(&**queue)
         .bind(data)
         .bind(i32::try_from(APALIS_MAX_ATTEMPTS).unwrap_or(i32::MAX))
         .bind(due)
         .bind(keys)
-        .execute(pool)
+        .fetch_all(pool)
         .await
-        .map(|_| ())
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
-                QueueError::AlreadyQueued {
-                    key: "(one of the batch)".into(),
-                }
-            }
-            _ => QueueError::backend(queue, "pushing jobs", e),
-        })
+        .map_err(|e| QueueError::backend(queue, "pushing jobs", e))
 }

@@ -11,6 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::Published;
 use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
@@ -197,14 +198,18 @@ const LUA_CHUNK: usize = 1_000;
 /// publishes an event per job), and Redis' CPU is what limits publishing.
 ///
 /// `ARGV`: `max_attempts`, then per job: id, data, due second (0 = now),
-/// idempotency key.
+/// idempotency key. Returns how many jobs are due now, and one character
+/// per job: `1` stored, `0` already there.
 const PUSH_JOBS: &str = concat!(
     lua_activate!(),
     r#"
 local now = {}
+local stored = {}
 for i = 2, #ARGV, 4 do
     local id = ARGV[i]
-    if redis.call("hsetnx", KEYS[1], id, ARGV[i + 1]) == 1 then
+    local new = redis.call("hsetnx", KEYS[1], id, ARGV[i + 1])
+    stored[#stored + 1] = new
+    if new == 1 then
         redis.call("hset", KEYS[4] .. ":" .. id, "attempts", 0, "max_attempts", ARGV[1],
             "status", "Pending", "idempotency_key", ARGV[i + 3])
         local due = tonumber(ARGV[i + 2])
@@ -216,7 +221,7 @@ for i = 2, #ARGV, 4 do
     end
 end
 activate(now)
-return #now
+return {#now, table.concat(stored)}
 "#
 );
 
@@ -234,16 +239,17 @@ fn job_id(key: &str) -> String {
 }
 
 /// Stores `jobs` with [`PUSH_JOBS`], [`LUA_CHUNK`] at a time; how many are
-/// due now.
+/// due now, and each job's outcome.
 async fn push_jobs<P: Serialize>(
     mut conn: ConnectionManager,
     config: &Config,
     name: &Arc<str>,
     jobs: &[(QueuedEvent<P>, Duration)],
-) -> Result<usize, QueueError> {
+) -> Result<(usize, Vec<Published>), QueueError> {
     static SCRIPT: std::sync::LazyLock<redis::Script> =
         std::sync::LazyLock::new(|| redis::Script::new(PUSH_JOBS));
     let mut due_now = 0;
+    let mut outcomes = Vec::with_capacity(jobs.len());
     for chunk in jobs.chunks(LUA_CHUNK) {
         let mut call = SCRIPT.prepare_invoke();
         call.key(config.job_data_hash())
@@ -262,12 +268,17 @@ async fn push_jobs<P: Serialize>(
             };
             call.arg(job_id(&key)).arg(data).arg(due).arg(key);
         }
-        due_now += call
-            .invoke_async::<usize>(&mut conn)
+        let (now, stored) = call
+            .invoke_async::<(usize, String)>(&mut conn)
             .await
             .map_err(|e| QueueError::backend(name, "pushing jobs", e))?;
+        due_now += now;
+        outcomes.extend(stored.bytes().map(|b| match b {
+            b'1' => Published::Stored,
+            _ => Published::AlreadyQueued,
+        }));
     }
-    Ok(due_now)
+    Ok((due_now, outcomes))
 }
 
 /// Before a worker starts: moves every due job to the active list, in
@@ -623,14 +634,15 @@ fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter
 }
 
 impl<P: Payload> Ops<P> for RedisQueue<P> {
-    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>> {
         let (conn, config, wake) = (self.conn.clone(), self.config.clone(), self.wake.clone());
         let name = Arc::clone(&self.name);
         Box::pin(async move {
-            if push_jobs(conn, &config, &name, &jobs).await? > 0 {
+            let (due_now, outcomes) = push_jobs(conn, &config, &name, &jobs).await?;
+            if due_now > 0 {
                 wake.notify();
             }
-            Ok(())
+            Ok(outcomes)
         })
     }
 

@@ -13,10 +13,11 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, lease_setter, polled,
-    queue_handle, run_apalis,
+    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, lease_setter, outcomes,
+    polled, queue_handle, run_apalis,
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
@@ -109,7 +110,8 @@ ANALYZE sqlite_schema;";
 const ROWS_PER_INSERT: usize = 64;
 
 /// Stores jobs in apalis-sqlite 1.0's `Jobs` table as its own push does
-/// (same columns and values; a duplicate idempotency key is skipped), but
+/// (same columns and values; a duplicate idempotency key is skipped, and
+/// is [`Published::AlreadyQueued`]), but
 /// [`ROWS_PER_INSERT`] rows per statement, all in one transaction. A batch
 /// that fits one statement is that statement alone: SQLite makes every
 /// statement atomic and durable by itself, and `BEGIN` and `COMMIT` would
@@ -119,20 +121,31 @@ async fn insert_jobs<P: Serialize>(
     pool: &SqlitePool,
     queue: &Arc<str>,
     jobs: &[(QueuedEvent<P>, Duration)],
-) -> Result<(), QueueError> {
+) -> Result<Vec<Published>, QueueError> {
     let fail = |e: sqlx::Error| QueueError::backend(queue, "pushing jobs", e);
     let now = current_second();
     if jobs.len() <= ROWS_PER_INSERT {
         let mut insert = insert_statement(queue, jobs, now)?;
-        insert.build().execute(pool).await.map_err(fail)?;
-        return Ok(());
+        let stored = insert
+            .build_query_scalar()
+            .fetch_all(pool)
+            .await
+            .map_err(fail)?;
+        return Ok(outcomes(jobs, stored));
     }
+    let mut stored = Vec::with_capacity(jobs.len());
     let mut tx = pool.begin().await.map_err(fail)?;
     for chunk in jobs.chunks(ROWS_PER_INSERT) {
         let mut insert = insert_statement(queue, chunk, now)?;
-        insert.build().execute(&mut *tx).await.map_err(fail)?;
+        let keys: Vec<String> = insert
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(fail)?;
+        stored.extend(keys);
     }
-    tx.commit().await.map_err(fail)
+    tx.commit().await.map_err(fail)?;
+    Ok(outcomes(jobs, stored))
 }
 
 /// One `INSERT` of `jobs` (at most [`ROWS_PER_INSERT`]), due from `now`.
@@ -167,7 +180,8 @@ fn insert_statement<P: Serialize>(
             .push("0, '{}'")
             .push_bind(key);
     });
-    insert.push(" ON CONFLICT (job_type, idempotency_key) DO NOTHING");
+    // The keys of the rows stored: a duplicate is skipped, not returned.
+    insert.push(" ON CONFLICT (job_type, idempotency_key) DO NOTHING RETURNING idempotency_key");
     Ok(insert)
 }
 
@@ -461,7 +475,7 @@ impl<P> SqliteQueue<P> {
 }
 
 impl<P: Payload> Ops<P> for SqliteQueue<P> {
-    fn push(&self, jobs: Jobs<P>) -> Answer<()> {
+    fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>> {
         let (pool, name, wake) = (
             self.pool().clone(),
             Arc::clone(&self.name),
@@ -469,11 +483,11 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
         );
         let due_now = jobs.iter().any(|(_, delay)| delay.is_zero());
         Box::pin(async move {
-            insert_jobs(&pool, &name, &jobs).await?;
+            let outcomes = insert_jobs(&pool, &name, &jobs).await?;
             if due_now {
                 wake.notify();
             }
-            Ok(())
+            Ok(outcomes)
         })
     }
 

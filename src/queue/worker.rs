@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 
-use super::already_queued_is_ok;
 use super::backend::QueueBackend;
 use super::backend::ops::{Delivery, Store, WorkerRun};
 use super::job::QueuedEvent;
@@ -262,7 +261,7 @@ where
         let queue = self.backend.name().to_owned();
         let deliveries = Arc::new(Deliveries::default());
         let deliver: Delivery<P> = Delivery::new(Deliver {
-            inner: BoxCloneService::new(self.sink.map_err(Into::into)),
+            inner: BoxCloneService::new(self.sink.map_response(drop).map_err(Into::into)),
             backend: self.backend.clone(),
             schedule: Arc::new(self.schedule),
             timeout: self.attempt_timeout,
@@ -746,10 +745,7 @@ where
                     // The key names this chain and attempt: a conflict can
                     // only be this same job run twice (its acknowledgement
                     // was lost), whose next attempt is stored already.
-                    backend
-                        .push(vec![(job.next_attempt(), delay)])
-                        .await
-                        .or_else(already_queued_is_ok)?;
+                    backend.push(vec![(job.next_attempt(), delay)]).await?;
                 }
                 None => {
                     let cause = if transient {

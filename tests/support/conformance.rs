@@ -22,10 +22,7 @@ pub const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where a sink delivers, and how to read back what arrived there.
 pub trait Destination<P> {
     /// The sink under test.
-    type Sink: Service<Event<P>, Response = (), Error: Into<BoxError>, Future: Send>
-        + Clone
-        + Send
-        + 'static;
+    type Sink: Service<Event<P>, Error: Into<BoxError>, Future: Send> + Clone + Send + 'static;
 
     /// A sink delivering to this destination.
     fn sink(&self) -> Self::Sink;

@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use eventsink::queue::{
-    DeathCause, QueueBackend, QueuePublisher, RetrySchedule, ThroughTaskQueue, WorkerHandle,
+    DeathCause, Published, QueueBackend, QueuePublisher, RetrySchedule, ThroughTaskQueue,
+    WorkerHandle,
 };
 use eventsink::{Event, RecordingSink, Retryable, SinkExt};
 use serde::Serialize;
@@ -292,6 +293,84 @@ pub async fn duplicate_publish_is_delivered_once<B: Backends>(backends: &B) {
     let copies = got.iter().filter(|e| e.id == twice.id).count();
     assert_eq!(copies, 1, "the duplicate was delivered {copies} times");
     assert_eq!(got.len(), 12);
+}
+
+/// A publish answers `Stored`, the same event again `AlreadyQueued`; once
+/// delivered, a durable backend still holds its key (until retention), the
+/// memory backend no longer does.
+pub async fn publish_twice_is_stored_then_already_queued<B: Backends>(backends: &B) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let mut sink = publisher(&backend, &recorder);
+    let event = Event::new("test.twice", json!({"n": 1}));
+    let first = sink.publish(event.clone()).await.expect("publish");
+    assert_eq!(first, Published::Stored);
+    let second = sink.publish(event.clone()).await.expect("publish again");
+    assert_eq!(second, Published::AlreadyQueued);
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    recorder
+        .wait_for(1, ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered");
+    let after = sink.publish(event).await.expect("publish after delivery");
+    let expected = if B::KEEPS_COMPLETED {
+        Published::AlreadyQueued
+    } else {
+        Published::Stored
+    };
+    assert_eq!(after, expected, "a publish after the delivery");
+    worker.shutdown().await;
+}
+
+/// 8 concurrent publishers, several with the same event, one with an event
+/// stored before: whatever batches the group commit makes of them, each
+/// new event is `Stored` for exactly one of its publishers and
+/// `AlreadyQueued` for the others, and each is delivered once.
+pub async fn concurrent_duplicates_each_get_their_own_answer<B: Backends>(backends: &B) {
+    let backend = backends.make::<Value>().await;
+    let recorder = RecordingSink::new();
+    let sink = publisher(&backend, &recorder);
+    let [a, b, c, d, e] =
+        ["a", "b", "c", "d", "e"].map(|n| Event::new("test.mixed", json!({ "n": n })));
+    let stored = sink.clone().publish(a.clone()).await.expect("publish a");
+    assert_eq!(stored, Published::Stored);
+    let events = [&a, &b, &b, &c, &c, &c, &d, &e].map(|event| event.clone());
+    // Built and polled together, so that they meet in the group commit.
+    let publishes = events.iter().map(|event| {
+        let mut sink = sink.clone();
+        let event = event.clone();
+        async move { sink.publish(event).await }
+    });
+    let answers = futures::future::join_all(publishes).await;
+    let mut stored_per_id = std::collections::HashMap::<String, usize>::new();
+    for (event, answer) in events.iter().zip(answers) {
+        let answer = answer.expect("every publish succeeds, the duplicates too");
+        let count = stored_per_id.entry(event.id.to_string()).or_default();
+        *count += usize::from(answer == Published::Stored);
+    }
+    assert_eq!(stored_per_id[&a.id.to_string()], 0, "a was stored before");
+    for (name, event) in [("b", &b), ("c", &c), ("d", &d), ("e", &e)] {
+        assert_eq!(
+            stored_per_id[&event.id.to_string()],
+            1,
+            "{name}: exactly one of its publishers stores it"
+        );
+    }
+    let worker = spawn_worker(&sink, fast_schedule(3));
+    recorder
+        .wait_for(5, ARRIVAL_TIMEOUT)
+        .await
+        .expect("delivered");
+    // A marker published after everything else: once it is in, any second
+    // copy would have been fetched too.
+    let mut marker_sink = sink.clone();
+    marker_sink
+        .publish(Event::new("test.mixed.marker", json!(null)))
+        .await
+        .expect("publish marker");
+    recorder.wait_for(6, ARRIVAL_TIMEOUT).await.expect("marker");
+    worker.shutdown().await;
+    assert_eq!(recorder.events().len(), 6, "each event delivered once");
 }
 
 /// Counts completed deliveries, for waiting without
@@ -670,6 +749,8 @@ macro_rules! queue_tests {
             permanent_failure_is_a_dead_letter_at_once,
             dead_letters_list_show_replay_and_purge,
             duplicate_publish_is_delivered_once,
+            publish_twice_is_stored_then_already_queued,
+            concurrent_duplicates_each_get_their_own_answer,
             shutdown_mid_load_loses_nothing,
             retention_removes_completed_jobs,
             passes_conformance,
