@@ -433,6 +433,29 @@ mod tests {
     }
 
     #[test]
+    fn a_cause_the_backend_error_repeats_is_skipped_in_the_chain() {
+        /// An error that shows its source's message, as sqlx and redis do.
+        #[derive(Debug)]
+        struct Repeats(std::io::Error);
+        impl fmt::Display for Repeats {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "error communicating: {}", self.0)
+            }
+        }
+        impl StdError for Repeats {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = QueueError::backend(&"q".into(), "connecting", Repeats(refused));
+        let source = err.source().expect("the backend's error");
+        assert!(source.to_string().contains("refused"), "{source}");
+        assert!(source.source().is_none(), "{:?}", source.source());
+        assert!(err.is_retryable());
+    }
+
+    #[test]
     fn timeout_says_the_event_may_be_stored_and_is_transient() {
         let err = QueueError::Timeout {
             queue: "orders".into(),
