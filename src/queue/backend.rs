@@ -374,21 +374,76 @@ pub(crate) use run_apalis;
 /// A durable backend's apalis storage `$storage` (cloned) with its config
 /// `$config`, fetching as many jobs at once as the [`WorkerRun`](ops::WorkerRun)
 /// `$run` delivers (at least 10), polling every `$run.poll_interval` and
-/// whenever the stream `$wake` yields.
+/// whenever the stream `$wake` yields (see [`Wakes`]).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 macro_rules! polled {
     ($storage:expr, $config:expr, $wake:expr, $run:expr) => {{
         use apalis_core::backend::ext::BackendExt as _;
         let config = $config.clone().batch_size($run.concurrency.max(10));
+        let wakes = $crate::queue::backend::Wakes::new($wake, $run.poll_interval);
         $storage.clone().with_config(config).poll_with_strategy(
-            apalis_core::backend::ext::poll_strategy::Strategy::new()
-                .stream($wake)
-                .interval($run.poll_interval),
+            apalis_core::backend::ext::poll_strategy::Strategy::new().stream(wakes),
         )
     }};
 }
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) use polled;
+
+/// When an idle apalis worker polls: whenever `wake` yields, and every
+/// `every`. Each poll polls both and re-arms the timer before it answers,
+/// so a waker is always registered with both. apalis' own
+/// `IntervalStrategy` starts its next interval without polling it: when
+/// the fetch that a tick starts completes on its first poll (SQLite and
+/// Postgres often do), nothing woke the worker until its next heartbeat
+/// (5 s), and retries ran in waves 5 s apart.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) struct Wakes<S> {
+    wake: futures::stream::Fuse<S>,
+    every: Duration,
+    tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<S: futures::Stream> Wakes<S> {
+    pub(crate) fn new(wake: S, every: Duration) -> Self {
+        use futures::StreamExt as _;
+        Wakes {
+            wake: wake.fuse(),
+            // A zero interval would tick forever within one poll.
+            every: every.max(Duration::from_millis(1)),
+            tick: None,
+        }
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<S: futures::Stream + Unpin> futures::Stream for Wakes<S> {
+    type Item = ();
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<()>> {
+        use futures::StreamExt as _;
+        let this = &mut *self;
+        let mut woken = false;
+        while let std::task::Poll::Ready(Some(_)) = this.wake.poll_next_unpin(cx) {
+            woken = true;
+        }
+        let every = this.every;
+        let tick = this
+            .tick
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+        while tick.as_mut().poll(cx).is_ready() {
+            woken = true;
+            tick.as_mut().reset(tokio::time::Instant::now() + every);
+        }
+        match woken {
+            true => std::task::Poll::Ready(Some(())),
+            false => std::task::Poll::Pending,
+        }
+    }
+}
 
 /// What every backend type has alike, written once: `Clone` (each field is
 /// a handle, so no `P: Clone`), a `Debug` that shows only the queue's name,

@@ -10,8 +10,9 @@ use crate::{BoxError, Retryable};
 
 /// A failure of the queue itself (not of the delivery behind it).
 ///
-/// Every variant is transient except [`QueueError::Encode`], whose source is
-/// an [`eventsink::Error::Serialize`](crate::Error::Serialize), so
+/// Every variant is transient except [`QueueError::Encode`] (whose source is
+/// an [`eventsink::Error::Serialize`](crate::Error::Serialize)),
+/// [`QueueError::Misconfigured`] and [`QueueError::NewerSchema`], so
 /// [`Retryable`] answers correctly for a boxed `QueueError`.
 ///
 /// ```
@@ -32,6 +33,34 @@ pub enum QueueError {
         queue: Arc<str>,
         /// What was being done, e.g. `"pushing jobs"`.
         action: &'static str,
+        /// The backend's error.
+        source: BoxError,
+    },
+    /// The backend refused the queue's settings: authentication or
+    /// authorization failed, the database does not exist, or the URL is
+    /// invalid. Permanent: fix the URL, the credentials or the server's
+    /// settings.
+    ///
+    /// ```
+    /// use eventsink::queue::QueueError;
+    /// use eventsink::Retryable;
+    ///
+    /// let err = QueueError::Misconfigured {
+    ///     queue: "orders".into(),
+    ///     action: "connecting to Postgres",
+    ///     problem: "the database does not exist",
+    ///     source: "database \"ordrs\" does not exist".into(),
+    /// };
+    /// assert!(!err.is_retryable());
+    /// assert!(err.to_string().contains("the database does not exist"));
+    /// ```
+    Misconfigured {
+        /// The queue's name.
+        queue: Arc<str>,
+        /// What was being done, e.g. `"connecting to Postgres"`.
+        action: &'static str,
+        /// What the backend refused, e.g. `"authentication failed"`.
+        problem: &'static str,
         /// The backend's error.
         source: BoxError,
     },
@@ -99,15 +128,27 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// A backend's error while doing `action`: [`QueueError::Misconfigured`]
+    /// if the backend refused the settings, else [`QueueError::Backend`].
     pub(crate) fn backend(
         queue: &Arc<str>,
         action: &'static str,
         source: impl Into<BoxError>,
     ) -> Self {
-        QueueError::Backend {
-            queue: Arc::clone(queue),
-            action,
-            source: source.into(),
+        let source: BoxError = Box::new(Cause(source.into()));
+        let queue = Arc::clone(queue);
+        match refused_settings(&*source) {
+            Some(problem) => QueueError::Misconfigured {
+                queue,
+                action,
+                problem,
+                source,
+            },
+            None => QueueError::Backend {
+                queue,
+                action,
+                source,
+            },
         }
     }
 
@@ -142,6 +183,20 @@ impl QueueError {
                     source: Box::new(shared.clone()),
                 })
             }
+            QueueError::Misconfigured {
+                queue,
+                action,
+                problem,
+                source,
+            } => {
+                let shared = Shared(Arc::from(source));
+                Box::new(move || QueueError::Misconfigured {
+                    queue: Arc::clone(&queue),
+                    action,
+                    problem,
+                    source: Box::new(shared.clone()),
+                })
+            }
             QueueError::Stopped { queue } => Box::new(move || QueueError::Stopped {
                 queue: Arc::clone(&queue),
             }),
@@ -172,7 +227,9 @@ impl Retryable for QueueError {
     fn is_retryable(&self) -> bool {
         match self {
             QueueError::Encode { source, .. } => source.is_retryable(),
-            QueueError::NewerSchema { .. } | QueueError::Missing { .. } => false,
+            QueueError::NewerSchema { .. }
+            | QueueError::Missing { .. }
+            | QueueError::Misconfigured { .. } => false,
             _ => true,
         }
     }
@@ -185,6 +242,16 @@ impl fmt::Display for QueueError {
                 f,
                 "queue {queue:?}: {action} failed; the backend is down, busy or locked, try \
                  again later"
+            ),
+            QueueError::Misconfigured {
+                queue,
+                action,
+                problem,
+                ..
+            } => write!(
+                f,
+                "queue {queue:?}: {action} failed: {problem}; fix the URL, the credentials or \
+                 the server's settings, retrying cannot help"
             ),
             QueueError::Encode { queue, .. } => write!(
                 f,
@@ -233,10 +300,108 @@ impl fmt::Display for QueueError {
 impl StdError for QueueError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
-            QueueError::Backend { source, .. } => Some(&**source),
+            QueueError::Backend { source, .. } | QueueError::Misconfigured { source, .. } => {
+                Some(&**source)
+            }
             QueueError::Encode { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// What the backend's error `err` says the backend refused, if it refused
+/// the queue's settings (a permanent failure).
+fn refused_settings(err: &(dyn StdError + 'static)) -> Option<&'static str> {
+    let err = err.downcast_ref::<Cause>().map_or(err, |cause| &*cause.0);
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    if let Some(err) = err.downcast_ref::<sqlx::Error>() {
+        return refused_by_sql(err);
+    }
+    #[cfg(feature = "redis")]
+    if let Some(err) = err.downcast_ref::<redis::RedisError>() {
+        return refused_by_redis(err);
+    }
+    None
+}
+
+/// A URL sqlx cannot use, and Postgres' SQLSTATEs for refused settings
+/// (class 28: authentication; 3D000: no such database; 42501: insufficient
+/// privilege).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn refused_by_sql(err: &sqlx::Error) -> Option<&'static str> {
+    match err {
+        sqlx::Error::Configuration(_) => Some("the URL or the connection settings are invalid"),
+        #[cfg(feature = "postgres")]
+        sqlx::Error::Database(db)
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some() =>
+        {
+            match db.code()?.as_ref() {
+                code if code.starts_with("28") => Some(
+                    "authentication failed: the role does not exist, its password is wrong, or \
+                 the server's pg_hba.conf does not admit it",
+                ),
+                "3D000" => Some("the database does not exist"),
+                "42501" => Some("permission denied: the role lacks a privilege the queue needs"),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Redis errors for refused settings: authentication, ACL permissions, an
+/// invalid URL, a database number the server does not have.
+#[cfg(feature = "redis")]
+fn refused_by_redis(err: &redis::RedisError) -> Option<&'static str> {
+    use redis::{ErrorKind, ServerErrorKind};
+    match err.kind() {
+        ErrorKind::AuthenticationFailed => {
+            Some("authentication failed: the user does not exist or its password is wrong")
+        }
+        ErrorKind::InvalidClientConfig => Some("the URL or the connection settings are invalid"),
+        ErrorKind::Server(ServerErrorKind::NoPerm) => {
+            Some("permission denied: the user's ACL forbids a command the queue needs")
+        }
+        // redis reports a `SELECT` of a database the server lacks only
+        // in its message.
+        _ if err.to_string().contains("refused to switch database") => {
+            Some("the database number in the URL does not exist on the server")
+        }
+        _ => None,
+    }
+}
+
+/// A backend's error as the source of a [`QueueError`]: shows as the error
+/// itself; its chain skips the causes whose message the error already
+/// shows (sqlx and redis repeat their cause's message in their own), so a
+/// printed chain has each cause once.
+struct Cause(BoxError);
+
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl StdError for Cause {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        let shown = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(cause) = next {
+            if !shown.contains(&cause.to_string()) {
+                return Some(cause);
+            }
+            next = cause.source();
+        }
+        None
     }
 }
 
@@ -282,6 +447,29 @@ mod tests {
             let source = e.source().expect("the backend's error");
             assert_eq!(source.to_string(), "connection refused");
         }
+    }
+
+    #[test]
+    fn a_cause_the_backend_error_repeats_is_skipped_in_the_chain() {
+        /// An error that shows its source's message, as sqlx and redis do.
+        #[derive(Debug)]
+        struct Repeats(std::io::Error);
+        impl fmt::Display for Repeats {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "error communicating: {}", self.0)
+            }
+        }
+        impl StdError for Repeats {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = QueueError::backend(&"q".into(), "connecting", Repeats(refused));
+        let source = err.source().expect("the backend's error");
+        assert!(source.to_string().contains("refused"), "{source}");
+        assert!(source.source().is_none(), "{:?}", source.source());
+        assert!(err.is_retryable());
     }
 
     #[test]

@@ -207,9 +207,11 @@ impl PostgresQueueBuilder {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] if the database cannot be reached or
-    /// migrated (for instance without the right to create `hstore`);
-    /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
+    /// [`QueueError::Misconfigured`] if the server refuses the role, the
+    /// database or a privilege the migrations need (for instance the right
+    /// to create `hstore`); [`QueueError::Backend`] if the database cannot
+    /// be reached or migrated; [`QueueError::NewerSchema`] if a newer
+    /// apalis migrated it.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
@@ -313,8 +315,9 @@ where
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] if the database cannot be reached or migrated.
-    /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
+    /// [`QueueError::Misconfigured`] if the server refuses the role or the
+    /// database; [`QueueError::Backend`] if the database cannot be reached or
+    /// migrated; [`QueueError::NewerSchema`] if a newer apalis migrated it.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {

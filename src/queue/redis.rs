@@ -434,8 +434,9 @@ impl RedisQueueBuilder {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] if the URL is invalid or Redis cannot be
-    /// reached.
+    /// [`QueueError::Misconfigured`] if the URL is invalid or Redis refuses
+    /// the credentials or the database number; [`QueueError::Backend`] if
+    /// Redis cannot be reached.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
@@ -506,8 +507,9 @@ impl<P> RedisQueue<P> {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] if the URL is invalid or Redis cannot be
-    /// reached.
+    /// [`QueueError::Misconfigured`] if the URL is invalid or Redis refuses
+    /// the credentials or the database number; [`QueueError::Backend`] if
+    /// Redis cannot be reached.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::queue::QueueError> {
