@@ -310,7 +310,12 @@ impl StdError for QueueError {
 }
 
 /// What the backend's error `err` says the backend refused, if it refused
-/// the queue's settings (a permanent failure).
+/// the queue's settings (a permanent failure). The memory backend alone
+/// has no such errors.
+#[cfg_attr(
+    not(any(feature = "sqlite", feature = "postgres", feature = "redis")),
+    allow(unused_variables)
+)]
 fn refused_settings(err: &(dyn StdError + 'static)) -> Option<&'static str> {
     let err = err.downcast_ref::<Cause>().map_or(err, |cause| &*cause.0);
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
