@@ -23,7 +23,8 @@
 //! ```
 //!
 //! Comparisons run in constant time, and a [`Secret`] never shows its bytes
-//! in `Debug` or in any error.
+//! in `Debug` or in any error; its key bytes and keyed HMAC state are
+//! overwritten with zeros when it is dropped ([`zeroize`](https://docs.rs/zeroize)).
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,6 +34,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -94,7 +96,9 @@ impl Scheme {
     }
 }
 
-/// An HMAC key. Its bytes never appear in `Debug` output or errors.
+/// An HMAC key. Its bytes never appear in `Debug` output or errors, and
+/// are overwritten with zeros when the secret is dropped (each clone holds
+/// its own copy and wipes it).
 ///
 /// ```
 /// use eventsink::signature::Secret;
@@ -131,11 +135,11 @@ impl Secret {
             .trim()
             .strip_prefix(SECRET_PREFIX)
             .unwrap_or(text.trim());
-        let key = BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?;
+        let key = Zeroizing::new(BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?);
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
             return Err(SecretError::Length(key.len()));
         }
-        Ok(Secret::with_key(key))
+        Ok(Secret::with_key(key.to_vec()))
     }
 
     /// A secret whose HMAC key is `bytes` as given: the form the Go original
@@ -201,6 +205,13 @@ impl Secret {
 
     fn mac(&self) -> HmacSha256 {
         self.keyed.clone()
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        // The keyed HMAC state wipes itself (feature `zeroize` of hmac).
+        self.key.zeroize();
     }
 }
 
