@@ -381,12 +381,13 @@ fn event_like_json() -> impl Strategy<Value = Value> {
         })
 }
 
-/// Bounded decoding cases for CI (each takes microseconds), and failures
+/// Bounded decoding cases for CI (512 cases of the two properties take
+/// about 2 s in a debug build, generating the JSON included), and failures
 /// saved in `proptest-regressions/wire_props.txt` (committed; replayed
 /// first on every run).
 fn decode_config() -> ProptestConfig {
     ProptestConfig {
-        cases: 1024,
+        cases: 512,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
             "proptest-regressions/wire_props.txt",
         ))),
