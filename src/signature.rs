@@ -34,9 +34,17 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 type HmacSha256 = Hmac<Sha256>;
+
+// The keyed HMAC state is two SHA-256 cores (and a block buffer) that
+// wipe themselves on drop with feature `zeroize` of hmac and sha2; this
+// fails to compile if an upgrade loses that.
+const _: fn() = || {
+    fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    zeroized_on_drop::<<Sha256 as hmac::EagerHash>::Core>();
+};
 
 /// The prefix of Standard Webhooks secrets.
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -110,7 +118,8 @@ impl Scheme {
 /// ```
 #[derive(Clone)]
 pub struct Secret {
-    key: Vec<u8>,
+    /// Overwritten with zeros on drop.
+    key: Zeroizing<Vec<u8>>,
     /// HMAC state with the key already absorbed, cloned per signature.
     keyed: HmacSha256,
 }
@@ -139,7 +148,7 @@ impl Secret {
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
             return Err(SecretError::Length(key.len()));
         }
-        Ok(Secret::with_key(key.to_vec()))
+        Ok(Secret::with_key(key))
     }
 
     /// A secret whose HMAC key is `bytes` as given: the form the Go original
@@ -155,7 +164,7 @@ impl Secret {
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
     pub fn from_raw(bytes: impl AsRef<[u8]>) -> Result<Self, SecretError> {
-        let key = bytes.as_ref().to_vec();
+        let key = Zeroizing::new(bytes.as_ref().to_vec());
         if key.is_empty() {
             return Err(SecretError::Empty);
         }
@@ -177,7 +186,7 @@ impl Secret {
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
     pub fn generate() -> Result<Self, SecretError> {
-        let mut key = vec![0; GENERATED_SECRET_BYTES];
+        let mut key = Zeroizing::new(vec![0; GENERATED_SECRET_BYTES]);
         getrandom::fill(&mut key).map_err(|_| SecretError::Random)?;
         Ok(Secret::with_key(key))
     }
@@ -192,10 +201,10 @@ impl Secret {
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
     pub fn expose_whsec(&self) -> String {
-        format!("{SECRET_PREFIX}{}", BASE64.encode(&self.key))
+        format!("{SECRET_PREFIX}{}", BASE64.encode(self.key.as_slice()))
     }
 
-    fn with_key(key: Vec<u8>) -> Self {
+    fn with_key(key: Zeroizing<Vec<u8>>) -> Self {
         // HMAC accepts keys of any length (long keys are hashed first), so
         // `new_from_slice` cannot fail for it.
         let keyed =
@@ -205,13 +214,6 @@ impl Secret {
 
     fn mac(&self) -> HmacSha256 {
         self.keyed.clone()
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        // The keyed HMAC state wipes itself (feature `zeroize` of hmac).
-        self.key.zeroize();
     }
 }
 
