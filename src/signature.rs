@@ -23,7 +23,8 @@
 //! ```
 //!
 //! Comparisons run in constant time, and a [`Secret`] never shows its bytes
-//! in `Debug` or in any error.
+//! in `Debug` or in any error; its key bytes and keyed HMAC state are
+//! overwritten with zeros when it is dropped ([`zeroize`](https://docs.rs/zeroize)).
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,8 +34,17 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 type HmacSha256 = Hmac<Sha256>;
+
+// The keyed HMAC state is two SHA-256 cores (and a block buffer) that
+// wipe themselves on drop with feature `zeroize` of hmac and sha2; this
+// fails to compile if an upgrade loses that.
+const _: fn() = || {
+    fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    zeroized_on_drop::<<Sha256 as hmac::EagerHash>::Core>();
+};
 
 /// The prefix of Standard Webhooks secrets.
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -94,7 +104,9 @@ impl Scheme {
     }
 }
 
-/// An HMAC key. Its bytes never appear in `Debug` output or errors.
+/// An HMAC key. Its bytes never appear in `Debug` output or errors, and
+/// are overwritten with zeros when the secret is dropped (each clone holds
+/// its own copy and wipes it).
 ///
 /// ```
 /// use eventsink::signature::Secret;
@@ -106,7 +118,8 @@ impl Scheme {
 /// ```
 #[derive(Clone)]
 pub struct Secret {
-    key: Vec<u8>,
+    /// Overwritten with zeros on drop.
+    key: Zeroizing<Vec<u8>>,
     /// HMAC state with the key already absorbed, cloned per signature.
     keyed: HmacSha256,
 }
@@ -131,7 +144,7 @@ impl Secret {
             .trim()
             .strip_prefix(SECRET_PREFIX)
             .unwrap_or(text.trim());
-        let key = BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?;
+        let key = Zeroizing::new(BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?);
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
             return Err(SecretError::Length(key.len()));
         }
@@ -151,7 +164,7 @@ impl Secret {
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
     pub fn from_raw(bytes: impl AsRef<[u8]>) -> Result<Self, SecretError> {
-        let key = bytes.as_ref().to_vec();
+        let key = Zeroizing::new(bytes.as_ref().to_vec());
         if key.is_empty() {
             return Err(SecretError::Empty);
         }
@@ -173,7 +186,7 @@ impl Secret {
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
     pub fn generate() -> Result<Self, SecretError> {
-        let mut key = vec![0; GENERATED_SECRET_BYTES];
+        let mut key = Zeroizing::new(vec![0; GENERATED_SECRET_BYTES]);
         getrandom::fill(&mut key).map_err(|_| SecretError::Random)?;
         Ok(Secret::with_key(key))
     }
@@ -188,10 +201,10 @@ impl Secret {
     /// # Ok::<(), eventsink::signature::SecretError>(())
     /// ```
     pub fn expose_whsec(&self) -> String {
-        format!("{SECRET_PREFIX}{}", BASE64.encode(&self.key))
+        format!("{SECRET_PREFIX}{}", BASE64.encode(self.key.as_slice()))
     }
 
-    fn with_key(key: Vec<u8>) -> Self {
+    fn with_key(key: Zeroizing<Vec<u8>>) -> Self {
         // HMAC accepts keys of any length (long keys are hashed first), so
         // `new_from_slice` cannot fail for it.
         let keyed =

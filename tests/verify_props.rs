@@ -11,9 +11,25 @@ use eventsink::verify::{self, Clock, Rejection, VerifyConfig, VerifyWebhookLayer
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use tower::{Layer, ServiceExt};
 
 const NOW: i64 = 1_800_000_000;
+
+/// Cases per property: each verifies a few HMACs, well under a millisecond.
+const CASES: u32 = 256;
+
+/// Bounded cases for CI, and failures saved in
+/// `proptest-regressions/verify_props.txt` (committed; replayed first on every run).
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/verify_props.txt",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
 
 fn layer(secrets: &[Secret], scheme: Scheme, now: i64) -> VerifyWebhookLayer {
     let mut config = VerifyConfig::new(secrets[0].clone())
@@ -60,7 +76,7 @@ fn arbitrary_headers_and_bodies_never_panic() {
     let handler = tower::service_fn(|_: Request<Full<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
-    proptest!(|(
+    proptest!(config(CASES), |(
         id in header_value(),
         timestamp in header_value(),
         signatures in header_value(),
@@ -90,6 +106,8 @@ fn arbitrary_headers_and_bodies_never_panic() {
 }
 
 proptest! {
+    #![proptest_config(config(CASES))]
+
     #[test]
     fn what_our_signer_makes_verifies(
         secrets in prop::collection::vec(secret(), 1..4),
@@ -105,6 +123,23 @@ proptest! {
         let verified = layer(&secrets, Scheme::Standard, timestamp + skew).verify(&headers, &body).unwrap();
         prop_assert_eq!(verified.id, id);
         prop_assert_eq!(verified.timestamp, timestamp);
+    }
+
+    #[test]
+    fn a_valid_entry_among_arbitrary_ones_verifies(
+        key in secret(),
+        id in id(),
+        body in prop::collection::vec(any::<u8>(), 0..512),
+        before in prop::collection::vec("[!-~]{0,60}", 0..4),
+        after in prop::collection::vec("[!-~]{0,60}", 0..4),
+    ) {
+        // Other versions, other keys' signatures, garbage: the parser skips
+        // them and still finds ours, wherever it stands.
+        let ours = signature::sign(std::slice::from_ref(&key), &id, NOW, &body);
+        let header = before.iter().chain([&ours]).chain(&after).cloned().collect::<Vec<_>>().join(" ");
+        prop_assert!(signature::matches(std::slice::from_ref(&key), &id, NOW, &body, &header));
+        let noise = before.iter().chain(&after).cloned().collect::<Vec<_>>().join(" ");
+        prop_assert!(!signature::matches(&[key], &id, NOW, &body, &noise));
     }
 
     #[test]

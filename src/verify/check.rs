@@ -61,6 +61,13 @@ pub enum Rejection {
     },
     /// Reading the body failed (the client went away, a transfer error). 400.
     BodyUnreadable,
+    /// The body did not arrive within the
+    /// [`body_timeout`](super::VerifyConfig::body_timeout). 408, and the
+    /// connection is closed.
+    BodyTimeout {
+        /// The deadline.
+        limit: Duration,
+    },
     /// A Go-compatible body lacks the `id` or `now` the check needs. 400.
     MalformedBody {
         /// What is wrong with it.
@@ -94,6 +101,7 @@ impl Rejection {
             | Rejection::TimestampInFuture
             | Rejection::SignatureMismatch => StatusCode::UNAUTHORIZED,
             Rejection::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Rejection::InFlight => StatusCode::CONFLICT,
             Rejection::ReplayGuardUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -109,7 +117,14 @@ impl Rejection {
     /// assert_eq!(response.headers()["content-type"], "text/plain; charset=utf-8");
     /// ```
     pub fn into_http_response(self) -> Response<Full<Bytes>> {
-        plain_text(self.status(), self.to_string())
+        let mut response = plain_text(self.status(), self.to_string());
+        if matches!(self, Rejection::BodyTimeout { .. }) {
+            // The rest of a dripped body is not worth waiting for.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -130,6 +145,11 @@ impl fmt::Display for Rejection {
                 write!(f, "webhook body is larger than {limit} bytes; send a smaller event")
             }
             Rejection::BodyUnreadable => f.write_str("could not read the webhook body; send it again"),
+            Rejection::BodyTimeout { limit } => write!(
+                f,
+                "the webhook body did not arrive within {} ms; send the whole body at once",
+                limit.as_millis()
+            ),
             Rejection::MalformedBody { problem } => write!(f, "malformed webhook body: {problem}"),
             Rejection::SignatureMismatch => f.write_str(
                 "no webhook signature matches; check that both sides use the same secret and the body is sent unchanged",
@@ -172,6 +192,7 @@ pub(crate) struct Checks {
     pub(crate) scheme: Scheme,
     pub(crate) tolerance: Duration,
     pub(crate) max_body_bytes: usize,
+    pub(crate) body_timeout: Duration,
     pub(crate) clock: Clock,
     pub(crate) replay: Option<Replay>,
 }
@@ -373,6 +394,7 @@ mod tests {
             scheme,
             tolerance: Duration::from_secs(300),
             max_body_bytes: 64,
+            body_timeout: Duration::from_secs(1),
             clock: Clock::fixed(Utc.timestamp_opt(now, 0).unwrap()),
             replay: None,
         }

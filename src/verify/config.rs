@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::check::{Checks, Replay};
 use super::{
-    Clock, DEFAULT_IN_FLIGHT_TTL, DEFAULT_MAX_BODY_BYTES, DEFAULT_REPLAY_TTL, DEFAULT_TOLERANCE,
-    ReplayGuard,
+    Clock, DEFAULT_BODY_TIMEOUT, DEFAULT_IN_FLIGHT_TTL, DEFAULT_MAX_BODY_BYTES, DEFAULT_REPLAY_TTL,
+    DEFAULT_TOLERANCE, ReplayGuard,
 };
 use crate::signature::{Scheme, Secret};
 
@@ -26,6 +26,7 @@ use crate::signature::{Scheme, Secret};
 ///     .scheme(Scheme::Both)                  // while senders migrate
 ///     .tolerance(Duration::from_secs(60))
 ///     .max_body_bytes(64 * 1024)
+///     .body_timeout(Duration::from_secs(5))
 ///     .replay_guard(MemoryReplayGuard::new())
 ///     .replay_ttl(Duration::from_secs(72 * 3600)) // a sender that retries for 3 days
 ///     .in_flight_ttl(Duration::from_secs(120));   // a slow handler
@@ -40,6 +41,7 @@ pub struct VerifyConfig {
     scheme: Scheme,
     tolerance: Duration,
     max_body_bytes: usize,
+    body_timeout: Duration,
     clock: Clock,
     replay_guard: Option<Arc<dyn ReplayGuard>>,
     replay_ttl: Duration,
@@ -60,6 +62,7 @@ impl VerifyConfig {
             scheme: Scheme::default(),
             tolerance: DEFAULT_TOLERANCE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             clock: Clock::system(),
             replay_guard: None,
             replay_ttl: DEFAULT_REPLAY_TTL,
@@ -93,6 +96,18 @@ impl VerifyConfig {
     pub fn max_body_bytes(self, max_body_bytes: usize) -> Self {
         Self {
             max_body_bytes,
+            ..self
+        }
+    }
+
+    /// How long the body may take to arrive once the headers are in;
+    /// [`DEFAULT_BODY_TIMEOUT`] by default. A slower body is answered 408
+    /// ([`Rejection::BodyTimeout`](super::Rejection::BodyTimeout)) with
+    /// `connection: close`. Header reads are the server's to bound (see the
+    /// receiver example's production setup).
+    pub fn body_timeout(self, body_timeout: Duration) -> Self {
+        Self {
+            body_timeout,
             ..self
         }
     }
@@ -152,6 +167,7 @@ impl VerifyConfig {
             scheme: self.scheme,
             tolerance,
             max_body_bytes: self.max_body_bytes,
+            body_timeout: self.body_timeout,
             clock: self.clock,
             replay,
         }

@@ -43,6 +43,7 @@
 //! | `webhook-id`, `webhook-timestamp`, `webhook-signature` present, single, visible ASCII, in format (Go format: `signature`, 64 hex digits); the id follows the [rule the sender follows](crate::wire#the-rule) (`.` allowed) | missing or malformed | 400 |
 //! | timestamp within ± [tolerance](VerifyConfig::tolerance) of the [`Clock`] | too old or too far ahead | 401 |
 //! | body read through [`http_body_util::Limited`] | over [`max_body_bytes`](VerifyConfig::max_body_bytes) | 413 |
+//! | the whole body arrives within [`body_timeout`](VerifyConfig::body_timeout) | too slow | 408, connection closed |
 //! | one listed `v1,` signature matches one secret (constant time; `v1a` and other versions ignored) | none matches | 401 |
 //! | Go format: the signed body's `id` and `now` (tolerance checked on `now`) | missing / too old | 400 / 401 |
 //! | [replay guard](VerifyConfig::replay_guard), if set | id in flight / already handled / store down | 409 / 200 without calling the handler / 503 |
@@ -59,6 +60,24 @@
 //! `TowerToHyperService`: the layer takes any `Request<B>` whose `B` is an
 //! `http_body::Body` (hyper's `Incoming` included) and answers with a
 //! [`ResponseBody`], a `Body` of `Bytes`.
+//!
+//! # Serving it in production
+//!
+//! The layer bounds what it reads: the body's size
+//! ([`max_body_bytes`](VerifyConfig::max_body_bytes)) and its arrival time
+//! ([`body_timeout`](VerifyConfig::body_timeout), 408). Everything before
+//! the body is the server's to bound, and `axum::serve` bounds none of it:
+//! a client sending its headers at one byte a second holds a connection
+//! indefinitely. Serve the app with hyper directly and set
+//!
+//! - a header-read timeout: hyper's
+//!   `http1::Builder::timer(TokioTimer::new()).header_read_timeout(..)`;
+//! - a timeout on the whole request: tower-http's
+//!   `TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, ..)`;
+//! - a limit on open connections: a `tokio::sync::Semaphore` permit taken
+//!   before each `accept` and held by the connection's task.
+//!
+//! `examples/receiver.rs` does all three, with the numbers explained.
 //!
 //! Outside tower, [`verify`] and [`sign`] do the same checks on a header
 //! map and a body in memory; with feature `axum`, the [`Verified`]
@@ -105,6 +124,14 @@ pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(5 * 60);
 /// under about 20 KB and senders cap them at 50 KB–512 KiB (Convoy, Svix,
 /// Hook0), so this leaves room without letting a client fill memory.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How long the layer waits for the whole body once the headers are in:
+/// 10 s. A [`DEFAULT_MAX_BODY_BYTES`] body (1 MiB) takes about 8.4 s at
+/// 1 Mbit/s, rounded up; and a sender's attempt lasts 15 s (Standard
+/// Webhooks recommends 15–30 s), so the handler keeps the rest. A client
+/// that drips its body (a slow-loris attack) is answered 408 and
+/// disconnected instead of holding a connection and a task indefinitely.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a replay guard remembers a handled id: 40 hours, the longest a
 /// sender on the queue's default schedule (`RetrySchedule::standard()`:

@@ -219,15 +219,38 @@ where
     if declared.is_some_and(|len| len > limit) || body.size_hint().lower() > limit {
         return Err(too_large);
     }
-    // `Limited` stops reading as soon as the body passes the limit, so an
-    // oversized body is never buffered whole.
-    let bytes = match Limited::new(body, config.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    let bytes = match read_body(config, body).await {
+        Ok(bytes) => bytes,
         Err(error) if error.is::<LengthLimitError>() => return Err(too_large),
+        Err(error) if error.is::<tokio::time::error::Elapsed>() => {
+            return Err(Rejection::BodyTimeout {
+                limit: config.body_timeout,
+            });
+        }
         Err(_) => return Err(Rejection::BodyUnreadable),
     };
     let verified = config.finish(plan, &bytes)?;
     Ok((bytes, verified))
+}
+
+/// The body, within the size limit and the deadline.
+///
+/// `Limited` stops reading as soon as the body passes the limit, so an
+/// oversized body is never buffered whole; the deadline stops a dripping
+/// one. A body already in memory is taken without starting a timer (so
+/// in-memory use needs no tokio timer).
+async fn read_body<B>(config: &Checks, body: B) -> Result<Bytes, BoxError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let mut reading = std::pin::pin!(Limited::new(body, config.max_body_bytes).collect());
+    let first = std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await;
+    let collected = match first {
+        Poll::Ready(collected) => collected?,
+        Poll::Pending => tokio::time::timeout(config.body_timeout, reading).await??,
+    };
+    Ok(collected.to_bytes())
 }
 
 fn reject<B>(rejection: &Rejection, id: Option<&str>) -> Response<ResponseBody<B>> {

@@ -99,6 +99,15 @@ pub fn sanitize_body(bytes: &[u8]) -> String {
 /// the connection can be reused: 64 KiB.
 const MAX_DRAINED_BODY_BYTES: usize = 64 * 1024;
 
+/// How long the answer's body is read once its status is known: 2 s. The
+/// status decides the outcome; the body is read only to reuse the
+/// connection (at most 64 KiB) or to quote a failure (at most
+/// [`MAX_ERROR_BODY_BYTES`]), which takes well under a second on any
+/// working link (64 KiB in 2 s is 256 kbit/s). So a receiver that answers
+/// and then drips its body holds `publish` for 2 s, not for the whole
+/// [attempt timeout](super::DEFAULT_ATTEMPT_TIMEOUT).
+pub const RESPONSE_BODY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Waits for the answer to one attempt (`sending`) and turns it into the
 /// sink's result, recording the status and duration on the current span.
 pub(super) async fn attempt(
@@ -129,8 +138,8 @@ async fn answer(config: &Config, response: Response) -> Result<(), Error> {
     let status = response.status();
     if status.is_success() {
         // Read what the receiver sent so the connection can be reused; a
-        // failure here does not undo the delivery.
-        let _ = read_prefix(response, MAX_DRAINED_BODY_BYTES).await;
+        // failure or a timeout here does not undo the delivery.
+        read_prefix(response, MAX_DRAINED_BODY_BYTES).await;
         return Ok(());
     }
     let retry_after = response
@@ -138,9 +147,7 @@ async fn answer(config: &Config, response: Response) -> Result<(), Error> {
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body = read_prefix(response, MAX_ERROR_BODY_BYTES)
-        .await
-        .unwrap_or_default();
+    let body = read_prefix(response, MAX_ERROR_BODY_BYTES).await;
     let retryable = config
         .status_classifier
         .as_ref()
@@ -176,16 +183,29 @@ fn transport_error(config: &Config, error: reqwest::Error) -> Error {
     }
 }
 
-/// Reads at most `limit` bytes of the body.
-async fn read_prefix(mut response: Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
+/// Reads at most `limit` bytes of the body, for at most
+/// [`RESPONSE_BODY_TIMEOUT`]: what arrived by then, or before an error.
+async fn read_prefix(mut response: Response, limit: usize) -> Vec<u8> {
     let mut kept = Vec::new();
-    while kept.len() < limit {
-        match response.chunk().await? {
-            Some(chunk) => kept.extend_from_slice(&chunk[..chunk.len().min(limit - kept.len())]),
-            None => break,
+    let reading = async {
+        while kept.len() < limit {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    kept.extend_from_slice(&chunk[..chunk.len().min(limit - kept.len())]);
+                }
+                Ok(None) | Err(_) => break,
+            }
         }
+    };
+    if tokio::time::timeout(RESPONSE_BODY_TIMEOUT, reading)
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            "the answer's body was still arriving after {RESPONSE_BODY_TIMEOUT:?}; stopped reading it"
+        );
     }
-    Ok(kept)
+    kept
 }
 
 #[cfg(test)]

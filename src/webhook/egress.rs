@@ -20,6 +20,10 @@
 //! assert!(policy.check("10.9.9.9".parse::<IpAddr>().unwrap()).is_err());
 //! assert!(policy.check("::ffff:127.0.0.1".parse::<IpAddr>().unwrap()).is_err());
 //! ```
+//!
+//! [`EgressPolicy::deny`] adds ranges of your own (your NAT64 prefix, an
+//! internal range routed as public); a denied address is refused whatever
+//! else the policy says, [`allow`](EgressPolicy::allow) included.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,11 +33,20 @@ use ipnet::IpNet;
 
 /// Which destination addresses a [`WebhookSink`](super::WebhookSink) may
 /// connect to. The default allows any address.
+///
+/// An address is refused when it is in a [`deny`](EgressPolicy::deny)ed
+/// range; otherwise accepted when it is in an
+/// [`allow`](EgressPolicy::allow)ed range; otherwise, with
+/// [`public_only`](EgressPolicy::public_only), refused when it is not
+/// public. Deny wins over allow, so that allowing a broad range
+/// (`10.0.0.0/8`) cannot reopen a narrow one you denied (`10.0.0.0/24`).
+/// IPv4-mapped forms (`::ffff:a.b.c.d`) match the IPv4 ranges of both lists.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[must_use]
 pub struct EgressPolicy {
     public_only: bool,
     allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
 }
 
 impl EgressPolicy {
@@ -48,9 +61,12 @@ impl EgressPolicy {
     }
 
     /// Public addresses only: refuses loopback, private (RFC 1918),
-    /// link-local, CGNAT, multicast, documentation, benchmarking, reserved,
-    /// unique-local and site-local addresses, and IPv4-mapped, 6to4 and
-    /// NAT64 forms of them. Recommended whenever URLs come from end users.
+    /// link-local, CGNAT, multicast, documentation (RFC 5737, RFC 3849 and
+    /// RFC 9637's `3fff::/20`), benchmarking, reserved, unique-local,
+    /// site-local and segment-routing (`5f00::/16`, RFC 9602) addresses,
+    /// IPv4-translated addresses (`::ffff:0:0:0/96`, RFC 2765), and
+    /// IPv4-mapped, 6to4 and NAT64 forms of non-public IPv4 addresses.
+    /// Recommended whenever URLs come from end users.
     ///
     /// ```
     /// let policy = eventsink::webhook::EgressPolicy::public_only();
@@ -59,12 +75,13 @@ impl EgressPolicy {
     pub fn public_only() -> Self {
         EgressPolicy {
             public_only: true,
-            allow: Vec::new(),
+            ..Self::default()
         }
     }
 
-    /// Allows the addresses in `net` whatever the rest of the policy says:
-    /// an internal receiver you trust, or `127.0.0.0/8` in tests.
+    /// Allows the addresses in `net` even when they are not public: an
+    /// internal receiver you trust, or `127.0.0.0/8` in tests. A
+    /// [`deny`](EgressPolicy::deny)ed range still wins.
     ///
     /// ```
     /// let policy = eventsink::webhook::EgressPolicy::public_only().allow("127.0.0.0/8".parse().unwrap());
@@ -75,13 +92,34 @@ impl EgressPolicy {
         self
     }
 
+    /// Refuses the addresses in `net`, whatever else the policy says: your
+    /// own NAT64 prefix (which would reach IPv4 hosts behind it), or
+    /// internal ranges that are routed as public addresses. Works with
+    /// [`any`](EgressPolicy::any) too.
+    ///
+    /// ```
+    /// use eventsink::webhook::EgressPolicy;
+    /// let policy = EgressPolicy::public_only()
+    ///     .allow("10.0.0.0/8".parse().unwrap())
+    ///     .deny("10.0.0.0/24".parse().unwrap())
+    ///     .deny("2001:db9:64::/96".parse().unwrap()); // an operator's NAT64 prefix
+    /// assert!(policy.check("10.1.0.1".parse().unwrap()).is_ok());
+    /// assert_eq!(policy.check("10.0.0.1".parse().unwrap()), Err("deny-listed"));
+    /// assert!(policy.check("2001:db9:64::a00:1".parse().unwrap()).is_err());
+    /// assert!(EgressPolicy::any().deny("192.0.2.0/24".parse().unwrap()).check("192.0.2.1".parse().unwrap()).is_err());
+    /// ```
+    pub fn deny(mut self, net: IpNet) -> Self {
+        self.deny.push(net);
+        self
+    }
+
     /// Whether this policy restricts anything.
     ///
     /// ```
     /// assert!(!eventsink::webhook::EgressPolicy::any().is_restricted());
     /// ```
     pub fn is_restricted(&self) -> bool {
-        self.public_only
+        self.public_only || !self.deny.is_empty()
     }
 
     /// Checks one address; `Err` says why it is refused.
@@ -92,7 +130,10 @@ impl EgressPolicy {
     /// assert_eq!(why, "link-local");
     /// ```
     pub fn check(&self, ip: IpAddr) -> Result<(), &'static str> {
-        if !self.public_only || self.is_allowed(ip) {
+        if listed(&self.deny, ip) {
+            return Err("deny-listed");
+        }
+        if !self.public_only || listed(&self.allow, ip) {
             return Ok(());
         }
         match non_public_reason(ip) {
@@ -100,16 +141,16 @@ impl EgressPolicy {
             None => Ok(()),
         }
     }
+}
 
-    fn is_allowed(&self, ip: IpAddr) -> bool {
-        let mapped = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
-            IpAddr::V4(_) => None,
-        };
-        self.allow
-            .iter()
-            .any(|net| net.contains(&ip) || mapped.is_some_and(|v4| net.contains(&v4)))
-    }
+/// Whether `ip`, or the IPv4 address it maps, is in one of `nets`.
+fn listed(nets: &[IpNet], ip: IpAddr) -> bool {
+    let mapped = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+        IpAddr::V4(_) => None,
+    };
+    nets.iter()
+        .any(|net| net.contains(&ip) || mapped.is_some_and(|v4| net.contains(&v4)))
 }
 
 /// Why `ip` is not a public address, or `None` if it is one.
@@ -156,6 +197,7 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
         [0, 0, 0, 0, 0, 0, 0, 0] => "unspecified",
         [0, 0, 0, 0, 0, 0, 0, 1] => "loopback",
         [0, 0, 0, 0, 0, 0, _, _] => "IPv4-compatible (deprecated)",
+        [0, 0, 0, 0, 0xffff, 0, _, _] => "IPv4-translated",
         [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => {
             return v4_reason(embedded(hi, lo)).map(|_| "NAT64 form of a non-public address");
         }
@@ -167,6 +209,8 @@ fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
             });
         }
         [0x2001, 0xdb8, ..] => "documentation",
+        [0x3fff, second, ..] if second & 0xf000 == 0 => "documentation",
+        [0x5f00, ..] => "segment-routing (SRv6)",
         [0x2001, 0..=0x1ff, ..] => "IETF protocol assignment",
         [0x100, 0, 0, 0, ..] => "discard-only",
         [first, ..] if first & 0xfe00 == 0xfc00 => "unique-local",
@@ -283,6 +327,12 @@ mod tests {
             "64:ff9b:1::1",
             "2002:a00:1::",
             "2001:db8::1",
+            "3fff::1",
+            "3fff:fff:ffff::1",
+            "5f00::1",
+            "5f00:ffff::1",
+            "::ffff:0:808:808",
+            "::ffff:0:0:1",
             "2001::1",
             "fc00::1",
             "fd12::1",
@@ -306,6 +356,9 @@ mod tests {
             "2002:808:808::",
             "64:ff9b::808:808",
             "::ffff:8.8.8.8",
+            "3fff:1000::1",
+            "5f01::1",
+            "5eff::1",
         ] {
             assert!(!refused(ip), "{ip} should pass");
         }
@@ -317,5 +370,37 @@ mod tests {
         assert!(policy.check("127.0.0.1".parse().unwrap()).is_ok());
         assert!(policy.check("::ffff:127.0.0.1".parse().unwrap()).is_ok());
         assert!(policy.check("::1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_deny_list_wins_over_allow_and_public() {
+        let policy = EgressPolicy::public_only()
+            .allow("127.0.0.0/8".parse().unwrap())
+            .deny("127.0.0.2/32".parse().unwrap())
+            .deny("8.8.8.0/24".parse().unwrap())
+            .deny("2001:db9:64::/96".parse().unwrap());
+        assert!(policy.check("127.0.0.1".parse().unwrap()).is_ok());
+        for ip in [
+            "127.0.0.2",
+            "::ffff:127.0.0.2",
+            "8.8.8.8",
+            "::ffff:8.8.8.8",
+            "2001:db9:64::808:808",
+        ] {
+            assert_eq!(
+                policy.check(ip.parse().unwrap()),
+                Err("deny-listed"),
+                "{ip}"
+            );
+        }
+        assert!(policy.check("8.8.4.4".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_deny_list_restricts_the_any_policy() {
+        let policy = EgressPolicy::any().deny("10.0.0.0/8".parse().unwrap());
+        assert!(policy.is_restricted());
+        assert!(policy.check("10.0.0.1".parse().unwrap()).is_err());
+        assert!(policy.check("127.0.0.1".parse().unwrap()).is_ok());
     }
 }
