@@ -15,13 +15,16 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventsink::queue::{QueueBackend, QueueError, ThroughTaskQueue, WorkerHandle};
-use eventsink::{Event, RecordingSink, Retryable, SinkExt};
+use std::sync::atomic::Ordering;
+
+use eventsink::queue::{Published, QueueBackend, ThroughTaskQueue, WorkerHandle};
+use eventsink::{BoxError, Event, RecordingSink, Retryable};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tower::Layer;
+use tower::load_shed::error::Overloaded;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 /// One test at a time: the flood's RSS must be its own.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -45,6 +48,10 @@ struct Tally {
     accepted_count: watch::Sender<usize>,
     errors: watch::Sender<usize>,
     last_error: Mutex<Option<String>>,
+    /// Publishes answered `Overloaded` at once by `load_shed` (flood only).
+    shed: std::sync::atomic::AtomicUsize,
+    /// The longest time a publish took to answer.
+    longest: Mutex<Duration>,
 }
 
 impl Tally {
@@ -53,9 +60,31 @@ impl Tally {
         self.accepted_count.send_modify(|n| *n += 1);
     }
 
-    fn fail(&self, err: &QueueError) {
+    /// Records a publish's answer; panics on a permanent error.
+    fn answer<E>(&self, id: String, took: Duration, outcome: Result<Published, E>)
+    where
+        E: Retryable + std::fmt::Display + Into<BoxError>,
+    {
+        let mut longest = self.longest.lock().unwrap();
+        *longest = (*longest).max(took);
+        drop(longest);
+        match outcome {
+            Ok(_) => self.accept(id),
+            Err(err) => {
+                assert!(err.is_retryable(), "a fault must be transient: {err}");
+                let err: BoxError = err.into();
+                if err.is::<Overloaded>() {
+                    self.shed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.fail(&*err);
+                }
+            }
+        }
+    }
+
+    fn fail(&self, err: &(dyn std::error::Error + 'static)) {
         let mut chain = err.to_string();
-        let mut cause = std::error::Error::source(err);
+        let mut cause = err.source();
         while let Some(c) = cause {
             chain = format!("{chain}: {c}");
             cause = c.source();
@@ -103,31 +132,51 @@ impl Load {
         for who in 0..publishers {
             let sink = queue.layer(RecordingSink::<Value>::new());
             let (tally, stop) = (Arc::clone(&tally), stop.subscribe());
-            let deadline = PUBLISH_TIMEOUT + HANG_MARGIN;
             tasks.spawn(async move {
-                let mut sink = sink;
                 let mut n = 0;
                 while !*stop.borrow() {
-                    let id = format!("p{who}-{n}");
-                    let event =
-                        Event::with_id("fault.test", id.clone(), json!({"who": who, "n": n}));
-                    let outcome = tokio::time::timeout(deadline, sink.publish(event))
-                        .await
-                        .unwrap_or_else(|_| {
-                            panic!("publish {id} still running after {deadline:?}")
-                        });
-                    match outcome {
-                        Ok(_) => tally.accept(id),
-                        Err(err) => {
-                            assert!(err.is_retryable(), "a fault must be transient: {err}");
-                            tally.fail(&err);
-                        }
-                    }
+                    publish_once(sink.clone(), Arc::clone(&tally), format!("p{who}-{n}")).await;
                     n += 1;
                     tokio::time::sleep(pace).await;
                 }
             });
         }
+        Load { tally, stop, tasks }
+    }
+
+    /// An open-loop flood, as a server's requests arrive: one publish every
+    /// `every`, each on a task of its own, through `load_shed` as the
+    /// module docs advise (a full group commit answers `Overloaded` at
+    /// once).
+    fn flood<B>(queue: &ThroughTaskQueue<B>, every: Duration) -> Load
+    where
+        B: QueueBackend<Value> + Clone,
+    {
+        let (tally, stop) = (Arc::new(Tally::default()), watch::channel(false).0);
+        let service = ServiceBuilder::new()
+            .load_shed()
+            .service(queue.layer(RecordingSink::<Value>::new()));
+        let (spawner_tally, stopped) = (Arc::clone(&tally), stop.subscribe());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut publishes = JoinSet::new();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            for n in 0.. {
+                if *stopped.borrow() {
+                    break;
+                }
+                tick.tick().await;
+                let (service, tally) = (service.clone(), Arc::clone(&spawner_tally));
+                publishes.spawn(publish_once(service, tally, format!("f-{n}")));
+                while let Some(done) = publishes.try_join_next() {
+                    done.expect("a publish task");
+                }
+            }
+            while let Some(done) = publishes.join_next().await {
+                done.expect("a publish task");
+            }
+        });
         Load { tally, stop, tasks }
     }
 
@@ -142,6 +191,21 @@ impl Load {
         let accepted = self.tally.accepted.lock().unwrap().clone();
         (accepted, self.tally)
     }
+}
+
+/// One publish, which must answer within its deadline.
+async fn publish_once<S>(service: S, tally: Arc<Tally>, id: String)
+where
+    S: Service<Event<Value>, Response = Published>,
+    S::Error: Retryable + std::fmt::Display + Into<BoxError>,
+{
+    let deadline = PUBLISH_TIMEOUT + HANG_MARGIN;
+    let event = Event::with_id("fault.test", id.clone(), json!({"id": id}));
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(deadline, service.oneshot(event))
+        .await
+        .unwrap_or_else(|_| panic!("publish {id} still running after {deadline:?}"));
+    tally.answer(id, started.elapsed(), outcome);
 }
 
 /// Waits until every id of `accepted` has been delivered to `recorder`;
@@ -270,9 +334,10 @@ async fn sqlite_held_by_another_writer() {
     println!(
         "FAULTS sqlite_locked: held {held_for:?} (busy timeout {busy:?}); accepted {}, \
          publish errors {}, accepted/delivered at release {during:?}, delivered unique {unique}, \
-         duplicates {duplicates}, worker restarts {restarts}; last error: {last_error:?}",
+         duplicates {duplicates}, worker restarts {restarts}, longest publish {:?}; last error: {last_error:?}",
         accepted.len(),
         tally.errors(),
+        tally.longest.lock().unwrap(),
     );
     let last_error = last_error.expect("an error while locked");
     assert!(
@@ -341,9 +406,10 @@ async fn postgres_connections_killed() {
     println!(
         "FAULTS postgres_killed: connections killed per round {killed:?}; accepted {}, \
          publish errors {}, delivered unique {unique}, duplicates {duplicates}, \
-         worker restarts {restarts}; last error: {:?}",
+         worker restarts {restarts}, longest publish {:?}; last error: {:?}",
         accepted.len(),
         tally.errors(),
+        tally.longest.lock().unwrap(),
         tally.last_error.lock().unwrap(),
     );
 }
@@ -474,9 +540,10 @@ async fn redis_restarted_mid_run() {
     handle.shutdown().await;
     println!(
         "FAULTS redis_restart: down {outage:?}; accepted {}, publish errors {}, delivered unique \
-         {unique}, duplicates {duplicates}, worker restarts {restarts}; last error: {:?}",
+         {unique}, duplicates {duplicates}, worker restarts {restarts}, longest publish {:?}; last error: {:?}",
         accepted.len(),
         tally.errors(),
+        tally.longest.lock().unwrap(),
         tally.last_error.lock().unwrap(),
     );
 }
@@ -503,17 +570,19 @@ async fn redis_publish_flood_during_an_outage() {
     let queue = queue(backend);
     let recorder = RecordingSink::new();
     let handle = worker(&queue, &recorder);
-    let load = Load::start(&queue, 32, Duration::from_millis(20));
+    let load = Load::flood(&queue, Duration::from_millis(1));
     deliveries(&recorder, 1000, "deliveries before the outage").await;
     let rss_before = rss_kib();
 
     redis.kill().await;
-    let at_kill = (load.tally.accepted(), load.tally.errors());
+    let shed = || load.tally.shed.load(Ordering::Relaxed);
+    let at_kill = (load.tally.accepted(), load.tally.errors(), shed());
     let (peak, sampler) = rss_sampler();
     tokio::time::sleep(OUTAGE).await;
     let during = (
         load.tally.accepted() - at_kill.0,
         load.tally.errors() - at_kill.1,
+        shed() - at_kill.2,
     );
     sampler.abort();
     let rss_peak = *peak.borrow();
@@ -534,16 +603,22 @@ async fn redis_publish_flood_during_an_outage() {
     handle.shutdown().await;
     println!(
         "FAULTS redis_flood: outage {OUTAGE:?}; RSS KiB before {rss_before}, peak during \
-         {rss_peak}, after {rss_after}; during the outage {} accepted, {} errors; total \
-         accepted {}, errors {}, delivered unique {unique}, duplicates {duplicates}, worker \
-         restarts {restarts}; last error: {:?}",
+         {rss_peak}, after {rss_after}; during the outage {} accepted, {} errors, {} shed; \
+         total accepted {}, errors {}, shed {}, longest publish {:?}, delivered unique \
+         {unique}, duplicates {duplicates}, worker restarts {restarts}; last error: {:?}",
         during.0,
         during.1,
+        during.2,
         accepted.len(),
         tally.errors(),
+        tally.shed.load(Ordering::Relaxed),
+        tally.longest.lock().unwrap(),
         tally.last_error.lock().unwrap(),
     );
-    assert!(during.1 > 0, "publishes failed while Redis was down");
+    assert!(
+        during.1 + during.2 > 0,
+        "publishes failed while Redis was down"
+    );
     // Generous: the group commit holds at most 1,024 events; 64 MiB is
     // far above what bounded buffers use and far below an unbounded pile.
     assert!(
