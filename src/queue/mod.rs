@@ -233,7 +233,8 @@
 //!   stays bounded while the backend is slow or down.
 //! - **A deadline on every publish** ([`DEFAULT_PUBLISH_TIMEOUT`],
 //!   [`ThroughTaskQueue::publish_timeout`]): a hung or unreachable backend
-//!   gives [`QueueError::Timeout`], transient, never a hang. A write that
+//!   gives [`QueueError::Timeout`], transient, never a hang; the deadline
+//!   covers the wait for a slot in a full group commit (`poll_ready`) too. A write that
 //!   is under way is not cancelled, so the event may still be stored.
 //! - **A backend error fails its whole batch at once**; only an error that
 //!   concerns one job (its payload, a duplicate key) retries the others one
