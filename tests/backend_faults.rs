@@ -12,10 +12,9 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::sync::atomic::Ordering;
 
 use eventsink::queue::{Published, QueueBackend, ThroughTaskQueue, WorkerHandle};
 use eventsink::{BoxError, Event, RecordingSink, Retryable};
@@ -51,7 +50,7 @@ struct Tally {
     errors: watch::Sender<usize>,
     last_error: Mutex<Option<String>>,
     /// Publishes answered `Overloaded` at once by `load_shed` (flood only).
-    shed: std::sync::atomic::AtomicUsize,
+    shed: AtomicUsize,
     /// The longest time a publish took to answer.
     longest: Mutex<Duration>,
 }
