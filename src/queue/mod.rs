@@ -233,7 +233,8 @@
 //!   stays bounded while the backend is slow or down.
 //! - **A deadline on every publish** ([`DEFAULT_PUBLISH_TIMEOUT`],
 //!   [`ThroughTaskQueue::publish_timeout`]): a hung or unreachable backend
-//!   gives [`QueueError::Timeout`], transient, never a hang. A write that
+//!   gives [`QueueError::Timeout`], transient, never a hang; the deadline
+//!   covers the wait for a slot in a full group commit (`poll_ready`) too. A write that
 //!   is under way is not cancelled, so the event may still be stored.
 //! - **A backend error fails its whole batch at once**; only an error that
 //!   concerns one job (its payload, a duplicate key) retries the others one
@@ -280,6 +281,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::Event;
@@ -409,8 +411,11 @@ impl<B> ThroughTaskQueue<B> {
     }
 
     /// How long a publish waits for the backend to store its event
-    /// ([`DEFAULT_PUBLISH_TIMEOUT`]), from `call` (waiting for a free slot
-    /// included). When it passes the publisher gets
+    /// ([`DEFAULT_PUBLISH_TIMEOUT`]), waiting for a free slot in the group
+    /// commit included (in `poll_ready`, or in `call` without it): a
+    /// `poll_ready` still waiting for a slot when it passes is `Ready`, and
+    /// the `call` that follows answers the timeout at once. When it passes
+    /// the publisher gets
     /// [`QueueError::Timeout`]: the event may or may not be stored, and
     /// publishing it again with the same id is safe.
     ///
@@ -521,8 +526,16 @@ pub struct QueuePublisher<S, B> {
 /// Where `poll_ready`'s reservation of a group-commit slot stands.
 enum Slot {
     Free,
-    Acquiring(BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>),
-    Reserved(OwnedSemaphorePermit),
+    /// Waiting for a slot, until the publish timeout (`deadline`) passes.
+    Acquiring {
+        permit: BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>,
+        deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    },
+    /// A slot; with the deadline of the wait for it, if there was one, which
+    /// the `call` keeps.
+    Reserved(OwnedSemaphorePermit, Option<Instant>),
+    /// The publish timeout passed while waiting: the next `call` times out.
+    Expired,
 }
 
 impl<S, B> QueuePublisher<S, B> {
@@ -558,12 +571,15 @@ impl<S, B> QueuePublisher<S, B> {
         QueueWorker::new(self.backend.clone(), self.inner.clone())
     }
 
-    /// The reserved slot, if `poll_ready` got one (and forgets it).
-    fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+    /// The reserved slot, if `poll_ready` got one (and forgets it), and
+    /// the publish's deadline if it started there; `Err` if `poll_ready`
+    /// waited for a slot until the publish timeout.
+    fn take_slot(&mut self) -> Result<(Option<OwnedSemaphorePermit>, Option<Instant>), ()> {
         let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(slot, Slot::Free) {
-            Slot::Reserved(permit) => Some(permit),
-            Slot::Free | Slot::Acquiring(_) => None,
+            Slot::Reserved(permit, deadline) => Ok((Some(permit), deadline)),
+            Slot::Expired => Err(()),
+            Slot::Free | Slot::Acquiring { .. } => Ok((None, None)),
         }
     }
 }
@@ -606,20 +622,28 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The inner sink is the worker's, not ours: publishing only needs
         // a slot in the group commit.
-        let slots = &self.committer.slots;
+        let (slots, timeout) = (&self.committer.slots, self.committer.timeout);
         let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
         loop {
             match slot {
-                Slot::Reserved(_) => return Poll::Ready(Ok(())),
+                Slot::Reserved(..) | Slot::Expired => return Poll::Ready(Ok(())),
                 Slot::Free => {
                     *slot = match Arc::clone(slots).try_acquire_owned() {
-                        Ok(permit) => Slot::Reserved(permit),
-                        Err(_) => Slot::Acquiring(Arc::clone(slots).acquire_owned().boxed()),
+                        Ok(permit) => Slot::Reserved(permit, None),
+                        Err(_) => Slot::Acquiring {
+                            permit: Arc::clone(slots).acquire_owned().boxed(),
+                            deadline: Box::pin(tokio::time::sleep(timeout)),
+                        },
                     }
                 }
-                Slot::Acquiring(acquiring) => match acquiring.poll_unpin(cx) {
+                Slot::Acquiring { permit, deadline } => match permit.poll_unpin(cx) {
+                    // Past the deadline, `call` answers the timeout: a
+                    // publish never waits for readiness longer than that.
+                    Poll::Pending if deadline.as_mut().poll(cx).is_ready() => *slot = Slot::Expired,
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(permit)) => *slot = Slot::Reserved(permit),
+                    Poll::Ready(Ok(permit)) => {
+                        *slot = Slot::Reserved(permit, Some(deadline.deadline()));
+                    }
                     // The semaphore is never closed; answer as a stopped
                     // queue all the same rather than assume.
                     Poll::Ready(Err(_)) => {
@@ -640,12 +664,19 @@ where
             let queue = self.backend.name().into();
             return Box::pin(async move { Err(QueueError::Encode { queue, source }) });
         }
-        let job = QueuedEvent::new(self.backend.name(), event);
-        let sender = self.committer.sender::<B, P>(&self.backend);
-        let reserved = self.take_slot();
-        let slots = Arc::clone(&self.committer.slots);
         let timeout = self.committer.timeout;
         let queue: Arc<str> = self.backend.name().into();
+        let Ok((reserved, deadline)) = self.take_slot() else {
+            return Box::pin(async move {
+                Err(QueueError::Timeout {
+                    queue,
+                    after: timeout,
+                })
+            });
+        };
+        let job = QueuedEvent::new(self.backend.name(), event);
+        let sender = self.committer.sender::<B, P>(&self.backend);
+        let slots = Arc::clone(&self.committer.slots);
         Box::pin(async move {
             let sender = sender?;
             let stopped = || QueueError::Stopped {
@@ -668,7 +699,8 @@ where
                     .map_err(|_| stopped())?;
                 answer.await.map_err(|_| stopped())?
             };
-            match tokio::time::timeout(timeout, publish).await {
+            let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
+            match tokio::time::timeout_at(deadline, publish).await {
                 Ok(result) => result,
                 Err(_) => Err(QueueError::Timeout {
                     queue,
