@@ -100,6 +100,8 @@ struct Tally {
     /// Ids the handler accepted; its size is published on `handled_count`.
     handled: Mutex<HashSet<String>>,
     handled_count: watch::Sender<usize>,
+    /// Handler runs for an id it had accepted before.
+    handled_again: AtomicUsize,
     /// Requests at the outer layer, before verification.
     requests: AtomicUsize,
     /// 2xx answers per `webhook-id`, before verification (replay-guard
@@ -120,6 +122,7 @@ impl Tally {
             calls: AtomicUsize::new(0),
             handled: Mutex::new(HashSet::new()),
             handled_count: watch::channel(0).0,
+            handled_again: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             ok_by_id: Mutex::new(HashMap::new()),
             rejected: AtomicUsize::new(0),
@@ -143,7 +146,9 @@ impl Tally {
 
     fn handle(&self, id: String) {
         let mut handled = self.handled.lock().unwrap();
-        handled.insert(id);
+        if !handled.insert(id) {
+            self.handled_again.fetch_add(1, Ordering::SeqCst);
+        }
         self.handled_count.send_replace(handled.len());
     }
 
@@ -227,6 +232,7 @@ fn header(headers: &HeaderMap, name: &str) -> String {
 struct Receiver {
     addr: SocketAddr,
     tally: Arc<Tally>,
+    app: axum::Router,
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -236,10 +242,12 @@ impl Receiver {
         let tally = Tally::new();
         let listener = bind("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
-        let (stop, server) = serve(listener, &tally);
+        let app = app(&tally);
+        let (stop, server) = serve(listener, app.clone());
         Receiver {
             addr,
             tally,
+            app,
             stop,
             server,
         }
@@ -266,7 +274,7 @@ impl Receiver {
             .expect("receiver server");
         // The outage itself, not a wait for something.
         tokio::time::sleep(OUTAGE).await;
-        (self.stop, self.server) = serve(bind(self.addr), &self.tally);
+        (self.stop, self.server) = serve(bind(self.addr), self.app.clone());
     }
 }
 
@@ -277,20 +285,25 @@ fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
     socket.listen(1024).expect("listen")
 }
 
-fn serve(
-    listener: tokio::net::TcpListener,
-    tally: &Arc<Tally>,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+/// The receiver's routes; one replay guard for its whole life, outages
+/// included.
+fn app(tally: &Arc<Tally>) -> axum::Router {
     let secret: Secret = SECRET.parse().unwrap();
     let config = VerifyConfig::new(secret)
         .replay_guard(MemoryReplayGuard::new())
         // Longer than a slow answer, so that no duplicate reaches the handler.
         .in_flight_ttl(SLOW_ANSWER * 2);
-    let app = axum::Router::new()
+    axum::Router::new()
         .route("/hooks", post(hook))
         .route_layer(VerifyWebhookLayer::new(config))
         .layer(middleware::from_fn_with_state(Arc::clone(tally), count))
-        .with_state(Arc::clone(tally));
+        .with_state(Arc::clone(tally))
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -535,11 +548,12 @@ async fn soak<B: QueueBackend<Value>>(backend: B, location: Location, label: &st
     println!(
         "soak {label}: sent {}, unique received {}, duplicates {duplicates}, dead letters {dead}, \
          wall time {:.1} s (requests {}, timed-out attempts {timed_out}, rejected {rejected}, \
-         answers by status {answers:?})",
+         handled again {}, answers by status {answers:?})",
         sent.len(),
         handled.len(),
         wall.as_secs_f64(),
         tally.requests.load(Ordering::SeqCst),
+        tally.handled_again.load(Ordering::SeqCst),
     );
     assert_eq!(handled, sent, "every event reached the handler");
     assert!(
