@@ -240,7 +240,7 @@ struct Receiver {
 impl Receiver {
     async fn start() -> Receiver {
         let tally = Tally::new();
-        let listener = bind("127.0.0.1:0".parse().unwrap());
+        let listener = bind_outside_ephemeral();
         let addr = listener.local_addr().unwrap();
         let app = app(&tally);
         let (stop, server) = serve(listener, app.clone());
@@ -278,11 +278,36 @@ impl Receiver {
     }
 }
 
+/// Binds a port below the kernel's ephemeral range: while the receiver's
+/// port is closed, the worker's connection attempts (from ephemeral ports)
+/// can then neither take it nor connect to themselves on it, so it can be
+/// bound again.
+fn bind_outside_ephemeral() -> tokio::net::TcpListener {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low = range
+        .split_whitespace()
+        .next()
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    for _ in 0..100 {
+        let port = fastrand::u16(10_000..low.max(10_001));
+        if let Ok(listener) = try_bind(SocketAddr::from(([127, 0, 0, 1], port))) {
+            return listener;
+        }
+    }
+    panic!("found no free port in 10000..{low} for the receiver");
+}
+
 fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-    socket.bind(addr).expect("bind the receiver's port");
-    socket.listen(1024).expect("listen")
+    try_bind(addr).unwrap_or_else(|e| panic!("bind the receiver's port {addr} again: {e}"))
+}
+
+fn try_bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// The receiver's routes; one replay guard for its whole life, outages
