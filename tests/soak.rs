@@ -233,23 +233,21 @@ struct Receiver {
     addr: SocketAddr,
     tally: Arc<Tally>,
     app: axum::Router,
-    stop: oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<()>,
+    serving: Option<Serving>,
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    fn start() -> Receiver {
         let tally = Tally::new();
         let listener = bind_outside_ephemeral();
         let addr = listener.local_addr().unwrap();
         let app = app(&tally);
-        let (stop, server) = serve(listener, app.clone());
+        let serving = Some(Serving::start(listener, app.clone()));
         Receiver {
             addr,
             tally,
             app,
-            stop,
-            server,
+            serving,
         }
     }
 
@@ -260,21 +258,43 @@ impl Receiver {
     /// Closes the port (connections in flight finish first), keeps it
     /// closed for `OUTAGE`, then serves on it again.
     async fn outage(&mut self) {
-        let (stop, server) = {
-            let placeholder = oneshot::channel().0;
-            (
-                std::mem::replace(&mut self.stop, placeholder),
-                std::mem::replace(&mut self.server, tokio::spawn(async {})),
-            )
-        };
-        let _ = stop.send(());
-        tokio::time::timeout(PATIENCE, server)
+        if let Some(serving) = self.serving.take() {
+            serving.close().await;
+        }
+        // The outage itself, not a wait for something.
+        tokio::time::sleep(OUTAGE).await;
+        self.serving = Some(Serving::start(bind(self.addr), self.app.clone()));
+    }
+}
+
+/// An axum server on one listener.
+struct Serving {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    fn start(listener: tokio::net::TcpListener, app: axum::Router) -> Serving {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("receiver server");
+        });
+        Serving { stop, task }
+    }
+
+    /// Closes the listener, lets the requests in flight finish and closes
+    /// every connection.
+    async fn close(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(PATIENCE, self.task)
             .await
             .expect("receiver connections close")
             .expect("receiver server");
-        // The outage itself, not a wait for something.
-        tokio::time::sleep(OUTAGE).await;
-        (self.stop, self.server) = serve(bind(self.addr), self.app.clone());
     }
 }
 
@@ -323,22 +343,6 @@ fn app(tally: &Arc<Tally>) -> axum::Router {
         .route_layer(VerifyWebhookLayer::new(config))
         .layer(middleware::from_fn_with_state(Arc::clone(tally), count))
         .with_state(Arc::clone(tally))
-}
-
-fn serve(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("receiver server");
-    });
-    (stop, server)
 }
 
 /// Where the worker's queue is.
@@ -524,7 +528,7 @@ async fn soak<B: QueueBackend<Value>>(backend: B, location: Location, label: &st
     let _watchdog = support::Watchdog::new(PATIENCE * 3, "the soak hangs");
     let started = Instant::now();
     let queue = backend.name().to_owned();
-    let mut receiver = Receiver::start().await;
+    let mut receiver = Receiver::start();
     let url = receiver.url();
     // All stored first, so that the phases below meet a full queue.
     let sent = publish_all(&backend).await;
