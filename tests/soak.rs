@@ -532,6 +532,7 @@ async fn soak<B: QueueBackend<Value>>(backend: B, location: Location, label: &st
     let url = receiver.url();
     // All stored first, so that the phases below meet a full queue.
     let sent = publish_all(&backend).await;
+    let published = started.elapsed();
     let mut worker = spawn_worker(&location, &queue, &url);
     let tally = Arc::clone(&receiver.tally);
 
@@ -576,11 +577,12 @@ async fn soak<B: QueueBackend<Value>>(backend: B, location: Location, label: &st
     answers.sort();
     println!(
         "soak {label}: sent {}, unique received {}, duplicates {duplicates}, dead letters {dead}, \
-         wall time {:.1} s (requests {}, timed-out attempts {timed_out}, rejected {rejected}, \
+         wall time {:.1} s (publishing {:.1} s, requests {}, timed-out attempts {timed_out}, rejected {rejected}, \
          handled again {}, answers by status {answers:?})",
         sent.len(),
         handled.len(),
         wall.as_secs_f64(),
+        published.as_secs_f64(),
         tally.requests.load(Ordering::SeqCst),
         tally.handled_again.load(Ordering::SeqCst),
     );
