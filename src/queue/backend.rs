@@ -349,13 +349,16 @@ pub(crate) mod ops {
 /// here. A macro because apalis' `Worker::run` puts bounds on the backend
 /// that are long and different for each storage type.
 macro_rules! run_apalis {
-    ($storage:expr, $run:expr) => {{
+    ($storage:expr, $run:expr) => {
+        run_apalis!($storage, $run, std::convert::identity)
+    };
+    ($storage:expr, $run:expr, $deliver:expr) => {{
         use apalis::prelude::WorkerBuilderExt as _;
         let run: $crate::queue::backend::ops::WorkerRun<_> = $run;
         let worker = apalis_core::worker::builder::WorkerBuilder::new(run.name)
             .backend($storage)
             .concurrency(run.concurrency)
-            .build(run.deliver);
+            .build($deliver(run.deliver));
         let stop = run.stop;
         async move {
             let ran: Result<(), crate::BoxError> = worker
@@ -671,6 +674,95 @@ pub(crate) fn abandoned_letter<P: serde::de::DeserializeOwned>(
         Err(e) => {
             tracing::warn!(queue, error = %e, "a job apalis gave up on is not an event; left as it is");
             None
+        }
+    }
+}
+
+/// A job as a worker of a durable backend fetches it: an event of the
+/// queue's payload type, or a job of this crate whose payload no longer
+/// decodes as that type (it changed since the event was stored). apalis
+/// fails the whole fetch on a job it cannot decode, again at every fetch,
+/// so the worker decodes in two steps and buries such a job instead.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) enum Fetched<P> {
+    /// A job of the queue's payload type.
+    Job(QueuedEvent<P>),
+    /// A job whose payload does not decode: the job as stored, and its
+    /// dead letter.
+    Undecodable(Box<(serde_json::Value, DeadLetter<serde_json::Value>)>),
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<'de, P: DeserializeOwned> serde::Deserialize<'de> for Fetched<P> {
+    /// Fails only for JSON that is not a job of this crate at all.
+    fn deserialize<D: serde::Deserializer<'de>>(from: D) -> Result<Self, D::Error> {
+        let json = serde_json::Value::deserialize(from)?;
+        match QueuedEvent::<P>::deserialize(&json) {
+            Ok(job) => Ok(Fetched::Job(job)),
+            Err(error) => {
+                let job = QueuedEvent::deserialize(&json).map_err(serde::de::Error::custom)?;
+                let letter = DeadLetter::undecodable(job, &error.to_string());
+                Ok(Fetched::Undecodable(Box::new((json, letter))))
+            }
+        }
+    }
+}
+
+/// Written as the job it holds (apalis' codec needs both directions).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<P: Serialize> Serialize for Fetched<P> {
+    fn serialize<S: serde::Serializer>(&self, to: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fetched::Job(job) => job.serialize(to),
+            Fetched::Undecodable(stored) => stored.0.serialize(to),
+        }
+    }
+}
+
+/// How a durable backend stores the dead letter of an undecodable job.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) type BuryJson =
+    std::sync::Arc<dyn Fn(DeadLetter<serde_json::Value>) -> ops::Answer<()> + Send + Sync>;
+
+/// The worker's handler for [`Fetched`] jobs: delivers the decodable ones,
+/// and buries the others as permanent dead letters (the stored job then
+/// counts as done), so the worker goes on with the next job.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+#[derive(Clone)]
+pub(crate) struct Tolerant<P> {
+    pub(crate) deliver: ops::Delivery<P>,
+    pub(crate) bury: BuryJson,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<P: Send + 'static> tower::Service<apalis_core::task::Task<Fetched<P>>> for Tolerant<P> {
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.deliver.poll_ready(cx)
+    }
+
+    fn call(&mut self, task: apalis_core::task::Task<Fetched<P>>) -> Self::Future {
+        let decoded = task.try_map_args(|fetched| match fetched {
+            Fetched::Job(job) => Ok(job),
+            Fetched::Undecodable(stored) => Err(stored),
+        });
+        match decoded {
+            Ok(task) => self.deliver.call(task),
+            Err(stored) => {
+                let (_, letter) = *stored;
+                tracing::warn!(
+                    event = %letter.event.id, error = %letter.last_error,
+                    "a stored job is now a dead letter"
+                );
+                let bury = (self.bury)(letter);
+                Box::pin(async move { Ok(bury.await?) })
+            }
         }
     }
 }

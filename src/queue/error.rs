@@ -347,6 +347,25 @@ fn refused_by_sql(err: &sqlx::Error) -> Option<&'static str> {
                 _ => None,
             }
         }
+        #[cfg(feature = "sqlite")]
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            sqlite_refusal(db.code()?.parse().ok()?)
+        }
+        _ => None,
+    }
+}
+
+/// SQLite's (primary) result codes for a file that cannot be a queue:
+/// `SQLITE_READONLY` (8) and `SQLITE_NOTADB` (26).
+#[cfg(feature = "sqlite")]
+fn sqlite_refusal(code: i32) -> Option<&'static str> {
+    match code & 0xff {
+        8 => Some(
+            "the SQLite file or its directory is read-only; make both writable by this process",
+        ),
+        26 => Some("the file is not a SQLite database; give the path of a queue file or a new one"),
         _ => None,
     }
 }

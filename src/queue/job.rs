@@ -204,6 +204,25 @@ impl<P> Clone for DeadLetter<P> {
 }
 
 impl<P> DeadLetter<P> {
+    /// The letter of a stored job whose payload does not decode as the
+    /// queue's payload type: permanent, with serde's `error`.
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+    pub(crate) fn undecodable(job: QueuedEvent<P>, error: &str) -> Self {
+        DeadLetter {
+            last_error: format!(
+                "the stored job does not decode as the queue's payload type ({error}); the \
+                 payload type changed since the event was published: read the letter through \
+                 a queue of serde_json::Value, fix it and replay it"
+            ),
+            event: job.event,
+            attempts: job.attempt,
+            cause: DeathCause::Permanent,
+            failed_at: Utc::now(),
+            key: job.key,
+            chain: job.chain,
+        }
+    }
+
     /// The letter of a job apalis gave up on after `runs` runs, the last
     /// of which left `last_result`.
     #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
