@@ -811,46 +811,95 @@ mod queue {
         currency: String,
     }
 
-    #[tokio::test]
-    async fn a_job_that_no_longer_decodes_is_a_dead_letter_and_the_worker_goes_on() {
+    /// Publishes a job of `Before` through `old`, runs a worker of `After`
+    /// on `new` (the same queue), and checks that the job is a permanent
+    /// dead letter saying decode (read through `json`), that the worker
+    /// delivers the next good job, and that it never restarted.
+    async fn undecodable_job_is_buried<O, N, J>(old: O, new: N, json: J)
+    where
+        O: QueueBackend<Before>,
+        N: QueueBackend<After>,
+        J: QueueBackend<serde_json::Value>,
+    {
         let _watchdog = support::Watchdog::new(Duration::from_secs(120), "decode row hung");
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("q.db");
-        let old = ThroughTaskQueue::new(open::<Before>(&path).await.unwrap());
-        let mut publisher = old.layer(RecordingSink::<Before>::new());
-        publisher
-            .publish(Event::with_id(
-                "order.placed",
-                "old-1",
-                Before { order_id: 1 },
-            ))
-            .await
-            .unwrap();
+        let mut publisher = ThroughTaskQueue::new(old).layer(RecordingSink::<Before>::new());
+        let stale = Event::with_id("order.placed", "old-1", Before { order_id: 1 });
+        publisher.publish(stale).await.unwrap();
 
-        let new = ThroughTaskQueue::new(open::<After>(&path).await.unwrap());
+        let new = ThroughTaskQueue::new(new);
         let sink = RecordingSink::new();
         let worker = new.worker(sink.clone()).spawn();
         let good = After {
             order_id: 2,
             currency: "EUR".into(),
         };
-        new.layer(sink.clone())
+        let mut publisher = new.layer(sink.clone());
+        publisher
             .publish(Event::with_id("order.placed", "new-2", good))
             .await
             .unwrap();
         sink.wait_for(1, WAIT).await.unwrap();
 
-        let dead = open::<serde_json::Value>(&path)
-            .await
-            .unwrap()
-            .dead_letters();
+        let dead: eventsink::queue::DeadLetters<J, serde_json::Value> =
+            eventsink::queue::DeadLetters::new(json);
         dead.wait_for(1, WAIT).await.unwrap();
         let letter = dead.list(0, 10).await.unwrap().remove(0);
         assert_eq!(&*letter.event.id, "old-1");
+        assert_eq!(*letter.event.payload, serde_json::json!({"order_id": 1}));
         assert_eq!(letter.cause, DeathCause::Permanent);
-        assert_says("decode", &letter.last_error, &["decode", "currency"]);
+        assert_says(
+            "decode",
+            &letter.last_error,
+            &["does not decode", "currency", "replay"],
+        );
         assert_eq!(worker.restarts(), 0, "no crash loop");
         worker.shutdown().await;
         assert_eq!(sink.events().len(), 1, "the good job, once");
+    }
+
+    #[tokio::test]
+    async fn sqlite_a_job_that_no_longer_decodes_is_a_dead_letter() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("q.db");
+        let (old, new, json) = (open(&path).await, open(&path).await, open(&path).await);
+        undecodable_job_is_buried(old.unwrap(), new.unwrap(), json.unwrap()).await;
+    }
+
+    #[cfg(all(feature = "postgres", feature = "test-util"))]
+    #[tokio::test]
+    #[cfg_attr(
+        not(eventsink_postgres),
+        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+    )]
+    async fn postgres_a_job_that_no_longer_decodes_is_a_dead_letter() {
+        use eventsink::queue::PostgresQueue;
+        let url = support::queue::backend_url("EVENTSINK_POSTGRES_URL");
+        let name = support::queue::unique_name("bad-decode");
+        let (old, new, json) = (
+            PostgresQueue::connect(&url, &name).await,
+            PostgresQueue::connect(&url, &name).await,
+            PostgresQueue::connect(&url, &name).await,
+        );
+        undecodable_job_is_buried(old.unwrap(), new.unwrap(), json.unwrap()).await;
+        support::queue::delete_postgres_queues(&url, &[name]).await;
+    }
+
+    #[cfg(all(feature = "redis", feature = "test-util"))]
+    #[tokio::test]
+    #[cfg_attr(
+        not(eventsink_redis),
+        ignore = "set EVENTSINK_REDIS_URL to run against Redis"
+    )]
+    async fn redis_a_job_that_no_longer_decodes_is_a_dead_letter() {
+        use eventsink::queue::RedisQueue;
+        let url = support::queue::backend_url("EVENTSINK_REDIS_URL");
+        let name = support::queue::unique_name("bad-decode");
+        let (old, new, json) = (
+            RedisQueue::connect(&url, &name).await,
+            RedisQueue::connect(&url, &name).await,
+            RedisQueue::connect(&url, &name).await,
+        );
+        undecodable_job_is_buried(old.unwrap(), new.unwrap(), json.unwrap()).await;
+        support::queue::delete_redis_keys(&url, &[name]).await;
     }
 }
