@@ -37,8 +37,9 @@ pub enum QueueError {
         source: BoxError,
     },
     /// The backend refused the queue's settings: authentication or
-    /// authorization failed, the database does not exist, or the URL is
-    /// invalid. Permanent: fix the URL, the credentials or the server's
+    /// authorization failed, the database does not exist, the URL is
+    /// invalid, or the SQLite file is not a database or is read-only.
+    /// Permanent: fix the URL, the credentials, the file or the server's
     /// settings.
     ///
     /// ```

@@ -147,7 +147,9 @@ impl<P> Clone for QueuedEvent<P> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeathCause {
-    /// The sink failed permanently: retrying cannot help.
+    /// The sink failed permanently: retrying cannot help. Also a stored job
+    /// whose payload no longer decodes as the queue's payload type (the
+    /// type changed since it was published); its letter says so.
     Permanent,
     /// The last attempt of the retry schedule failed.
     OutOfAttempts,

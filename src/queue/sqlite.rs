@@ -312,7 +312,9 @@ impl SqliteQueueBuilder {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] if the file cannot be opened or migrated.
+    /// [`QueueError::Backend`] if the file cannot be opened or migrated;
+    /// [`QueueError::Misconfigured`] if it is not a SQLite database or is
+    /// read-only.
     /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
     /// [`QueueError::Missing`] if it holds no queue and
     /// `create_if_missing` is off.
