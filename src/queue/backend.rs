@@ -819,3 +819,39 @@ impl LocalWake {
         }))
     }
 }
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, Serialize)]
+    struct Order {
+        order_id: u64,
+    }
+
+    fn fetch(json: &serde_json::Value) -> Result<Fetched<Order>, serde_json::Error> {
+        serde_json::from_value(json.clone())
+    }
+
+    #[test]
+    fn a_job_decodes_or_becomes_its_dead_letter() {
+        let job = QueuedEvent::new("q", crate::Event::with_id("k", "1", serde_json::json!({})));
+        let stored = serde_json::to_value(&job).unwrap();
+        let Ok(Fetched::Undecodable(undecodable)) = fetch(&stored) else {
+            panic!("a payload without order_id does not decode as Order");
+        };
+        let (json, letter) = *undecodable;
+        assert_eq!(json, stored, "kept as stored");
+        assert_eq!(letter.key, "q:k:1");
+        assert!(
+            letter.last_error.contains("order_id"),
+            "{}",
+            letter.last_error
+        );
+
+        let good = QueuedEvent::new("q", crate::Event::new("k", Order { order_id: 7 }));
+        let good = serde_json::to_value(&good).unwrap();
+        assert!(matches!(fetch(&good), Ok(Fetched::Job(job)) if job.event.payload.order_id == 7));
+        assert!(fetch(&serde_json::json!({"not": "a job"})).is_err());
+    }
+}
