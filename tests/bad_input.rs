@@ -819,6 +819,7 @@ mod queue {
         let stale = Event::with_id("order.placed", "old-1", Before { order_id: 1 });
         publisher.publish(stale).await.unwrap();
 
+        let typed = eventsink::queue::DeadLetters::new(new.clone());
         let new = ThroughTaskQueue::new(new);
         let sink = RecordingSink::new();
         let worker = new.worker(sink.clone()).spawn();
@@ -846,6 +847,18 @@ mod queue {
             &["does not decode", "currency", "replay"],
         );
         assert_eq!(worker.restarts(), 0, "no crash loop");
+        // Listed as the new type, the letter is a clear, permanent error.
+        let err = typed
+            .list(0, 10)
+            .await
+            .expect_err("the letter is not an After");
+        assert!(matches!(err, QueueError::Misconfigured { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        assert_says(
+            "typed letters",
+            &err.to_string(),
+            &["does not decode", "serde_json::Value"],
+        );
         worker.shutdown().await;
         assert_eq!(sink.events().len(), 1, "the good job, once");
     }

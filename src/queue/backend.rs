@@ -719,6 +719,22 @@ impl<P: Serialize> Serialize for Fetched<P> {
     }
 }
 
+/// A stored dead letter that does not decode as the queue's payload type:
+/// permanent, and saying how to read it.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) fn undecodable_letter(
+    queue: &std::sync::Arc<str>,
+    source: serde_json::Error,
+) -> QueueError {
+    QueueError::Misconfigured {
+        queue: std::sync::Arc::clone(queue),
+        action: "reading a dead letter",
+        problem: "a letter does not decode as the queue's payload type (the type changed since \
+                  the event failed); read the letters through a queue of serde_json::Value",
+        source: Box::new(source),
+    }
+}
+
 /// How a durable backend stores the dead letter of an undecodable job.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) type BuryJson =

@@ -16,6 +16,7 @@ use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, Wo
 use super::backend::{
     ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, abandoned_letter,
     current_second, due_second, encode_job, lease_setter, polled, queue_handle, run_apalis,
+    undecodable_letter,
 };
 use super::error::QueueError;
 use super::job::DeadLetter;
@@ -657,7 +658,7 @@ async fn letters_of<P: DeserializeOwned>(
 }
 
 fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
-    serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
+    serde_json::from_str(json).map_err(|e| undecodable_letter(name, e))
 }
 
 impl<P: Payload> Ops<P> for RedisQueue<P> {
