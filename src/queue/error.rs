@@ -358,12 +358,15 @@ fn refused_by_sql(err: &sqlx::Error) -> Option<&'static str> {
     }
 }
 
-/// SQLite's (primary) result codes for a file that cannot be a queue:
-/// `SQLITE_READONLY` (8) and `SQLITE_NOTADB` (26).
+/// SQLite's result codes for a file that cannot be a queue:
+/// `SQLITE_READONLY` (8, and its extended codes but
+/// `SQLITE_READONLY_RECOVERY`, 264: another process is recovering the WAL,
+/// which passes) and `SQLITE_NOTADB` (26).
 #[cfg(feature = "sqlite")]
 fn sqlite_refusal(code: i32) -> Option<&'static str> {
+    const READONLY_RECOVERY: i32 = 264;
     match code & 0xff {
-        8 => Some(
+        8 if code != READONLY_RECOVERY => Some(
             "the SQLite file or its directory is read-only; make both writable by this process",
         ),
         26 => Some("the file is not a SQLite database; give the path of a queue file or a new one"),
