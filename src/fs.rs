@@ -82,8 +82,8 @@ impl FsSink {
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, Error> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            source: not_a_directory(&dir).unwrap_or(source),
             path: dir.clone(),
-            source,
         })?;
         Ok(FsSink {
             dir: dir.into(),
@@ -149,6 +149,17 @@ impl FsSink {
             event.id
         ))
     }
+}
+
+/// The error to report when `dir` cannot be created because it, or one of
+/// its parents, is a file: the OS only says "File exists" or "Not a
+/// directory", without saying which.
+fn not_a_directory(dir: &Path) -> Option<io::Error> {
+    let file = dir.ancestors().find(|p| p.is_file())?;
+    Some(io::Error::new(
+        io::ErrorKind::NotADirectory,
+        format!("{} is a file, not a directory", file.display()),
+    ))
 }
 
 fn check_name_part(field: &'static str, value: &str) -> Result<(), Error> {

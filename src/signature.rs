@@ -130,8 +130,9 @@ impl Secret {
     ///
     /// # Errors
     ///
-    /// [`SecretError`] if the text is not base64 or the key is too short or
-    /// too long. The error never contains the secret.
+    /// [`SecretError`] if the text is empty (or only the prefix), not
+    /// base64, or the key is too short or too long. The error never
+    /// contains the secret.
     ///
     /// ```
     /// use eventsink::signature::Secret;
@@ -144,6 +145,9 @@ impl Secret {
             .trim()
             .strip_prefix(SECRET_PREFIX)
             .unwrap_or(text.trim());
+        if encoded.is_empty() {
+            return Err(SecretError::Empty);
+        }
         let key = Zeroizing::new(BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?);
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
             return Err(SecretError::Length(key.len()));

@@ -349,13 +349,16 @@ pub(crate) mod ops {
 /// here. A macro because apalis' `Worker::run` puts bounds on the backend
 /// that are long and different for each storage type.
 macro_rules! run_apalis {
-    ($storage:expr, $run:expr) => {{
+    ($storage:expr, $run:expr) => {
+        run_apalis!($storage, $run, std::convert::identity)
+    };
+    ($storage:expr, $run:expr, $deliver:expr) => {{
         use apalis::prelude::WorkerBuilderExt as _;
         let run: $crate::queue::backend::ops::WorkerRun<_> = $run;
         let worker = apalis_core::worker::builder::WorkerBuilder::new(run.name)
             .backend($storage)
             .concurrency(run.concurrency)
-            .build(run.deliver);
+            .build($deliver(run.deliver));
         let stop = run.stop;
         async move {
             let ran: Result<(), crate::BoxError> = worker
@@ -675,6 +678,111 @@ pub(crate) fn abandoned_letter<P: serde::de::DeserializeOwned>(
     }
 }
 
+/// A job as a worker of a durable backend fetches it: an event of the
+/// queue's payload type, or a job of this crate whose payload no longer
+/// decodes as that type (it changed since the event was stored). apalis
+/// fails the whole fetch on a job it cannot decode, again at every fetch,
+/// so the worker decodes in two steps and buries such a job instead.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) enum Fetched<P> {
+    /// A job of the queue's payload type.
+    Job(QueuedEvent<P>),
+    /// A job whose payload does not decode: the job as stored, and its
+    /// dead letter.
+    Undecodable(Box<(serde_json::Value, DeadLetter<serde_json::Value>)>),
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<'de, P: DeserializeOwned> serde::Deserialize<'de> for Fetched<P> {
+    /// Fails only for JSON that is not a job of this crate at all.
+    fn deserialize<D: serde::Deserializer<'de>>(from: D) -> Result<Self, D::Error> {
+        let json = serde_json::Value::deserialize(from)?;
+        match QueuedEvent::<P>::deserialize(&json) {
+            Ok(job) => Ok(Fetched::Job(job)),
+            Err(error) => {
+                let job = QueuedEvent::deserialize(&json).map_err(serde::de::Error::custom)?;
+                let letter = DeadLetter::undecodable(job, &error.to_string());
+                Ok(Fetched::Undecodable(Box::new((json, letter))))
+            }
+        }
+    }
+}
+
+/// Written as the job it holds (apalis' codec needs both directions).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<P: Serialize> Serialize for Fetched<P> {
+    fn serialize<S: serde::Serializer>(&self, to: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fetched::Job(job) => job.serialize(to),
+            Fetched::Undecodable(stored) => stored.0.serialize(to),
+        }
+    }
+}
+
+/// A stored dead letter that does not decode as the queue's payload type:
+/// permanent, and saying how to read it.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) fn undecodable_letter(
+    queue: &std::sync::Arc<str>,
+    source: serde_json::Error,
+) -> QueueError {
+    QueueError::Misconfigured {
+        queue: std::sync::Arc::clone(queue),
+        action: "reading a dead letter",
+        problem: "a letter does not decode as the queue's payload type (the type changed since \
+                  the event failed); read the letters through a queue of serde_json::Value",
+        source: Box::new(source),
+    }
+}
+
+/// How a durable backend stores the dead letter of an undecodable job.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) type BuryJson =
+    std::sync::Arc<dyn Fn(DeadLetter<serde_json::Value>) -> ops::Answer<()> + Send + Sync>;
+
+/// The worker's handler for [`Fetched`] jobs: delivers the decodable ones,
+/// and buries the others as permanent dead letters (the stored job then
+/// counts as done), so the worker goes on with the next job.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+#[derive(Clone)]
+pub(crate) struct Tolerant<P> {
+    pub(crate) deliver: ops::Delivery<P>,
+    pub(crate) bury: BuryJson,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<P: Send + 'static> tower::Service<apalis_core::task::Task<Fetched<P>>> for Tolerant<P> {
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.deliver.poll_ready(cx)
+    }
+
+    fn call(&mut self, task: apalis_core::task::Task<Fetched<P>>) -> Self::Future {
+        let decoded = task.try_map_args(|fetched| match fetched {
+            Fetched::Job(job) => Ok(job),
+            Fetched::Undecodable(stored) => Err(stored),
+        });
+        match decoded {
+            Ok(task) => self.deliver.call(task),
+            Err(stored) => {
+                let (_, letter) = *stored;
+                tracing::warn!(
+                    event = %letter.event.id, error = %letter.last_error,
+                    "a stored job is now a dead letter"
+                );
+                let bury = (self.bury)(letter);
+                Box::pin(async move { Ok(bury.await?) })
+            }
+        }
+    }
+}
+
 /// A push failure as a [`QueueError`]: an encoding failure is permanent
 /// (the payload's `Serialize`), anything else the backend's.
 pub(crate) fn push_error<E>(
@@ -725,5 +833,41 @@ impl LocalWake {
             rx.changed().await.ok()?;
             Some(((), rx))
         }))
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, Serialize)]
+    struct Order {
+        order_id: u64,
+    }
+
+    fn fetch(json: &serde_json::Value) -> Result<Fetched<Order>, serde_json::Error> {
+        serde_json::from_value(json.clone())
+    }
+
+    #[test]
+    fn a_job_decodes_or_becomes_its_dead_letter() {
+        let job = QueuedEvent::new("q", crate::Event::with_id("k", "1", serde_json::json!({})));
+        let stored = serde_json::to_value(&job).unwrap();
+        let Ok(Fetched::Undecodable(undecodable)) = fetch(&stored) else {
+            panic!("a payload without order_id does not decode as Order");
+        };
+        let (json, letter) = *undecodable;
+        assert_eq!(json, stored, "kept as stored");
+        assert_eq!(letter.key, "q:k:1");
+        assert!(
+            letter.last_error.contains("order_id"),
+            "{}",
+            letter.last_error
+        );
+
+        let good = QueuedEvent::new("q", crate::Event::new("k", Order { order_id: 7 }));
+        let good = serde_json::to_value(&good).unwrap();
+        assert!(matches!(fetch(&good), Ok(Fetched::Job(job)) if job.event.payload.order_id == 7));
+        assert!(fetch(&serde_json::json!({"not": "a job"})).is_err());
     }
 }

@@ -37,8 +37,9 @@ pub enum QueueError {
         source: BoxError,
     },
     /// The backend refused the queue's settings: authentication or
-    /// authorization failed, the database does not exist, or the URL is
-    /// invalid. Permanent: fix the URL, the credentials or the server's
+    /// authorization failed, the database does not exist, the URL is
+    /// invalid, or the SQLite file is not a database or is read-only.
+    /// Permanent: fix the URL, the credentials, the file or the server's
     /// settings.
     ///
     /// ```
@@ -352,6 +353,28 @@ fn refused_by_sql(err: &sqlx::Error) -> Option<&'static str> {
                 _ => None,
             }
         }
+        #[cfg(feature = "sqlite")]
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            sqlite_refusal(db.code()?.parse().ok()?)
+        }
+        _ => None,
+    }
+}
+
+/// SQLite's result codes for a file that cannot be a queue:
+/// `SQLITE_READONLY` (8, and its extended codes but
+/// `SQLITE_READONLY_RECOVERY`, 264: another process is recovering the WAL,
+/// which passes) and `SQLITE_NOTADB` (26).
+#[cfg(feature = "sqlite")]
+fn sqlite_refusal(code: i32) -> Option<&'static str> {
+    const READONLY_RECOVERY: i32 = 264;
+    match code & 0xff {
+        8 if code != READONLY_RECOVERY => Some(
+            "the SQLite file or its directory is read-only; make both writable by this process",
+        ),
+        26 => Some("the file is not a SQLite database; give the path of a queue file or a new one"),
         _ => None,
     }
 }

@@ -147,7 +147,9 @@ impl<P> Clone for QueuedEvent<P> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeathCause {
-    /// The sink failed permanently: retrying cannot help.
+    /// The sink failed permanently: retrying cannot help. Also a stored job
+    /// whose payload no longer decodes as the queue's payload type (the
+    /// type changed since it was published); its letter says so.
     Permanent,
     /// The last attempt of the retry schedule failed.
     OutOfAttempts,
@@ -204,6 +206,25 @@ impl<P> Clone for DeadLetter<P> {
 }
 
 impl<P> DeadLetter<P> {
+    /// The letter of a stored job whose payload does not decode as the
+    /// queue's payload type: permanent, with serde's `error`.
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+    pub(crate) fn undecodable(job: QueuedEvent<P>, error: &str) -> Self {
+        DeadLetter {
+            last_error: format!(
+                "the stored job does not decode as the queue's payload type ({error}); the \
+                 payload type changed since the event was published: read the letter through \
+                 a queue of serde_json::Value, fix it and replay it"
+            ),
+            event: job.event,
+            attempts: job.attempt,
+            cause: DeathCause::Permanent,
+            failed_at: Utc::now(),
+            key: job.key,
+            chain: job.chain,
+        }
+    }
+
     /// The letter of a job apalis gave up on after `runs` runs, the last
     /// of which left `last_result`.
     #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]

@@ -77,6 +77,10 @@
 //!   is kept with its last error and attempt count in the backend: a
 //!   `eventsink_dead_letters` table (SQLite, Postgres), a Redis hash
 //!   (`eventsink:{queue}:dead`), or the process memory (memory backend).
+//!   A stored job whose payload no longer decodes as the queue's payload
+//!   type (the type changed since it was published) is a permanent dead
+//!   letter too, saying so, and the worker goes on with the next job; read
+//!   such letters through a queue of `serde_json::Value`.
 //!   A letter has the key of the event's jobs, `{queue}:{kind}:{id}`, so
 //!   two kinds that share an id keep two letters. [`DeadLetters`] lists,
 //!   shows, replays and purges them. A replay stores the event as a new

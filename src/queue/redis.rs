@@ -14,8 +14,9 @@ use serde::de::DeserializeOwned;
 use super::Published;
 use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{
-    ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, LocalWake, abandoned_letter, current_second, due_second,
-    encode_job, lease_setter, polled, queue_handle, run_apalis,
+    ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, abandoned_letter,
+    current_second, due_second, encode_job, lease_setter, polled, queue_handle, run_apalis,
+    undecodable_letter,
 };
 use super::error::QueueError;
 use super::job::DeadLetter;
@@ -585,6 +586,31 @@ impl<P> RedisQueue<P> {
         Ok(buried > 0)
     }
 
+    /// Stores a dead letter of any payload type, replacing the one with
+    /// the same key: [`Store::bury`], and the letter of a job that no longer
+    /// decodes as `P`.
+    fn bury_any<T>(&self, letter: DeadLetter<T>) -> Answer<()>
+    where
+        T: Serialize + Send + Sync + 'static,
+        P: 'static,
+    {
+        let (mut conn, name, fail) = self.parts("storing a dead letter");
+        let (hash, order) = self.keys();
+        Box::pin(async move {
+            let json = serde_json::to_string(&letter)
+                .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
+            redis::pipe()
+                .atomic()
+                .hset(&hash, &letter.key, json)
+                .ignore()
+                .zadd(&order, &letter.key, letter.failed_at.timestamp_micros())
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(fail)
+        })
+    }
+
     fn keys(&self) -> (String, String) {
         let hash = format!("eventsink:{}:dead", self.name);
         let order = format!("{hash}:order");
@@ -632,7 +658,7 @@ async fn letters_of<P: DeserializeOwned>(
 }
 
 fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
-    serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
+    serde_json::from_str(json).map_err(|e| undecodable_letter(name, e))
 }
 
 impl<P: Payload> Ops<P> for RedisQueue<P> {
@@ -659,8 +685,16 @@ impl<P: Payload> Ops<P> for RedisQueue<P> {
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let promote = promote_due_jobs(self.conn.clone(), self.config.clone());
-        let storage = polled!(self.storage, self.config, self.wake.stream(), run);
-        let run = run_apalis!(storage, run);
+        let storage = RedisStorage::<Fetched<P>>::new(self.conn.clone());
+        let storage = polled!(
+            storage.with_config(self.config.clone()),
+            self.config,
+            self.wake.stream(),
+            run
+        );
+        let queue = self.clone();
+        let bury: BuryJson = Arc::new(move |letter| queue.bury_any(letter));
+        let run = run_apalis!(storage, run, |deliver| Tolerant { deliver, bury });
         Box::pin(async move {
             promote.await?;
             run.await
@@ -670,21 +704,7 @@ impl<P: Payload> Ops<P> for RedisQueue<P> {
 
 impl<P: Payload> Store<P> for RedisQueue<P> {
     fn bury(&self, letter: DeadLetter<P>) -> Answer<()> {
-        let (mut conn, name, fail) = self.parts("storing a dead letter");
-        let (hash, order) = self.keys();
-        Box::pin(async move {
-            let json = serde_json::to_string(&letter)
-                .map_err(|e| QueueError::backend(&name, "encoding a dead letter", e))?;
-            redis::pipe()
-                .atomic()
-                .hset(&hash, &letter.key, json)
-                .ignore()
-                .zadd(&order, &letter.key, letter.failed_at.timestamp_micros())
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(fail)
-        })
+        self.bury_any(letter)
     }
 
     fn dead_page(&self, offset: u64, limit: u64) -> Answer<Vec<DeadLetter<P>>> {

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use super::backend::ops::{Answer, DeadPage, Payload, Place, Store};
-use super::backend::{ABANDONED_PAGE, abandoned_letter, current_second};
+use super::backend::{ABANDONED_PAGE, abandoned_letter, current_second, undecodable_letter};
 use super::error::QueueError;
 use super::job::DeadLetter;
 use super::stats::QueueStats;
@@ -199,7 +199,7 @@ fn encode<P: Serialize>(name: &Arc<str>, letter: &DeadLetter<P>) -> Result<Strin
 }
 
 fn decode<P: DeserializeOwned>(name: &Arc<str>, json: &str) -> Result<DeadLetter<P>, QueueError> {
-    serde_json::from_str(json).map_err(|e| QueueError::backend(name, "reading a dead letter", e))
+    serde_json::from_str(json).map_err(|e| undecodable_letter(name, e))
 }
 
 fn limit(n: u64) -> i64 {

@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, LocalWake, current_second, due_second, encode_job, lease_setter, outcomes,
-    polled, queue_handle, run_apalis,
+    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, current_second, due_second,
+    encode_job, lease_setter, outcomes, polled, queue_handle, run_apalis,
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
@@ -312,7 +312,9 @@ impl SqliteQueueBuilder {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] if the file cannot be opened or migrated.
+    /// [`QueueError::Backend`] if the file cannot be opened or migrated;
+    /// [`QueueError::Misconfigured`] if it is not a SQLite database or is
+    /// read-only.
     /// [`QueueError::NewerSchema`] if a newer apalis migrated it.
     /// [`QueueError::Missing`] if it holds no queue and
     /// `create_if_missing` is off.
@@ -496,7 +498,19 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
     }
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
-        let storage = polled!(self.storage, self.config, self.wake.stream(), run);
-        Box::pin(run_apalis!(storage, run))
+        let storage = SqliteStorage::<Fetched<P>>::new(self.store.pool());
+        let storage = polled!(
+            storage.with_config(self.config.clone()),
+            self.config,
+            self.wake.stream(),
+            run
+        );
+        let store = self.store.clone();
+        let bury: BuryJson =
+            Arc::new(move |letter| Store::<serde_json::Value>::bury(&store, letter));
+        Box::pin(run_apalis!(storage, run, |deliver| Tolerant {
+            deliver,
+            bury
+        }))
     }
 }
