@@ -46,9 +46,8 @@ mod backends {
     use apalis_core::task::Task;
     use apalis_core::worker::builder::WorkerBuilder;
     use eventsink::queue::{
-        DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_POLL_INTERVAL, PostgresQueue,
-        QueueBackend, QueuedEvent, RedisQueue, SQLITE_BUSY_TIMEOUT, SqliteQueue,
-        ThroughTaskQueue,
+        DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_POLL_INTERVAL, PostgresQueue, QueueBackend,
+        QueuedEvent, RedisQueue, SQLITE_BUSY_TIMEOUT, SqliteQueue, ThroughTaskQueue,
     };
     use eventsink::{Event, NoopSink, SinkExt};
     use serde_json::json;
@@ -817,7 +816,10 @@ mod backends {
             fill(&publisher, events).await;
             let fill_secs = started.elapsed().as_secs_f64();
             let queued = queue.stats().await.expect("stats");
-            assert_eq!(queued.pending, events as u64, "the backlog before the drain");
+            assert_eq!(
+                queued.pending, events as u64,
+                "the backlog before the drain"
+            );
 
             let rss_before_mib = rss_mib();
             let sampler = RssSampler::start();
