@@ -1,7 +1,8 @@
 //! The `worker` and `publisher` examples as processes on one shared queue
-//! (Postgres with two workers; Redis and SQLite with one): events POSTed
-//! to a publisher process reach a verifying receiver in this test through
-//! the worker processes, none lost, and every process exits 0 on SIGTERM.
+//! (Postgres with two workers; SQLite with one and with two; Redis with
+//! one): events POSTed to a publisher process reach a verifying receiver
+//! in this test through the worker processes, none lost, and every process
+//! exits 0 on SIGTERM.
 //!
 //! **The binaries.** Examples get no `CARGO_BIN_EXE_*`, and a binary found
 //! under `target/*/examples` may be stale (`cargo test --test processes`
@@ -101,11 +102,23 @@ async fn a_worker_process_and_a_publisher_share_a_redis_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_and_a_publisher_share_a_sqlite_file() {
+    sqlite_run(&["a"]).await.check("sqlite");
+}
+
+/// Two worker processes on one SQLite file share it: each fetch locks its
+/// jobs in one write statement (`UPDATE ... RETURNING` under the file's
+/// write lock), so no job is lost between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_and_a_publisher_share_a_sqlite_file() {
+    sqlite_run(&["a", "b"]).await.check("sqlite, two workers");
+}
+
+/// [`run`] on a SQLite file of its own, with the workers `workers`.
+async fn sqlite_run(workers: &[&str]) -> Report {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
     let path = path.to_str().expect("a UTF-8 temp path");
-    let report = run(&["--sqlite", path], &unique_name("proc"), &["a"]).await;
-    report.check("sqlite");
+    run(&["--sqlite", path], &unique_name("proc"), workers).await
 }
 
 /// What one run saw.

@@ -140,10 +140,31 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// Peak resident memory of this process in MiB (`VmHWM`).
 pub fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+/// Resets the peak-memory mark so a scenario measures only itself.
+pub fn reset_peak_rss() {
+    // "5" resets VmHWM to the current RSS (Linux >= 4.0).
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        eprintln!("could not reset the peak RSS mark ({e}); the peak includes earlier scenarios");
+    }
+}
+
+/// How often [`RssSampler`] reads the resident memory.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// Resident memory of this process in MiB now (`VmRSS`).
+pub fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// A `/proc/self/status` line's value in MiB (`NaN` if missing).
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| {
             rest.trim()
                 .trim_end_matches("kB")
@@ -154,10 +175,32 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-/// Resets the peak-memory mark so a scenario measures only itself.
-pub fn reset_peak_rss() {
-    // "5" resets VmHWM to the current RSS (Linux >= 4.0).
-    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
-        eprintln!("could not reset the peak RSS mark ({e}); the peak includes earlier scenarios");
+/// The highest `VmRSS` seen while it runs, read every [`RSS_SAMPLE_EVERY`]
+/// on a thread of its own: the peak of one phase of a scenario, where
+/// `VmHWM` holds the peak of the whole process and may not be resettable.
+pub struct RssSampler {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl RssSampler {
+    pub fn start() -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut peak = rss_mib();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(RSS_SAMPLE_EVERY)
+            {
+                peak = peak.max(rss_mib());
+            }
+            peak.max(rss_mib())
+        });
+        RssSampler { stop, thread }
+    }
+
+    /// Stops sampling; the peak in MiB.
+    pub fn stop(self) -> f64 {
+        let _ = self.stop.send(());
+        self.thread.join().expect("the RSS sampler")
     }
 }

@@ -15,7 +15,12 @@
 //!   with a no-op handler draining the same number of pushed jobs;
 //! - `queue_latency_<backend>`: median ms from `publish` returning to the
 //!   sink being called, events published one at a time into an idle
-//!   worker, against a 20 ms budget.
+//!   worker, against a 20 ms budget;
+//! - `queue_backlog_<backend>`: µs per event to drain a backlog of 200,000
+//!   events (`--quick`: 50,000) queued with no worker running, to a
+//!   `NoopSink`, against the same drain of 20,000 (5,000): a drain that
+//!   stays linear as the backlog grows has a ratio near 1. Prints the peak
+//!   RSS during the large drain too.
 
 use crate::harness::Scenario;
 
@@ -41,15 +46,17 @@ mod backends {
     use apalis_core::task::Task;
     use apalis_core::worker::builder::WorkerBuilder;
     use eventsink::queue::{
-        DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, PostgresQueue, QueuedEvent, RedisQueue,
-        SQLITE_BUSY_TIMEOUT, SqliteQueue, ThroughTaskQueue,
+        DEFAULT_CONCURRENCY, DEFAULT_MAX_BATCH, DEFAULT_POLL_INTERVAL, PostgresQueue, QueueBackend,
+        QueuedEvent, RedisQueue, SQLITE_BUSY_TIMEOUT, SqliteQueue, ThroughTaskQueue,
     };
     use eventsink::{Event, NoopSink, SinkExt};
     use serde_json::json;
     use tokio::sync::{mpsc, watch};
     use tower::Layer;
 
-    use crate::harness::{Options, Scenario, paired_rounds, per_second, report, runtime};
+    use crate::harness::{
+        Options, RssSampler, Scenario, paired_rounds, per_second, report, rss_mib, runtime,
+    };
 
     /// Concurrent publishers in the publish and e2e scenarios.
     const PUBLISHERS: usize = 64;
@@ -109,6 +116,18 @@ mod backends {
             Scenario {
                 name: "queue_latency_redis",
                 run: |o| latency(o, Kind::Redis),
+            },
+            Scenario {
+                name: "queue_backlog_sqlite",
+                run: |o| backlog(o, Kind::Sqlite),
+            },
+            Scenario {
+                name: "queue_backlog_postgres",
+                run: |o| backlog(o, Kind::Postgres),
+            },
+            Scenario {
+                name: "queue_backlog_redis",
+                run: |o| backlog(o, Kind::Redis),
             },
         ]
     }
@@ -727,5 +746,123 @@ mod backends {
         });
         round.cleanup().await;
         median
+    }
+
+    // ---------------------------------------------------------------- backlog
+
+    fn backlog(options: &Options, kind: Kind) {
+        let scenario = format!("queue_backlog_{}", kind.label());
+        let Some(location) = kind.location(&scenario) else {
+            return;
+        };
+        let (small, large) = (options.size(5_000, 20_000), options.size(50_000, 200_000));
+        let rt = runtime();
+        let baseline = rt.block_on(backlog_round(kind, &location, small));
+        let ours = rt.block_on(backlog_round(kind, &location, large));
+        for (events, drain) in [(small, &baseline), (large, &ours)] {
+            println!(
+                "{scenario}: {events} events queued in {:.1} s, drained in {:.1} s \
+                 ({:.0} events/s); RSS {:.1} MiB before the drain, peak {:.1} MiB during it \
+                 (VmRSS every 10 ms)",
+                drain.fill_secs,
+                drain.drain_secs,
+                events as f64 / drain.drain_secs,
+                drain.rss_before_mib,
+                drain.rss_peak_mib,
+            );
+        }
+        let (ours, baseline) = (ours.us_per_event(large), baseline.us_per_event(small));
+        report(
+            &scenario,
+            ours,
+            baseline,
+            ours / baseline,
+            "µs/event",
+            &format!("the same drain of {small} events"),
+        );
+    }
+
+    /// One backlog's fill and drain.
+    struct Drain {
+        fill_secs: f64,
+        drain_secs: f64,
+        rss_before_mib: f64,
+        rss_peak_mib: f64,
+    }
+
+    impl Drain {
+        fn us_per_event(&self, events: usize) -> f64 {
+            self.drain_secs * 1e6 / events as f64
+        }
+    }
+
+    /// Queues `events` with no worker running, then times a worker
+    /// draining them to a `NoopSink`; checks that the queue is empty after.
+    async fn backlog_round(kind: Kind, location: &str, events: usize) -> Drain {
+        let round = Round::new(kind, location, "backlog");
+        let drain = with_queue!(round, |queue| {
+            let counter = Counter::new(events);
+            let sink = {
+                let counter = counter.clone();
+                tower::ServiceBuilder::new()
+                    .map_request(move |event: Event| {
+                        counter.hit();
+                        event
+                    })
+                    .service(NoopSink::new())
+            };
+            let publisher = ThroughTaskQueue::new(queue.clone()).layer(sink);
+            let started = tokio::time::Instant::now();
+            fill(&publisher, events).await;
+            let fill_secs = started.elapsed().as_secs_f64();
+            let queued = queue.stats().await.expect("stats");
+            assert_eq!(
+                queued.pending, events as u64,
+                "the backlog before the drain"
+            );
+
+            let rss_before_mib = rss_mib();
+            let sampler = RssSampler::start();
+            let started = tokio::time::Instant::now();
+            let worker = publisher.worker().spawn();
+            counter.wait().await;
+            let drain_secs = started.elapsed().as_secs_f64();
+            let rss_peak_mib = sampler.stop();
+            worker.shutdown().await;
+            let left = queue.stats().await.expect("stats");
+            assert_eq!(
+                (left.pending, left.scheduled, left.running, left.dead),
+                (0, 0, 0, 0),
+                "the queue after the drain: {left:?}"
+            );
+            Drain {
+                fill_secs,
+                drain_secs,
+                rss_before_mib,
+                rss_peak_mib,
+            }
+        });
+        round.cleanup().await;
+        drain
+    }
+
+    /// Publishes `events` from [`DEFAULT_MAX_BATCH`] tasks, so that each
+    /// group commit writes a full batch.
+    async fn fill<S>(publisher: &S, events: usize)
+    where
+        S: tower::Service<Event> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: std::fmt::Debug,
+    {
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..DEFAULT_MAX_BATCH {
+            let mut publisher = publisher.clone();
+            tasks.spawn(async move {
+                for n in (task..events).step_by(DEFAULT_MAX_BATCH) {
+                    publisher.publish(event(n)).await.expect("publish");
+                }
+            });
+        }
+        tasks.join_all().await;
     }
 }

@@ -194,9 +194,22 @@ fn insert_statement<P: Serialize>(
 /// `synchronous` off on one connection. Use a file of its own: apalis'
 /// `_sqlx_migrations` table would collide with the application's.
 ///
-/// Several processes can share the file (one writer at a time). A worker
-/// that dies leaves its jobs to others after `heartbeat × missed`
+/// **Several processes** on one machine can share the file: publishers
+/// and workers alike, each opening it with `open` (there is no lock to
+/// take and nothing is refused). A worker takes its jobs in one write
+/// statement (apalis' `UPDATE ... RETURNING`, which holds the file's write
+/// lock from its read to its write), marking them as its own, so two
+/// workers do not take the same job (unless its lease expired: then it
+/// runs again, at-least-once), and a job is acknowledged only by the
+/// worker that holds it. Writers queue behind each other (one writer at a
+/// time, each waiting up to the busy timeout): a second worker shares the
+/// load, it does not add write throughput. A worker that dies leaves its
+/// jobs to others after `heartbeat × missed`
 /// ([`lease`](SqliteQueueBuilder::lease), 15 s by default).
+/// `tests/processes.rs` runs two worker processes and a publisher process
+/// on one file: every event arrives, none is lost. Keep the file on a
+/// local file system: WAL needs shared memory between the processes,
+/// which network file systems do not provide.
 ///
 /// [`synchronous_full`]: SqliteQueueBuilder::synchronous_full
 ///
