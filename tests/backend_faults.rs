@@ -425,7 +425,7 @@ async fn postgres_connections_killed() {
     let (unique, duplicates) = all_delivered(&recorder, &accepted).await;
     let restarts = handle.restarts();
     handle.shutdown().await;
-    support::queue::delete_postgres_queues(&url, &[name]).await;
+    support::queue::delete_postgres_rows(&url, &[name]).await;
     println!(
         "FAULTS postgres_killed: connections killed per round {killed:?}; accepted {}, \
          publish errors {}, delivered unique {unique}, duplicates {duplicates}, \

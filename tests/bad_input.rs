@@ -887,7 +887,7 @@ mod queue {
             PostgresQueue::connect(&url, &name).await,
         );
         undecodable_job_is_buried(old.unwrap(), new.unwrap(), json.unwrap()).await;
-        support::queue::delete_postgres_queues(&url, &[name]).await;
+        support::queue::delete_postgres_rows(&url, &[name]).await;
     }
 
     #[cfg(all(feature = "redis", feature = "test-util"))]

@@ -77,7 +77,7 @@ async fn two_worker_processes_and_a_publisher_share_a_postgres_queue() {
     let url = backend_url("EVENTSINK_POSTGRES_URL");
     let name = unique_name("proc");
     let report = run(&["--postgres", &url], &name, &["a", "b"]).await;
-    support::queue::delete_postgres_queues(&url, &[name]).await;
+    support::queue::delete_postgres_rows(&url, &[name]).await;
     // Which worker delivered how many is printed, not asserted: usually
     // about half each, but in about one run in five one of them delivers
     // almost nothing. Its apalis trace ends in "fetch_next returned empty

@@ -99,35 +99,13 @@ async fn child_worker_process() {
         let mut lines = BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(_)) = lines.next_line().await {}
     };
-    match backend.as_str() {
-        "sqlite" => {
-            let q: SqliteQueue = SqliteQueue::builder(&queue)
-                .lease(HEARTBEAT, MISSED)
-                .open(&location)
-                .await
-                .expect("open");
-            run_child(q, sink, stop).await;
-        }
-        #[cfg(feature = "postgres")]
-        "postgres" => {
-            let q: PostgresQueue = PostgresQueue::builder(&queue)
-                .lease(HEARTBEAT, MISSED)
-                .connect(&location)
-                .await
-                .expect("connect");
-            run_child(q, sink, stop).await;
-        }
-        #[cfg(feature = "redis")]
-        "redis" => {
-            let q: RedisQueue = RedisQueue::builder(&queue)
-                .lease(HEARTBEAT, MISSED)
-                .connect(&location)
-                .await
-                .expect("connect");
-            run_child(q, sink, stop).await;
-        }
-        other => panic!("unknown backend {other}"),
-    }
+    crate::with_child_queue!(
+        backend.as_str(),
+        &queue,
+        &location,
+        (HEARTBEAT, MISSED),
+        |q| run_child(q, sink, stop).await
+    );
     println!("CHILD STOPPED");
 }
 

@@ -393,35 +393,13 @@ async fn child_soak_worker() {
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(_)) = lines.next_line().await {}
     };
-    match backend.as_str() {
-        "sqlite" => {
-            let q: SqliteQueue = SqliteQueue::builder(&queue)
-                .lease(HEARTBEAT, MISSED)
-                .open(&location)
-                .await
-                .expect("open");
-            work(q, webhook, stop).await;
-        }
-        #[cfg(feature = "postgres")]
-        "postgres" => {
-            let q: PostgresQueue = PostgresQueue::builder(&queue)
-                .lease(HEARTBEAT, MISSED)
-                .connect(&location)
-                .await
-                .expect("connect");
-            work(q, webhook, stop).await;
-        }
-        #[cfg(feature = "redis")]
-        "redis" => {
-            let q: RedisQueue = RedisQueue::builder(&queue)
-                .lease(HEARTBEAT, MISSED)
-                .connect(&location)
-                .await
-                .expect("connect");
-            work(q, webhook, stop).await;
-        }
-        other => panic!("unknown backend {other}"),
-    }
+    crate::with_child_queue!(
+        backend.as_str(),
+        &queue,
+        &location,
+        (HEARTBEAT, MISSED),
+        |q| work(q, webhook, stop).await
+    );
 }
 
 async fn work<B: QueueBackend<Value>>(queue: B, webhook: WebhookSink, stop: impl Future + Send) {

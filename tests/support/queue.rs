@@ -818,20 +818,45 @@ pub async fn delete_redis_keys(url: &str, names: &[String]) {
     }
 }
 
-/// Deletes the jobs, dead letters and workers of the Postgres queues
-/// `names`.
-#[cfg(feature = "postgres")]
-pub async fn delete_postgres_queues(url: &str, names: &[String]) {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else {
-        return;
-    };
-    for name in names {
-        for sql in [
-            "DELETE FROM apalis.jobs WHERE job_type = $1",
-            "DELETE FROM eventsink_dead_letters WHERE queue = $1",
-            "DELETE FROM apalis.workers WHERE worker_type = $1",
-        ] {
-            let _ = sqlx::query(sql).bind(name).execute(&pool).await;
+/// Opens the queue a child process was told to open — `$backend` is
+/// `"sqlite"`, `"postgres"` or `"redis"`, `$location` its path or URL —
+/// with the lease `$heartbeat` × `$missed`, binds it to `$q` and evaluates
+/// `$body` (each backend is its own type, so the body is expanded per
+/// backend).
+#[macro_export]
+macro_rules! with_child_queue {
+    ($backend:expr, $queue:expr, $location:expr, ($heartbeat:expr, $missed:expr), |$q:ident| $body:expr) => {
+        match $backend {
+            "sqlite" => {
+                let $q: eventsink::queue::SqliteQueue =
+                    eventsink::queue::SqliteQueue::builder($queue)
+                        .lease($heartbeat, $missed)
+                        .open($location)
+                        .await
+                        .expect("open the SQLite queue");
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            "postgres" => {
+                let $q: eventsink::queue::PostgresQueue =
+                    eventsink::queue::PostgresQueue::builder($queue)
+                        .lease($heartbeat, $missed)
+                        .connect($location)
+                        .await
+                        .expect("connect to Postgres");
+                $body
+            }
+            #[cfg(feature = "redis")]
+            "redis" => {
+                let $q: eventsink::queue::RedisQueue =
+                    eventsink::queue::RedisQueue::builder($queue)
+                        .lease($heartbeat, $missed)
+                        .connect($location)
+                        .await
+                        .expect("connect to Redis");
+                $body
+            }
+            other => panic!("unknown backend {other}"),
         }
-    }
+    };
 }
