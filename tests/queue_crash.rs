@@ -404,8 +404,8 @@ async fn postgres_killed_worker_loses_no_event() {
     let url = backend_url("EVENTSINK_POSTGRES_URL");
     let name = unique_name("crash");
     let queue: PostgresQueue = PostgresQueue::connect(&url, &name).await.unwrap();
-    crash_test(queue.clone(), Location::Postgres(url), "postgres").await;
-    clean_postgres(&queue).await;
+    crash_test(queue, Location::Postgres(url.clone()), "postgres").await;
+    support::queue::delete_postgres_rows(&url, &[name]).await;
 }
 
 #[cfg(feature = "redis")]
@@ -432,8 +432,8 @@ async fn two_worker_processes_share_a_postgres_queue() {
     let url = backend_url("EVENTSINK_POSTGRES_URL");
     let name = unique_name("two");
     let queue: PostgresQueue = PostgresQueue::connect(&url, &name).await.unwrap();
-    two_workers_share(queue.clone(), Location::Postgres(url), "postgres").await;
-    clean_postgres(&queue).await;
+    two_workers_share(queue, Location::Postgres(url.clone()), "postgres").await;
+    support::queue::delete_postgres_rows(&url, &[name]).await;
 }
 
 #[cfg(feature = "redis")]
@@ -448,18 +448,4 @@ async fn two_worker_processes_share_a_redis_queue() {
     let queue: RedisQueue = RedisQueue::connect(&url, &name).await.unwrap();
     two_workers_share(queue, Location::Redis(url.clone()), "redis").await;
     support::queue::delete_redis_keys(&url, &[name]).await;
-}
-
-#[cfg(feature = "postgres")]
-async fn clean_postgres(queue: &PostgresQueue) {
-    for sql in [
-        "DELETE FROM apalis.jobs WHERE job_type = $1",
-        "DELETE FROM eventsink_dead_letters WHERE queue = $1",
-        "DELETE FROM apalis.workers WHERE worker_type = $1",
-    ] {
-        let _ = sqlx::query(sql)
-            .bind(queue.name())
-            .execute(queue.pool())
-            .await;
-    }
 }

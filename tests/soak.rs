@@ -597,17 +597,8 @@ async fn postgres_soak_with_faults() {
     let url = backend_url("EVENTSINK_POSTGRES_URL");
     let name = unique_name("soak");
     let queue: PostgresQueue = PostgresQueue::connect(&url, &name).await.unwrap();
-    soak(queue.clone(), Location::Postgres(url), "postgres").await;
-    for sql in [
-        "DELETE FROM apalis.jobs WHERE job_type = $1",
-        "DELETE FROM eventsink_dead_letters WHERE queue = $1",
-        "DELETE FROM apalis.workers WHERE worker_type = $1",
-    ] {
-        let _ = sqlx::query(sql)
-            .bind(queue.name())
-            .execute(queue.pool())
-            .await;
-    }
+    soak(queue, Location::Postgres(url.clone()), "postgres").await;
+    support::queue::delete_postgres_rows(&url, &[name]).await;
 }
 
 #[cfg(feature = "redis")]
