@@ -194,3 +194,96 @@ async fn redis_counts_each_state() {
     counts_each_state(queue).await;
     support::queue::delete_redis_keys(&url, &[name]).await;
 }
+
+/// A worker takes up to its fetch batch of due jobs in one query, and holds
+/// them leased (counted as running) until it delivers them: the default
+/// batch takes all 40 at once; a batch of 5 takes 5 (and at most one more
+/// batch while the first waits).
+async fn fetch_batch_sets_how_many_jobs_a_worker_takes<B: QueueBackend<Value>>(
+    backend: B,
+    fetch_batch: Option<usize>,
+) {
+    const EVENTS: u64 = 40;
+    let (started, mut starts) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = {
+        let release = std::sync::Arc::clone(&release);
+        tower::service_fn(move |_: Event| {
+            let _ = started.send(());
+            let release = std::sync::Arc::clone(&release);
+            async move {
+                release.acquire().await.expect("open").forget();
+                Ok::<(), eventsink::Error>(())
+            }
+        })
+    };
+    let mut sink = ThroughTaskQueue::new(backend.clone()).layer(held);
+    for n in 0..EVENTS {
+        sink.publish(Event::new("test.stats.batch", json!(n)))
+            .await
+            .expect("publish");
+    }
+    let mut worker = sink
+        .worker()
+        .concurrency(1)
+        .poll_interval(Duration::from_millis(10));
+    if let Some(jobs) = fetch_batch {
+        worker = worker.fetch_batch(jobs);
+    }
+    let worker = worker.spawn();
+    starts.recv().await.expect("the first delivery started");
+    match fetch_batch {
+        None => {
+            wait_for_stats(&backend, "all 40 jobs taken in one batch", |s| {
+                s.running == EVENTS && s.pending == 0
+            })
+            .await;
+        }
+        Some(jobs) => {
+            let stats = backend.stats().await.expect("stats");
+            let most = 2 * u64::try_from(jobs).expect("small");
+            assert!(
+                stats.running >= 1 && stats.running <= most && stats.pending >= EVENTS - most,
+                "a fetch batch of {jobs} takes at most {most} jobs: {stats:?}"
+            );
+        }
+    }
+    release.add_permits(usize::try_from(EVENTS).expect("small"));
+    wait_for_stats(&backend, "the queue to drain", |s| {
+        s.running == 0 && s.pending == 0
+    })
+    .await;
+    worker.shutdown().await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_fetch_batch_sets_how_many_jobs_a_worker_takes() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    for batch in [None, Some(5)] {
+        let name = unique_name("sqlite-batch");
+        let queue =
+            eventsink::queue::SqliteQueue::open(tmp.path().join(format!("{name}.db")), &name)
+                .await
+                .expect("open");
+        fetch_batch_sets_how_many_jobs_a_worker_takes(queue, batch).await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
+async fn postgres_fetch_batch_sets_how_many_jobs_a_worker_takes() {
+    let url = support::queue::backend_url("EVENTSINK_POSTGRES_URL");
+    for batch in [None, Some(5)] {
+        let name = unique_name("pg-batch");
+        let queue = eventsink::queue::PostgresQueue::connect(&url, &name)
+            .await
+            .expect("connect to Postgres");
+        fetch_batch_sets_how_many_jobs_a_worker_takes(queue, batch).await;
+        support::queue::delete_postgres_rows(&url, &[name]).await;
+    }
+}

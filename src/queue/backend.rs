@@ -184,6 +184,8 @@ pub(crate) mod ops {
         pub concurrency: usize,
         /// Idle polling interval.
         pub poll_interval: Duration,
+        /// Most jobs fetched in one query (at least `concurrency`).
+        pub fetch_batch: usize,
         /// Resolves when the run should stop.
         pub stop: BoxFuture<'static, ()>,
     }
@@ -194,6 +196,7 @@ pub(crate) mod ops {
                 .field("name", &self.name)
                 .field("concurrency", &self.concurrency)
                 .field("poll_interval", &self.poll_interval)
+                .field("fetch_batch", &self.fetch_batch)
                 .finish_non_exhaustive()
         }
     }
@@ -375,14 +378,14 @@ macro_rules! run_apalis {
 pub(crate) use run_apalis;
 
 /// A durable backend's apalis storage `$storage` (cloned) with its config
-/// `$config`, fetching as many jobs at once as the [`WorkerRun`](ops::WorkerRun)
-/// `$run` delivers (at least 10), polling every `$run.poll_interval` and
+/// `$config`, fetching the [`WorkerRun`](ops::WorkerRun) `$run`'s
+/// `fetch_batch` jobs at once, polling every `$run.poll_interval` and
 /// whenever the stream `$wake` yields (see [`Wakes`]).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 macro_rules! polled {
     ($storage:expr, $config:expr, $wake:expr, $run:expr) => {{
         use apalis_core::backend::ext::BackendExt as _;
-        let config = $config.clone().batch_size($run.concurrency.max(10));
+        let config = $config.clone().batch_size($run.fetch_batch.max(1));
         let wakes = $crate::queue::backend::Wakes::new($wake, $run.poll_interval);
         $storage.clone().with_config(config).poll_with_strategy(
             apalis_core::backend::ext::poll_strategy::Strategy::new().stream(wakes),

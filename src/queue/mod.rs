@@ -354,8 +354,8 @@ pub use schedule::{RetrySchedule, STANDARD_JITTER};
 pub use sqlite::{SQLITE_BUSY_TIMEOUT, SqliteQueue, SqliteQueueBuilder};
 pub use stats::QueueStats;
 pub use worker::{
-    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_POLL_INTERVAL, DEFAULT_RETENTION,
-    QueueWorker, WorkerHandle,
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONCURRENCY, DEFAULT_FETCH_BATCH, DEFAULT_POLL_INTERVAL,
+    DEFAULT_RETENTION, QueueWorker, WorkerHandle,
 };
 
 /// Most jobs written in one group commit. 256 keeps one SQLite or Postgres
