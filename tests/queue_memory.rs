@@ -92,3 +92,52 @@ async fn the_publishing_service_boxes_into_a_box_sink() {
         .await
         .expect("publish through a BoxSink");
 }
+
+/// A worker that stops while it holds jobs it has taken but not started
+/// (and one delivery that outlives the stop) leaves every event to the next
+/// worker: nothing is lost while the process lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_leaves_its_untouched_jobs_to_the_next() {
+    use eventsink::queue::ThroughTaskQueue;
+    use eventsink::{Event, RecordingSink, SinkExt};
+    use std::time::Duration;
+    use tower::Layer;
+    const EVENTS: usize = 50;
+    let (started, mut starts) = tokio::sync::mpsc::unbounded_channel();
+    let held = tower::service_fn(move |_: Event| {
+        let _ = started.send(());
+        std::future::pending::<Result<(), eventsink::Error>>()
+    });
+    let queue = MemoryQueue::new(unique_name("stop-held"));
+    let mut publisher = ThroughTaskQueue::new(queue.clone()).layer(held);
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        let event = Event::new("test.held", serde_json::json!(n));
+        ids.push(event.id.to_string());
+        publisher.publish(event).await.expect("publish");
+    }
+    let worker = publisher
+        .worker()
+        .concurrency(4)
+        .attempt_timeout(Duration::from_millis(300))
+        .schedule(support::queue::fast_schedule(5))
+        .spawn();
+    starts.recv().await.expect("the first delivery started");
+    worker.shutdown().await;
+
+    let recorder = RecordingSink::new();
+    let next = ThroughTaskQueue::new(queue.clone())
+        .layer(recorder.clone())
+        .worker()
+        .spawn();
+    recorder
+        .wait_for(EVENTS, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("every event reaches the next worker: {e}"));
+    next.shutdown().await;
+    let mut got: Vec<String> = recorder.events().iter().map(|e| e.id.to_string()).collect();
+    got.sort();
+    got.dedup();
+    ids.sort();
+    assert_eq!(got, ids);
+}
