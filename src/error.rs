@@ -353,6 +353,34 @@ impl Retryable for io::Error {
     }
 }
 
+/// A sink that cannot be built never will be: fix its configuration.
+///
+/// ```
+/// use eventsink::{BoxError, Retryable};
+/// let err: BoxError = eventsink::WebhookSink::builder("not a url").build().unwrap_err().into();
+/// assert!(!err.is_retryable());
+/// ```
+#[cfg(feature = "webhook")]
+impl Retryable for crate::webhook::BuildError {
+    fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// A secret that does not parse never will: fix the configured value.
+///
+/// ```
+/// use eventsink::{BoxError, Retryable};
+/// let err: BoxError = "not a secret".parse::<eventsink::signature::Secret>().unwrap_err().into();
+/// assert!(!err.is_retryable());
+/// ```
+#[cfg(feature = "signing")]
+impl Retryable for crate::signature::SecretError {
+    fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
 /// The answer for tower's and tokio's own errors: always retryable.
 struct TowerError;
 
@@ -377,6 +405,14 @@ fn known<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Retryable> {
     }
     if let Some(io) = e.downcast_ref::<io::Error>() {
         return Some(io);
+    }
+    #[cfg(feature = "webhook")]
+    if let Some(build) = e.downcast_ref::<crate::webhook::BuildError>() {
+        return Some(build);
+    }
+    #[cfg(feature = "signing")]
+    if let Some(secret) = e.downcast_ref::<crate::signature::SecretError>() {
+        return Some(secret);
     }
     is_tower_transient(e).then_some(&TowerError)
 }
