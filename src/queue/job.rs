@@ -55,6 +55,12 @@ pub struct QueuedEvent<P = serde_json::Value> {
     /// by its chain, like a retry).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// The W3C `traceparent` of the span that published (or replayed) the
+    /// event, which the delivery span takes as its parent: stored only with
+    /// the feature `opentelemetry` and an OpenTelemetry layer installed
+    /// (see [`trace`](crate::trace)). Every attempt of a chain keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A fresh delivery chain id: a UUID v7, 32 hex digits.
@@ -79,6 +85,7 @@ impl<P> QueuedEvent<P> {
             key,
             chain: new_chain(),
             replayed: false,
+            traceparent: None,
         }
     }
 
@@ -110,6 +117,7 @@ impl<P> QueuedEvent<P> {
             key: self.key.clone(),
             chain: self.chain.clone(),
             replayed: self.replayed,
+            traceparent: self.traceparent.clone(),
         }
     }
 
@@ -122,6 +130,7 @@ impl<P> QueuedEvent<P> {
             key,
             chain: new_chain(),
             replayed: true,
+            traceparent: None,
         }
     }
 }
@@ -134,6 +143,7 @@ impl<P> Clone for QueuedEvent<P> {
             key: self.key.clone(),
             chain: self.chain.clone(),
             replayed: self.replayed,
+            traceparent: self.traceparent.clone(),
         }
     }
 }
@@ -158,6 +168,21 @@ pub enum DeathCause {
     /// the backend kept failing. The worker's maintenance found the job and
     /// buried it, so that it is not lost silently.
     Abandoned,
+}
+
+impl DeathCause {
+    /// The cause as stored: `permanent`, `out_of_attempts` or `abandoned`.
+    ///
+    /// ```
+    /// assert_eq!(eventsink::queue::DeathCause::OutOfAttempts.as_str(), "out_of_attempts");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathCause::Permanent => "permanent",
+            DeathCause::OutOfAttempts => "out_of_attempts",
+            DeathCause::Abandoned => "abandoned",
+        }
+    }
 }
 
 /// An event the queue gave up on, with why.
