@@ -14,7 +14,7 @@
 //! | [`DEAD_TOTAL`] | counter | `queue`, `kind`, `cause` (`permanent` / `out_of_attempts`) | events the worker made dead letters |
 //! | [`DELIVERY_LATENCY_SECONDS`] | histogram | `queue`, `kind` | from the event's `created_at` to its delivery, retries included |
 //! | [`ATTEMPT_DURATION_SECONDS`] | histogram | `queue`, `kind`, `outcome` (`delivered` / `retrying` / `dead`) | one delivery attempt (the sink's call) |
-//! | [`QUEUE_DEPTH`] | gauge | `queue`, `state` (`pending` / `scheduled` / `running` / `dead`) | the queue's [`QueueStats`](crate::queue::QueueStats), read by each worker every [`DEFAULT_DEPTH_INTERVAL`] |
+//! | [`QUEUE_DEPTH`] | gauge | `queue`, `state` (`pending` / `scheduled` / `running` / `dead`) | the queue's [`QueueStats`], read by each worker every [`DEFAULT_DEPTH_INTERVAL`] |
 //!
 //! `queue` is the queue's name, the destination (one queue per
 //! receiver). **`kind` is the application's event kind**: every distinct

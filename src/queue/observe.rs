@@ -157,7 +157,7 @@ impl Observer {
             chain: &job.chain,
             attempt: job.attempt,
             outcome,
-            status: error.and_then(|e| status_of(e)),
+            status: error.and_then(status_of),
             error: message.as_deref(),
             duration,
         };
