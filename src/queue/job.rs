@@ -269,3 +269,40 @@ impl<P> DeadLetter<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_without_trace_context_stores_no_traceparent_and_old_jobs_decode() {
+        let job = QueuedEvent::new("q", Event::with_id("k", "1", 7));
+        let json = serde_json::to_value(&job).unwrap();
+        assert!(json.get("traceparent").is_none(), "{json}");
+        let old: QueuedEvent<i32> = serde_json::from_value(json).unwrap();
+        assert_eq!(old.traceparent, None);
+
+        let traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut job = job;
+        job.traceparent = Some(traced.to_owned());
+        let back: QueuedEvent<i32> =
+            serde_json::from_value(serde_json::to_value(job.next_attempt()).unwrap()).unwrap();
+        assert_eq!(
+            back.traceparent.as_deref(),
+            Some(traced),
+            "every attempt keeps it"
+        );
+    }
+
+    #[test]
+    fn death_causes_read_as_they_are_stored() {
+        for cause in [
+            DeathCause::Permanent,
+            DeathCause::OutOfAttempts,
+            DeathCause::Abandoned,
+        ] {
+            let stored = serde_json::to_value(cause).unwrap();
+            assert_eq!(stored, cause.as_str());
+        }
+    }
+}

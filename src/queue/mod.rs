@@ -109,6 +109,17 @@
 //!   Redis does the same (its job ids are derived from the keys); the
 //!   memory backend only while the job waits.
 //!
+//! # Observing the queue
+//!
+//! Each publish, batch write, delivery attempt, dead letter and replay has
+//! a `tracing` span with OpenTelemetry messaging fields (the table is in
+//! [`trace`](crate::trace)); with the feature `opentelemetry` the
+//! publisher's trace continues in the delivery and the webhook request. The
+//! feature `metrics` counts publishes, deliveries, retries and dead letters
+//! and gauges the queue's depth (module `metrics`), and
+//! [`QueueWorker::on_attempt`] hands every attempt ([`Attempt`]) to the
+//! application, for an attempt log of its own.
+//!
 //! # What can lose an event
 //!
 //! - The **memory backend** keeps everything in the process: queued jobs,
