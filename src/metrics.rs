@@ -43,9 +43,13 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::queue::{DeathCause, QueueStats};
+
+// Labels are the queue's and the event's shared names (`Arc<str>`): no
+// copy per call.
 
 /// Publishes answered `Ok`, by `queue`, `kind` and `result`.
 pub const PUBLISHED_TOTAL: &str = "eventsink_published_total";
@@ -71,9 +75,9 @@ pub const QUEUE_DEPTH: &str = "eventsink_queue_depth";
 pub const DEFAULT_DEPTH_INTERVAL: Duration = Duration::from_secs(15);
 
 /// A publish answered `Ok`; `stored` if it stored a new job.
-pub(crate) fn published(queue: &str, kind: &str, stored: bool) {
+pub(crate) fn published(queue: &Arc<str>, kind: &Arc<str>, stored: bool) {
     let result = if stored { "stored" } else { "already_queued" };
-    metrics::counter!(PUBLISHED_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned(), "result" => result)
+    metrics::counter!(PUBLISHED_TOTAL, "queue" => Arc::clone(queue), "kind" => Arc::clone(kind), "result" => result)
         .increment(1);
     if stored {
         enqueued(queue, kind);
@@ -81,33 +85,38 @@ pub(crate) fn published(queue: &str, kind: &str, stored: bool) {
 }
 
 /// A publish or a replay stored a new job.
-pub(crate) fn enqueued(queue: &str, kind: &str) {
-    metrics::counter!(ENQUEUED_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned())
+pub(crate) fn enqueued(queue: &Arc<str>, kind: &Arc<str>) {
+    metrics::counter!(ENQUEUED_TOTAL, "queue" => Arc::clone(queue), "kind" => Arc::clone(kind))
         .increment(1);
 }
 
 /// One delivery attempt ended with `outcome` after `duration`.
-pub(crate) fn attempt(queue: &str, kind: &str, outcome: &'static str, duration: Duration) {
-    metrics::histogram!(ATTEMPT_DURATION_SECONDS, "queue" => queue.to_owned(), "kind" => kind.to_owned(), "outcome" => outcome)
+pub(crate) fn attempt(
+    queue: &Arc<str>,
+    kind: &Arc<str>,
+    outcome: &'static str,
+    duration: Duration,
+) {
+    metrics::histogram!(ATTEMPT_DURATION_SECONDS, "queue" => Arc::clone(queue), "kind" => Arc::clone(kind), "outcome" => outcome)
         .record(duration.as_secs_f64());
 }
 
 /// An event was delivered `latency` after it was created.
-pub(crate) fn delivered(queue: &str, kind: &str, latency: Duration) {
-    let labels = [("queue", queue.to_owned()), ("kind", kind.to_owned())];
+pub(crate) fn delivered(queue: &Arc<str>, kind: &Arc<str>, latency: Duration) {
+    let labels = [("queue", Arc::clone(queue)), ("kind", Arc::clone(kind))];
     metrics::counter!(DELIVERED_TOTAL, &labels).increment(1);
     metrics::histogram!(DELIVERY_LATENCY_SECONDS, &labels).record(latency.as_secs_f64());
 }
 
 /// A failed attempt's next attempt was scheduled.
-pub(crate) fn retried(queue: &str, kind: &str) {
-    metrics::counter!(RETRIED_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned())
+pub(crate) fn retried(queue: &Arc<str>, kind: &Arc<str>) {
+    metrics::counter!(RETRIED_TOTAL, "queue" => Arc::clone(queue), "kind" => Arc::clone(kind))
         .increment(1);
 }
 
 /// The worker made an event a dead letter.
-pub(crate) fn dead(queue: &str, kind: &str, cause: DeathCause) {
-    metrics::counter!(DEAD_TOTAL, "queue" => queue.to_owned(), "kind" => kind.to_owned(), "cause" => cause.as_str())
+pub(crate) fn dead(queue: &Arc<str>, kind: &Arc<str>, cause: DeathCause) {
+    metrics::counter!(DEAD_TOTAL, "queue" => Arc::clone(queue), "kind" => Arc::clone(kind), "cause" => cause.as_str())
         .increment(1);
 }
 

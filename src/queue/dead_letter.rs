@@ -296,9 +296,12 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         let chains = jobs.iter().map(|job| job.chain.clone()).collect();
         let results = push_each(&self.backend, jobs).await;
         #[cfg(feature = "metrics")]
-        for (letter, result) in letters.iter().zip(&results) {
-            if let Ok(super::Published::Stored) = result {
-                crate::metrics::enqueued(self.backend.name(), &letter.event.kind);
+        {
+            let queue: std::sync::Arc<str> = self.backend.name().into();
+            for (letter, result) in letters.iter().zip(&results) {
+                if let Ok(super::Published::Stored) = result {
+                    crate::metrics::enqueued(&queue, &letter.event.kind);
+                }
             }
         }
         for result in results {

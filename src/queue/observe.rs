@@ -132,7 +132,7 @@ impl Observer {
     /// written.
     pub(crate) fn report<P>(
         &self,
-        queue: &str,
+        queue: &Arc<str>,
         job: &QueuedEvent<P>,
         outcome: AttemptOutcome,
         error: Option<&BoxError>,
@@ -171,12 +171,12 @@ impl Observer {
 /// The metrics of one attempt.
 #[cfg(feature = "metrics")]
 fn record_metrics<P>(
-    queue: &str,
+    queue: &Arc<str>,
     job: &QueuedEvent<P>,
     outcome: AttemptOutcome,
     duration: Duration,
 ) {
-    let kind = &*job.event.kind;
+    let kind = &job.event.kind;
     crate::metrics::attempt(queue, kind, outcome.as_str(), duration);
     match outcome {
         AttemptOutcome::Delivered => {
