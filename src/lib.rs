@@ -23,6 +23,8 @@
 //! | `redis` | [`queue`]'s Redis backend |
 //! | `redis-replay` | a Redis replay guard for [`verify`], shared by several receiver processes |
 //! | `queue` | [`queue`] with only the in-memory backend (implied by the three above) |
+//! | `metrics` | counters, histograms and a queue-depth gauge through the `metrics` facade (module `metrics`) |
+//! | `opentelemetry` | W3C trace context through the queue and in webhook requests ([`trace`]) |
 //! | `test-util` | failure injection for tests: `RecordingSink::fail_next`, `Error::Simulated` |
 //!
 //! # The recommended stack
@@ -95,6 +97,8 @@ mod macros;
 pub mod error;
 pub mod event;
 pub mod fs;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod noop;
 #[cfg(feature = "queue")]
 pub mod queue;
@@ -103,6 +107,7 @@ pub mod retry;
 #[cfg(feature = "signing")]
 pub mod signature;
 pub mod sink;
+pub mod trace;
 #[cfg(feature = "verify")]
 pub mod verify;
 #[cfg(feature = "webhook")]

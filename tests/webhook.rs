@@ -631,11 +631,13 @@ fn each_attempt_has_a_span_with_the_event_and_the_outcome() {
     });
     let fields = fields.lock().unwrap().join(" ");
     for expected in [
-        "event.id=evt_span",
-        "event.kind=order.placed",
-        "url.host=127.0.0.1",
-        "http.status=204",
-        "duration_ms=",
+        "messaging.message.id=evt_span",
+        "eventsink.event.kind=order.placed",
+        "server.address=127.0.0.1",
+        "http.request.method=POST",
+        "url.full=http://127.0.0.1:",
+        "http.response.status_code=204",
+        "eventsink.duration_ms=",
     ] {
         assert!(fields.contains(expected), "{expected} missing in {fields}");
     }

@@ -37,6 +37,7 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use chrono::Utc;
+use tracing::Instrument;
 
 use super::backend::ops::Store;
 use super::backend::{BackendPayload, QueueBackend};
@@ -166,11 +167,18 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn replay(&self, key: &str) -> Result<bool, QueueError> {
-        let Some(letter) = self.get(key).await? else {
-            return Ok(false);
-        };
-        self.requeue(vec![letter]).await?;
-        Ok(true)
+        let span = self.replay_span();
+        async {
+            let Some(letter) = self.get(key).await? else {
+                tracing::Span::current().record("messaging.batch.message_count", 0);
+                return Ok(false);
+            };
+            self.requeue(vec![letter]).await?;
+            tracing::Span::current().record("messaging.batch.message_count", 1);
+            Ok(true)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Replays every dead letter that existed when it was called, each
@@ -184,6 +192,14 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
     /// # Ok(()) }
     /// ```
     pub async fn replay_all(&self) -> Result<u64, QueueError> {
+        let span = self.replay_span();
+        let replayed = self.replay_until_now().instrument(span.clone()).await?;
+        span.record("messaging.batch.message_count", replayed);
+        Ok(replayed)
+    }
+
+    /// [`replay_all`](DeadLetters::replay_all), without its span.
+    async fn replay_until_now(&self) -> Result<u64, QueueError> {
         let until = Utc::now().timestamp_micros();
         let (mut after, mut replayed) = (None, 0);
         // The chains this call started: a worker whose clock runs behind
@@ -248,18 +264,47 @@ impl<B: QueueBackend<P>, P: Send + 'static> DeadLetters<B, P> {
         }
     }
 
+    /// The span of a replay (see [`trace`](crate::trace)); its
+    /// `messaging.batch.message_count` is recorded at the end.
+    fn replay_span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "eventsink.replay",
+            messaging.system = crate::trace::MESSAGING_SYSTEM,
+            messaging.operation.type = "send",
+            messaging.destination.name = self.backend.name(),
+            messaging.batch.message_count = tracing::field::Empty,
+            otel.kind = "producer",
+        )
+    }
+
     /// Pushes each letter's event as a new chain, then removes exactly
     /// the letters replayed (same key, chain and failure time): a crash in between
     /// leaves a letter beside its job (a second replay would deliver
     /// twice), never neither.
     /// The chains started, one per letter.
     async fn requeue(&self, letters: Vec<DeadLetter<P>>) -> Result<Vec<String>, QueueError> {
+        // The replay's span is the parent of the replayed deliveries.
+        let traceparent = crate::trace::traceparent(&tracing::Span::current());
         let jobs: Vec<_> = letters
             .iter()
-            .map(|letter| QueuedEvent::replay(letter.key.clone(), letter.event.clone()))
+            .map(|letter| {
+                let mut job = QueuedEvent::replay(letter.key.clone(), letter.event.clone());
+                job.traceparent = traceparent.clone();
+                job
+            })
             .collect();
         let chains = jobs.iter().map(|job| job.chain.clone()).collect();
-        for result in push_each(&self.backend, jobs).await {
+        let results = push_each(&self.backend, jobs).await;
+        #[cfg(feature = "metrics")]
+        {
+            let queue: std::sync::Arc<str> = self.backend.name().into();
+            for (letter, result) in letters.iter().zip(&results) {
+                if let Ok(super::Published::Stored) = result {
+                    crate::metrics::enqueued(&queue, &letter.event.kind);
+                }
+            }
+        }
+        for result in results {
             result?;
         }
         for letter in &letters {

@@ -55,6 +55,12 @@ pub struct QueuedEvent<P = serde_json::Value> {
     /// by its chain, like a retry).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
+    /// The W3C `traceparent` of the span that published (or replayed) the
+    /// event, which the delivery span takes as its parent: stored only with
+    /// the feature `opentelemetry` and an OpenTelemetry layer installed
+    /// (see [`trace`](crate::trace)). Every attempt of a chain keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A fresh delivery chain id: a UUID v7, 32 hex digits.
@@ -79,6 +85,7 @@ impl<P> QueuedEvent<P> {
             key,
             chain: new_chain(),
             replayed: false,
+            traceparent: None,
         }
     }
 
@@ -110,6 +117,7 @@ impl<P> QueuedEvent<P> {
             key: self.key.clone(),
             chain: self.chain.clone(),
             replayed: self.replayed,
+            traceparent: self.traceparent.clone(),
         }
     }
 
@@ -122,6 +130,7 @@ impl<P> QueuedEvent<P> {
             key,
             chain: new_chain(),
             replayed: true,
+            traceparent: None,
         }
     }
 }
@@ -134,6 +143,7 @@ impl<P> Clone for QueuedEvent<P> {
             key: self.key.clone(),
             chain: self.chain.clone(),
             replayed: self.replayed,
+            traceparent: self.traceparent.clone(),
         }
     }
 }
@@ -158,6 +168,21 @@ pub enum DeathCause {
     /// the backend kept failing. The worker's maintenance found the job and
     /// buried it, so that it is not lost silently.
     Abandoned,
+}
+
+impl DeathCause {
+    /// The cause as stored: `permanent`, `out_of_attempts` or `abandoned`.
+    ///
+    /// ```
+    /// assert_eq!(eventsink::queue::DeathCause::OutOfAttempts.as_str(), "out_of_attempts");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathCause::Permanent => "permanent",
+            DeathCause::OutOfAttempts => "out_of_attempts",
+            DeathCause::Abandoned => "abandoned",
+        }
+    }
 }
 
 /// An event the queue gave up on, with why.
@@ -241,6 +266,43 @@ impl<P> DeadLetter<P> {
             failed_at: Utc::now(),
             key: job.key,
             chain: job.chain,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_without_trace_context_stores_no_traceparent_and_old_jobs_decode() {
+        let job = QueuedEvent::new("q", Event::with_id("k", "1", 7));
+        let json = serde_json::to_value(&job).unwrap();
+        assert!(json.get("traceparent").is_none(), "{json}");
+        let old: QueuedEvent<i32> = serde_json::from_value(json).unwrap();
+        assert_eq!(old.traceparent, None);
+
+        let traced = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut job = job;
+        job.traceparent = Some(traced.to_owned());
+        let back: QueuedEvent<i32> =
+            serde_json::from_value(serde_json::to_value(job.next_attempt()).unwrap()).unwrap();
+        assert_eq!(
+            back.traceparent.as_deref(),
+            Some(traced),
+            "every attempt keeps it"
+        );
+    }
+
+    #[test]
+    fn death_causes_read_as_they_are_stored() {
+        for cause in [
+            DeathCause::Permanent,
+            DeathCause::OutOfAttempts,
+            DeathCause::Abandoned,
+        ] {
+            let stored = serde_json::to_value(cause).unwrap();
+            assert_eq!(stored, cause.as_str());
         }
     }
 }

@@ -109,6 +109,17 @@
 //!   Redis does the same (its job ids are derived from the keys); the
 //!   memory backend only while the job waits.
 //!
+//! # Observing the queue
+//!
+//! Each publish, batch write, delivery attempt, dead letter and replay has
+//! a `tracing` span with OpenTelemetry messaging fields (the table is in
+//! [`trace`](crate::trace)); with the feature `opentelemetry` the
+//! publisher's trace continues in the delivery and the webhook request. The
+//! feature `metrics` counts publishes, deliveries, retries and dead letters
+//! and gauges the queue's depth (module `metrics`), and
+//! [`QueueWorker::on_attempt`] hands every attempt ([`Attempt`]) to the
+//! application, for an attempt log of its own.
+//!
 //! # What can lose an event
 //!
 //! - The **memory backend** keeps everything in the process: queued jobs,
@@ -316,6 +327,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use crate::Event;
 
@@ -326,6 +338,7 @@ mod dead_letter;
 mod error;
 mod job;
 mod memory;
+mod observe;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
@@ -343,6 +356,7 @@ pub use dead_letter::DeadLetters;
 pub use error::QueueError;
 pub use job::{DeadLetter, DeathCause, QueuedEvent};
 pub use memory::MemoryQueue;
+pub use observe::{Attempt, AttemptOutcome};
 #[cfg(feature = "postgres")]
 pub use postgres::{
     POSTGRES_ACQUIRE_TIMEOUT, POSTGRES_MAX_CONNECTIONS, PostgresQueue, PostgresQueueBuilder,
@@ -707,10 +721,14 @@ where
                 })
             });
         };
-        let job = QueuedEvent::new(self.backend.name(), event);
+        let span = publish_span(&queue, &event);
+        let mut job = QueuedEvent::new(self.backend.name(), event);
+        job.traceparent = crate::trace::traceparent(&span);
+        #[cfg(feature = "metrics")]
+        let kind = Arc::clone(&job.event.kind);
         let sender = self.committer.sender::<B, P>(&self.backend);
         let slots = Arc::clone(&self.committer.slots);
-        Box::pin(async move {
+        let publishing = async move {
             let sender = sender?;
             let stopped = || QueueError::Stopped {
                 queue: Arc::clone(&sender.queue),
@@ -733,15 +751,40 @@ where
                 answer.await.map_err(|_| stopped())?
             };
             let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
-            match tokio::time::timeout_at(deadline, publish).await {
+            let result = match tokio::time::timeout_at(deadline, publish).await {
                 Ok(result) => result,
                 Err(_) => Err(QueueError::Timeout {
                     queue,
                     after: timeout,
                 }),
+            };
+            if let Ok(published) = &result {
+                let answer = match published {
+                    Published::Stored => "stored",
+                    Published::AlreadyQueued => "already_queued",
+                };
+                tracing::Span::current().record("eventsink.published", answer);
+                #[cfg(feature = "metrics")]
+                crate::metrics::published(&sender.queue, &kind, published.is_stored());
             }
-        })
+            result
+        };
+        Box::pin(publishing.instrument(span))
     }
+}
+
+/// The span of one publish (see [`trace`](crate::trace)).
+fn publish_span<P>(queue: &str, event: &Event<P>) -> tracing::Span {
+    tracing::info_span!(
+        "eventsink.publish",
+        messaging.system = crate::trace::MESSAGING_SYSTEM,
+        messaging.operation.type = "create",
+        messaging.destination.name = queue,
+        messaging.message.id = &*event.id,
+        eventsink.event.kind = &*event.kind,
+        eventsink.published = tracing::field::Empty,
+        otel.kind = "producer",
+    )
 }
 
 /// What a publish did: the answer of [`QueuePublisher`], per event (each
@@ -945,7 +988,15 @@ async fn commit_batches<B, P>(
         }
         let backend = backend.clone();
         let queue = Arc::clone(&queue);
-        tokio::spawn(async move {
+        let span = tracing::info_span!(
+            "eventsink.send",
+            messaging.system = crate::trace::MESSAGING_SYSTEM,
+            messaging.operation.type = "send",
+            messaging.destination.name = &*queue,
+            messaging.batch.message_count = batch.len(),
+            otel.kind = "producer",
+        );
+        let write = async move {
             let jobs: Vec<_> = batch.iter().map(|p| p.job.clone()).collect();
             let count = jobs.len();
             let mut push = std::pin::pin!(push_each(&backend, jobs));
@@ -976,7 +1027,8 @@ async fn commit_batches<B, P>(
                 let _ = pending.reply.send(result);
             }
             drop(writer);
-        });
+        };
+        tokio::spawn(write.instrument(span));
     }
 }
 

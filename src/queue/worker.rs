@@ -18,11 +18,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use super::backend::QueueBackend;
 use super::backend::ops::{Delivery, Store, WorkerRun};
 use super::job::QueuedEvent;
 use super::job::{DeadLetter, DeathCause};
+use super::observe::{self, Attempt, AttemptOutcome, Observer};
 use super::schedule::RetrySchedule;
 use crate::{Backoff, Retryable};
 use crate::{BoxError, Event, Sink};
@@ -119,6 +121,9 @@ pub struct QueueWorker<S, B, P = serde_json::Value> {
     fetch_batch: usize,
     schedule: RetrySchedule,
     retention: Option<Duration>,
+    observer: Observer,
+    #[cfg(feature = "metrics")]
+    depth_interval: Option<Duration>,
     _payload: PhantomData<fn() -> P>,
 }
 
@@ -133,6 +138,7 @@ impl<S: fmt::Debug, B: fmt::Debug, P> fmt::Debug for QueueWorker<S, B, P> {
             .field("fetch_batch", &self.fetch_batch)
             .field("schedule", &self.schedule)
             .field("retention", &self.retention)
+            .field("observer", &self.observer)
             .finish()
     }
 }
@@ -160,8 +166,53 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
             fetch_batch: DEFAULT_FETCH_BATCH,
             schedule: RetrySchedule::standard(),
             retention: Some(DEFAULT_RETENTION),
+            observer: Observer::default(),
+            #[cfg(feature = "metrics")]
+            depth_interval: Some(crate::metrics::DEFAULT_DEPTH_INTERVAL),
             _payload: PhantomData,
         }
+    }
+
+    /// Calls `hook` after every delivery attempt, with the event's id and
+    /// kind, the attempt number, its outcome (delivered, retrying with the
+    /// next due time, or dead), the HTTP status and error if it failed,
+    /// and its duration: what an application needs to keep its own attempt
+    /// log (see [`Attempt`]). Replaces an earlier hook.
+    ///
+    /// The hook runs on the delivery's task before the outcome is written
+    /// to the backend, so keep it quick (send to a channel, or spawn, to
+    /// write to a database). If writing the outcome fails, apalis runs the
+    /// job again and the hook hears of that attempt again. A hook that
+    /// panics is logged and ignored.
+    ///
+    /// ```
+    /// use eventsink::queue::{Attempt, AttemptOutcome};
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.on_attempt(|a: &Attempt<'_>| {
+    ///     if let AttemptOutcome::Dead { cause } = a.outcome {
+    ///         eprintln!("{} is a dead letter ({cause:?}): {:?}", a.event_id, a.error);
+    ///     }
+    /// });
+    /// ```
+    pub fn on_attempt(mut self, hook: impl Fn(&Attempt<'_>) + Send + Sync + 'static) -> Self {
+        self.observer.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// How often the worker reads the queue's stats for the
+    /// [`QUEUE_DEPTH`](crate::metrics::QUEUE_DEPTH) gauge
+    /// ([`DEFAULT_DEPTH_INTERVAL`](crate::metrics::DEFAULT_DEPTH_INTERVAL));
+    /// `None` reports no depth (when another process does). Feature
+    /// `metrics`.
+    ///
+    /// ```
+    /// # let w = eventsink::queue::QueueWorker::new(eventsink::queue::MemoryQueue::<serde_json::Value>::new("q"), eventsink::NoopSink::new());
+    /// let w = w.depth_interval(Some(std::time::Duration::from_secs(60)));
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn depth_interval(mut self, every: Option<Duration>) -> Self {
+        self.depth_interval = every.map(|d| d.max(Duration::from_millis(1)));
+        self
     }
 
     /// Timeout of each delivery attempt ([`DEFAULT_ATTEMPT_TIMEOUT`]); a
@@ -295,9 +346,15 @@ where
             schedule: Arc::new(self.schedule),
             timeout: self.attempt_timeout,
             deliveries: Arc::clone(&deliveries),
+            queue: queue.as_str().into(),
+            observer: self.observer.clone(),
         });
         let maintenance =
             tokio::spawn(maintain(self.backend.clone(), self.retention, stop.clone()));
+        #[cfg(feature = "metrics")]
+        let depth = self
+            .depth_interval
+            .map(|every| tokio::spawn(report_depth(self.backend.clone(), every, stop.clone())));
         let instance = worker_instance();
         let restart_backoff = Backoff::new()
             .min(MIN_RESTART_BACKOFF)
@@ -395,6 +452,29 @@ where
             failed_runs += 1;
         }
         maintenance.abort();
+        #[cfg(feature = "metrics")]
+        if let Some(depth) = depth {
+            depth.abort();
+        }
+    }
+}
+
+/// Sets the queue's depth gauge from its stats every `every`, until `stop`.
+#[cfg(feature = "metrics")]
+async fn report_depth<B: QueueBackend<P>, P>(
+    backend: B,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    let queue = backend.name().to_owned();
+    loop {
+        match backend.stats().await {
+            Ok(stats) => crate::metrics::depth(&queue, &stats),
+            Err(e) => tracing::debug!(%queue, error = %e, "could not read the queue's depth"),
+        }
+        if sleep_or_stop(every, &stop).await {
+            return;
+        }
     }
 }
 
@@ -692,6 +772,8 @@ struct Deliver<P, B> {
     schedule: Arc<RetrySchedule>,
     timeout: Duration,
     deliveries: Arc<Deliveries>,
+    queue: Arc<str>,
+    observer: Observer,
 }
 
 impl<P, B: Clone> Clone for Deliver<P, B> {
@@ -702,6 +784,8 @@ impl<P, B: Clone> Clone for Deliver<P, B> {
             schedule: Arc::clone(&self.schedule),
             timeout: self.timeout,
             deliveries: Arc::clone(&self.deliveries),
+            queue: Arc::clone(&self.queue),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -739,35 +823,31 @@ where
         let backend = self.backend.clone();
         let schedule = Arc::clone(&self.schedule);
         let timeout = self.timeout;
-        let work = Box::pin(async move {
-            // `call` itself runs inside `catch_unwind` too: a sink may
-            // panic before it returns its future.
-            let event = job.event.clone();
-            let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(timeout, async move {
-                inner.call(event).await
-            }))
-            .catch_unwind();
-            let (err, transient): (BoxError, bool) = match attempt.await {
-                Ok(Ok(Ok(()))) => return Ok(()),
-                Ok(Ok(Err(e))) => {
-                    let transient = e.is_retryable();
-                    (e, transient)
-                }
-                Ok(Err(elapsed)) => (elapsed.into(), true),
-                // A sink that panics on an event would panic again: a dead
-                // letter, and the worker lives on.
-                Err(panic) => (
-                    format!("the sink panicked: {}", panic_message(&*panic)).into(),
-                    false,
-                ),
+        let queue = Arc::clone(&self.queue);
+        let observer = self.observer.clone();
+        let span = observe::delivery_span(&queue, &job);
+        let work = async move {
+            let started = std::time::Instant::now();
+            let failure = attempt(&mut inner, job.event.clone(), timeout).await.err();
+            let duration = started.elapsed();
+            let consequence = match &failure {
+                None => Consequence::Done,
+                Some((err, transient)) => consequence(&schedule, &job, err, *transient),
             };
-            let delay = if transient {
-                schedule.delay_after(job.attempt, err.retry_after())
-            } else {
-                None
+            observer.report(
+                &queue,
+                &job,
+                consequence.outcome(),
+                failure.as_ref().map(|(err, _)| err),
+                duration,
+            );
+            let err = match failure {
+                Some((err, _)) => err,
+                None => return Ok(()),
             };
-            match delay {
-                Some(delay) => {
+            match consequence {
+                Consequence::Done => {}
+                Consequence::Retry(delay) => {
                     tracing::debug!(
                         event = %job.event.id, attempt = job.attempt, ?delay, error = %err,
                         "delivery failed; next attempt scheduled"
@@ -777,16 +857,12 @@ where
                     // was lost), whose next attempt is stored already.
                     backend.push(vec![(job.next_attempt(), delay)]).await?;
                 }
-                None => {
-                    let cause = if transient {
-                        DeathCause::OutOfAttempts
-                    } else {
-                        DeathCause::Permanent
-                    };
+                Consequence::Bury(cause) => {
                     tracing::warn!(
                         event = %job.event.id, attempt = job.attempt, ?cause, error = %err,
                         "delivery failed; event is now a dead letter"
                     );
+                    let span = observe::dead_letter_span(&queue, &job, cause);
                     backend
                         .store()
                         .bury(DeadLetter {
@@ -798,12 +874,83 @@ where
                             key: job.key,
                             chain: job.chain,
                         })
+                        .instrument(span)
                         .await?;
                 }
             }
             Ok(())
-        });
-        self.deliveries.spawn(id, work)
+        }
+        .instrument(span);
+        self.deliveries.spawn(id, Box::pin(work))
+    }
+}
+
+/// What follows a delivery attempt.
+enum Consequence {
+    /// Delivered.
+    Done,
+    /// The next attempt, after this delay.
+    Retry(Duration),
+    /// A dead letter.
+    Bury(DeathCause),
+}
+
+impl Consequence {
+    /// The outcome the hook, the span and the metrics report.
+    fn outcome(&self) -> AttemptOutcome {
+        match *self {
+            Consequence::Done => AttemptOutcome::Delivered,
+            Consequence::Retry(delay) => AttemptOutcome::Retrying {
+                next_due: Utc::now() + delay,
+            },
+            Consequence::Bury(cause) => AttemptOutcome::Dead { cause },
+        }
+    }
+}
+
+/// One attempt: `event` to `inner` within `timeout`. A failure comes with
+/// whether it is transient; a sink that panics (in `call` or in its
+/// future) fails permanently (it would panic again), and the worker lives
+/// on.
+async fn attempt<P>(
+    inner: &mut BoxCloneService<Event<P>, (), BoxError>,
+    event: Event<P>,
+    timeout: Duration,
+) -> Result<(), (BoxError, bool)> {
+    // `call` itself runs inside `catch_unwind` too: a sink may panic
+    // before it returns its future.
+    let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(timeout, async move {
+        inner.call(event).await
+    }))
+    .catch_unwind();
+    match attempt.await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => {
+            let transient = e.is_retryable();
+            Err((e, transient))
+        }
+        Ok(Err(elapsed)) => Err((elapsed.into(), true)),
+        Err(panic) => Err((
+            format!("the sink panicked: {}", panic_message(&*panic)).into(),
+            false,
+        )),
+    }
+}
+
+/// The consequence of `job`'s failed attempt: the next attempt if `err`
+/// is transient and the schedule has one, else a dead letter.
+fn consequence<P>(
+    schedule: &RetrySchedule,
+    job: &QueuedEvent<P>,
+    err: &BoxError,
+    transient: bool,
+) -> Consequence {
+    if !transient {
+        return Consequence::Bury(DeathCause::Permanent);
+    }
+    match schedule.delay_after(job.attempt, err.retry_after()) {
+        Some(delay) => Consequence::Retry(delay),
+        None => Consequence::Bury(DeathCause::OutOfAttempts),
     }
 }
 

@@ -119,12 +119,15 @@ pub(super) async fn attempt(
     let span = tracing::Span::current();
     let result = match outcome {
         Ok(response) => {
-            span.record("http.status", response.status().as_u16());
+            span.record("http.response.status_code", response.status().as_u16());
             answer(&config, response).await
         }
         Err(error) => Err(transport_error(&config, error)),
     };
-    span.record("duration_ms", started.elapsed().as_millis() as u64);
+    span.record(
+        "eventsink.duration_ms",
+        started.elapsed().as_millis() as u64,
+    );
     match &result {
         Ok(()) => tracing::debug!("delivered"),
         Err(error) => tracing::warn!("delivery failed: {error}"),

@@ -177,16 +177,28 @@ impl<P: Serialize> Service<Event<P>> for WebhookSink {
     }
 
     fn call(&mut self, event: Event<P>) -> Self::Future {
+        // Field names of the OpenTelemetry HTTP client conventions; see
+        // the table in `crate::trace`.
         let span = tracing::info_span!(
             "webhook",
-            event.id = %event.id,
-            event.kind = %event.kind,
-            url.host = %self.config.host,
-            http.status = tracing::field::Empty,
-            duration_ms = tracing::field::Empty,
+            http.request.method = "POST",
+            url.full = %self.config.display_url,
+            server.address = %self.config.host,
+            http.response.status_code = tracing::field::Empty,
+            messaging.message.id = %event.id,
+            eventsink.event.kind = %event.kind,
+            eventsink.duration_ms = tracing::field::Empty,
+            otel.kind = "client",
         );
         match sign::request(&self.config, &event) {
-            Ok(request) => {
+            Ok(mut request) => {
+                if let Some(traceparent) = crate::trace::traceparent(&span)
+                    .and_then(|t| reqwest::header::HeaderValue::try_from(t).ok())
+                {
+                    request
+                        .headers_mut()
+                        .insert(crate::trace::TRACEPARENT, traceparent);
+                }
                 let sending = self.client.execute(request);
                 let attempt = classify::attempt(Arc::clone(&self.config), sending);
                 ResponseFuture::sending(attempt.instrument(span))
