@@ -275,7 +275,13 @@ async fn a_timeout_layer_on_the_http_leg_is_a_transient_timeout() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Transport { timed_out: true, .. }),
+        matches!(
+            err,
+            Error::Transport {
+                timed_out: true,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.is_retryable());
