@@ -303,17 +303,22 @@ impl<L> WebhookSinkBuilder<L> {
     ///
     /// ```
     /// use eventsink::webhook::{BuildError, EgressPolicy, RequestBody, WebhookSink};
+    /// use eventsink::{Event, SinkExt};
     ///
-    /// let answer_204 = tower::service_fn(|_: http::Request<RequestBody>| async {
-    ///     Ok::<_, std::convert::Infallible>(http::Response::builder().status(204).body(String::new())?)
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+    /// // A test double: answers 200 to anything.
+    /// let answer_200 = tower::service_fn(|_: http::Request<RequestBody>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
     /// });
-    /// let sink = WebhookSink::builder("https://example.com/hook").build_with(answer_204.clone())?;
+    /// let mut sink = WebhookSink::builder("https://example.com/hook").build_with(answer_200)?;
+    /// sink.publish(Event::new("ping", ())).await?;
+    ///
     /// let err = WebhookSink::builder("https://example.com/hook")
     ///     .egress(EgressPolicy::public_only())
-    ///     .build_with(answer_204)
+    ///     .build_with(answer_200)
     ///     .unwrap_err();
     /// assert!(matches!(err, BuildError::ClientWithEgress));
-    /// # Ok::<(), eventsink::BoxError>(())
+    /// # Ok(()) }
     /// ```
     pub fn build_with<S>(self, service: S) -> Result<WebhookSink<L::Service>, BuildError>
     where
