@@ -176,6 +176,30 @@ async fn a_trace_of_the_http_leg_records_the_request_but_no_secret() {
     }
 }
 
+#[tokio::test]
+async fn a_layer_may_rewrite_the_request_the_default_client_sends() {
+    let (intended, actual) = (Receiver::start().await, Receiver::start().await);
+    let elsewhere: http::Uri = actual.url("/elsewhere").parse().unwrap();
+    let mut sink = WebhookSink::builder(intended.url("/hook"))
+        .secret(secret())
+        .http_layer(MapRequestLayer::new(
+            move |mut request: Request<RequestBody>| {
+                *request.uri_mut() = elsewhere.clone();
+                request.extensions_mut().insert("a layer's note");
+                request
+            },
+        ))
+        .build()
+        .unwrap();
+    sink.publish(Event::new("order.placed", json!({"order_id": 7})))
+        .await
+        .unwrap();
+    let sent = &actual.wait_for(1, PATIENCE).await[0];
+    assert_eq!(sent.path, "/elsewhere");
+    assert!(sent.header("webhook-signature").starts_with("v1,"));
+    assert!(intended.requests().is_empty());
+}
+
 /// Polls the sink's readiness once, without waiting.
 fn poll_ready_once<S: Service<Event>>(sink: &mut S) -> Poll<Result<(), S::Error>> {
     sink.poll_ready(&mut Context::from_waker(Waker::noop()))

@@ -279,8 +279,10 @@ impl<L> WebhookSinkBuilder<L> {
             Some(client) => client,
             None => own_client(self.connect_timeout, self.egress.clone())?,
         };
+        let url = self.checked_url()?;
+        let client = ReqwestClient::new(client).with_destination(config.uri.clone(), url);
         Ok(WebhookSink {
-            client: self.layer.layer(ReqwestClient::new(client)),
+            client: self.layer.layer(client),
             config,
         })
     }

@@ -21,11 +21,14 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::Uri;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use reqwest::Url;
 use tower::Service;
 
 /// The body of every request the sink sends: the signed bytes, in one
@@ -89,6 +92,9 @@ impl Body for RequestBody {
 #[derive(Debug, Clone)]
 pub struct ReqwestClient {
     client: reqwest::Client,
+    /// The sink's destination, parsed once: requests to it skip reqwest's
+    /// parsing of the URI again into a URL.
+    destination: Option<Arc<(Uri, Url)>>,
 }
 
 impl ReqwestClient {
@@ -96,7 +102,35 @@ impl ReqwestClient {
     /// `reqwest::redirect::Policy::none()`): a redirect would be sent the
     /// signed request, and the egress guard checks only the first address.
     pub fn new(client: reqwest::Client) -> Self {
-        ReqwestClient { client }
+        ReqwestClient {
+            client,
+            destination: None,
+        }
+    }
+
+    /// Remembers `url`, the sink's destination, as parsed.
+    pub(super) fn with_destination(self, uri: Uri, url: Url) -> Self {
+        ReqwestClient {
+            destination: Some(Arc::new((uri, url))),
+            ..self
+        }
+    }
+
+    /// `request` for reqwest: the destination's URL if it goes there and
+    /// carries no extensions (which only reqwest's own conversion keeps).
+    fn convert(&self, request: http::Request<RequestBody>) -> reqwest::Result<reqwest::Request> {
+        let request = request.map(|body| reqwest::Body::from(body.into_bytes()));
+        match &self.destination {
+            Some(to) if to.0 == *request.uri() && request.extensions().is_empty() => {
+                let (parts, body) = request.into_parts();
+                let mut converted = reqwest::Request::new(parts.method, to.1.clone());
+                *converted.headers_mut() = parts.headers;
+                *converted.version_mut() = parts.version;
+                *converted.body_mut() = Some(body);
+                Ok(converted)
+            }
+            _ => reqwest::Request::try_from(request),
+        }
     }
 
     /// The wrapped client.
@@ -115,8 +149,7 @@ impl Service<http::Request<RequestBody>> for ReqwestClient {
     }
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        let request = request.map(|body| reqwest::Body::from(body.into_bytes()));
-        let state = match reqwest::Request::try_from(request) {
+        let state = match self.convert(request) {
             Ok(request) => State::Sending {
                 inner: self.client.call(request),
             },
