@@ -68,7 +68,6 @@
 //! limit there is felt by `poll_ready`, as tower's layers expect.
 //!
 //! ```
-//! use std::time::Duration;
 //! use eventsink::webhook::{EgressPolicy, WebhookSink};
 //! use http::header::AUTHORIZATION;
 //! use tower::limit::ConcurrencyLimitLayer;
