@@ -15,7 +15,8 @@
 //!
 //! | feature | what it enables |
 //! | --- | --- |
-//! | `webhook` (default) | [`webhook::WebhookSink`], signed HTTP delivery over reqwest (rustls) |
+//! | `webhook` (default) | [`webhook::WebhookSink`], signed HTTP delivery over reqwest (rustls) or any HTTP client service, under tower layers |
+//! | `cloudevents` | [`webhook::WebhookSink`] sends CloudEvents 1.0, binary or structured mode |
 //! | `verify` (default) | [`verify::VerifyWebhookLayer`], the receiver-side checks |
 //! | `axum` | [`verify::VerifiedWebhook`] and [`verify::Verified`] as axum extractors |
 //! | `sqlite` (default) | [`queue`] with its SQLite backend, the embedded default |

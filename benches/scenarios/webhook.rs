@@ -8,13 +8,22 @@
 //! `webhook-signature`), computed once before the loop. The receiver runs
 //! in this process, so header bytes cost both sides alike; the ratio is what
 //! the sink itself adds per event: serialising, signing, classifying.
+//!
+//! `webhook_c64_layered` is `webhook_c64` with tower layers on the sink's
+//! HTTP leg (tower-http's `TraceLayer`, no subscriber listening, and a
+//! `ConcurrencyLimitLayer` of 64): what a user's stack adds on top.
 
 use std::net::SocketAddr;
 
 use eventsink::signature::Secret;
-use eventsink::webhook::{DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, WebhookSink};
-use eventsink::{Event, SinkExt};
+use eventsink::webhook::{
+    DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, WebhookSink, WebhookSinkBuilder,
+};
+use eventsink::{Error, Event, SinkExt};
 use serde_json::json;
+use tower::Service;
+use tower::limit::ConcurrencyLimitLayer;
+use tower_http::trace::TraceLayer;
 
 use crate::harness::{Options, Scenario, paired, per_second, report, runtime};
 
@@ -28,24 +37,54 @@ pub fn all() -> Vec<Scenario> {
             name: "webhook_c64",
             run: webhook_c64,
         },
+        Scenario {
+            name: "webhook_c64_layered",
+            run: webhook_c64_layered,
+        },
     ]
 }
 
 fn webhook_c1(options: &Options) {
-    run("webhook_c1", 1, options.size(1_000, 5_000));
+    run("webhook_c1", 1, options.size(1_000, 5_000), plain);
 }
 
 fn webhook_c64(options: &Options) {
-    run("webhook_c64", 64, options.size(50, 250));
+    run("webhook_c64", 64, options.size(50, 250), plain);
 }
 
-fn run(name: &str, publishers: usize, per_publisher: usize) {
+fn webhook_c64_layered(options: &Options) {
+    run(
+        "webhook_c64_layered",
+        64,
+        options.size(50, 250),
+        |builder| {
+            builder
+                .http_layer(TraceLayer::new_for_http())
+                .http_layer(ConcurrencyLimitLayer::new(64))
+                .build()
+                .expect("sink")
+        },
+    );
+}
+
+fn plain(builder: WebhookSinkBuilder) -> WebhookSink {
+    builder.build().expect("sink")
+}
+
+fn run<S>(name: &str, publishers: usize, per_publisher: usize, build: fn(WebhookSinkBuilder) -> S)
+where
+    S: Service<Event, Response = (), Error = Error> + Clone + Send + 'static,
+    S::Future: Send,
+{
     let rt = runtime();
     let addr = rt.block_on(start_receiver());
     let url = format!("http://{addr}/hook");
     let total = publishers * per_publisher;
     let m = paired(
-        || rt.block_on(sink_round(&url, publishers, per_publisher, total)),
+        || {
+            let sink = build(WebhookSink::builder(&url).secret(secret()));
+            rt.block_on(sink_round(sink, publishers, per_publisher, total))
+        },
         || rt.block_on(reqwest_round(&url, publishers, per_publisher, total)),
     );
     report(
@@ -87,11 +126,11 @@ fn secret() -> Secret {
         .expect("secret")
 }
 
-async fn sink_round(url: &str, publishers: usize, per_publisher: usize, total: usize) -> f64 {
-    let sink = WebhookSink::builder(url)
-        .secret(secret())
-        .build()
-        .expect("sink");
+async fn sink_round<S>(sink: S, publishers: usize, per_publisher: usize, total: usize) -> f64
+where
+    S: Service<Event, Response = (), Error = Error> + Clone + Send + 'static,
+    S::Future: Send,
+{
     let started = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for publisher in 0..publishers {

@@ -5,13 +5,18 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
-use reqwest::{Client, StatusCode, Url};
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use reqwest::{Client, Url};
+use tower::Layer;
+use tower::layer::util::{Identity, Stack};
 
+#[cfg(feature = "cloudevents")]
+use super::CloudEvents;
 use super::egress::{EgressPolicy, EgressRefused, GuardedResolver};
 use super::{
     BuildError, Config, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
-    StatusClassifier, USER_AGENT_VALUE, WebhookSink,
+    ReqwestClient, StatusClassifier, USER_AGENT_VALUE, WebhookSink,
 };
 use crate::signature::{Scheme, Secret};
 use crate::wire;
@@ -52,9 +57,11 @@ const RESERVED_HEADERS: &[&str] = &[
 /// # let _ = sink;
 /// # Ok::<(), eventsink::BoxError>(())
 /// ```
+///
+/// `L` is the stack of layers added with [`http_layer`](Self::http_layer).
 #[derive(Clone)]
 #[must_use = "call build() to get the sink"]
-pub struct WebhookSinkBuilder {
+pub struct WebhookSinkBuilder<L = Identity> {
     url: String,
     secrets: Vec<Secret>,
     scheme: Scheme,
@@ -66,9 +73,12 @@ pub struct WebhookSinkBuilder {
     egress: EgressPolicy,
     https_only: bool,
     status_classifier: Option<StatusClassifier>,
+    #[cfg(feature = "cloudevents")]
+    cloudevents: Option<CloudEvents>,
+    layer: L,
 }
 
-impl fmt::Debug for WebhookSinkBuilder {
+impl<L> fmt::Debug for WebhookSinkBuilder<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookSinkBuilder")
             .field("scheme", &self.scheme)
@@ -78,7 +88,7 @@ impl fmt::Debug for WebhookSinkBuilder {
     }
 }
 
-impl WebhookSinkBuilder {
+impl<L> WebhookSinkBuilder<L> {
     /// Adds a signing secret (none by default: unsigned). Add the current
     /// one first; every further one adds a signature entry so receivers
     /// still holding an older key keep verifying during a rotation.
@@ -173,7 +183,7 @@ impl WebhookSinkBuilder {
     /// For example, a receiver that answers 404 while it deploys:
     ///
     /// ```
-    /// use reqwest::StatusCode; // http::StatusCode
+    /// use http::StatusCode;
     /// let builder = eventsink::webhook::WebhookSink::builder("https://example.com/hook")
     ///     .classify_status(|status| (status == StatusCode::NOT_FOUND).then_some(true));
     /// ```
@@ -185,22 +195,151 @@ impl WebhookSinkBuilder {
         self
     }
 
-    /// Checks the configuration and builds the sink.
+    /// Sends each event as a [CloudEvent](super::CloudEvents) (feature
+    /// `cloudevents`); the Standard Webhooks headers still sign the bytes
+    /// sent. Needs [`Scheme::Standard`].
+    ///
+    /// ```
+    /// use eventsink::webhook::{CloudEvents, WebhookSink};
+    /// let sink = WebhookSink::builder("https://example.com/hook")
+    ///     .cloudevents(CloudEvents::binary("https://shop.example.com/orders"))
+    ///     .build()?;
+    /// # Ok::<(), eventsink::webhook::BuildError>(())
+    /// ```
+    #[cfg(feature = "cloudevents")]
+    pub fn cloudevents(mut self, cloudevents: CloudEvents) -> Self {
+        self.cloudevents = Some(cloudevents);
+        self
+    }
+
+    /// Adds a tower layer around the HTTP leg, the service that sends each
+    /// signed request: tower-http's `TraceLayer`, a `ConcurrencyLimitLayer`
+    /// or `RateLimitLayer` for this destination, your own. The first layer
+    /// added is the outermost, as with [`tower::ServiceBuilder`]. See
+    /// [the HTTP leg](super#the-http-leg).
+    pub fn http_layer<T>(self, layer: T) -> WebhookSinkBuilder<Stack<T, L>> {
+        let WebhookSinkBuilder {
+            url,
+            secrets,
+            scheme,
+            headers,
+            client,
+            attempt_timeout,
+            connect_timeout,
+            max_body_bytes,
+            egress,
+            https_only,
+            status_classifier,
+            #[cfg(feature = "cloudevents")]
+            cloudevents,
+            layer: outer,
+        } = self;
+        WebhookSinkBuilder {
+            url,
+            secrets,
+            scheme,
+            headers,
+            client,
+            attempt_timeout,
+            connect_timeout,
+            max_body_bytes,
+            egress,
+            https_only,
+            status_classifier,
+            #[cfg(feature = "cloudevents")]
+            cloudevents,
+            layer: Stack::new(layer, outer),
+        }
+    }
+
+    /// Checks the configuration and builds the sink, sending through
+    /// [`ReqwestClient`] (the [`client`](Self::client) given, or one it
+    /// builds with the egress guard) under the [`http_layer`](Self::http_layer)s.
     ///
     /// # Errors
     ///
     /// [`BuildError`] for a URL that does not parse, is not http(s), is not
     /// https while [`https_only`](Self::https_only) is set, or is an IP
     /// address the egress policy refuses; for an invalid or reserved header;
-    /// for a custom client with a restricting egress policy; or if the HTTP
-    /// client cannot be built.
+    /// for a custom client with a restricting egress policy; for an invalid
+    /// CloudEvents configuration; or if the HTTP client cannot be built.
     ///
     /// ```
     /// use eventsink::webhook::{BuildError, WebhookSink};
     /// assert!(matches!(WebhookSink::builder("ftp://example.com").build(), Err(BuildError::UnsupportedScheme { .. })));
     /// assert!(matches!(WebhookSink::builder("not a url").build(), Err(BuildError::InvalidUrl { .. })));
     /// ```
-    pub fn build(self) -> Result<WebhookSink, BuildError> {
+    pub fn build(mut self) -> Result<WebhookSink<L::Service>, BuildError>
+    where
+        L: Layer<ReqwestClient>,
+    {
+        let config = self.config()?;
+        let client = match self.client.take() {
+            Some(_) if self.egress.is_restricted() => return Err(BuildError::ClientWithEgress),
+            Some(client) => client,
+            None => own_client(self.connect_timeout, self.egress.clone())?,
+        };
+        let url = self.checked_url()?;
+        let client = ReqwestClient::new(client).with_destination(config.uri.clone(), url);
+        Ok(WebhookSink {
+            client: self.layer.layer(client),
+            config,
+        })
+    }
+
+    /// Checks the configuration and builds the sink, sending through
+    /// `service` under the [`http_layer`](Self::http_layer)s: any
+    /// `Service<http::Request<RequestBody>, Response = http::Response<B>>`,
+    /// such as hyper-util's client. See [the HTTP leg](super#the-http-leg).
+    ///
+    /// The service is used as given: it must not follow redirects, and the
+    /// [`connect_timeout`](Self::connect_timeout) is its own to set (the
+    /// [`attempt_timeout`](Self::attempt_timeout) still applies).
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build), and [`BuildError::ClientWithEgress`] with a
+    /// restricting egress policy (only the client `build` makes can enforce
+    /// it) or [`BuildError::ClientWithService`] if a reqwest
+    /// [`client`](Self::client) was given too.
+    ///
+    /// ```
+    /// use eventsink::webhook::{BuildError, EgressPolicy, RequestBody, WebhookSink};
+    /// use eventsink::{Event, SinkExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+    /// // A test double: answers 200 to anything.
+    /// let answer_200 = tower::service_fn(|_: http::Request<RequestBody>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// });
+    /// let mut sink = WebhookSink::builder("https://example.com/hook").build_with(answer_200)?;
+    /// sink.publish(Event::new("ping", ())).await?;
+    ///
+    /// let err = WebhookSink::builder("https://example.com/hook")
+    ///     .egress(EgressPolicy::public_only())
+    ///     .build_with(answer_200)
+    ///     .unwrap_err();
+    /// assert!(matches!(err, BuildError::ClientWithEgress));
+    /// # Ok(()) }
+    /// ```
+    pub fn build_with<S>(self, service: S) -> Result<WebhookSink<L::Service>, BuildError>
+    where
+        L: Layer<S>,
+    {
+        if self.egress.is_restricted() {
+            return Err(BuildError::ClientWithEgress);
+        }
+        if self.client.is_some() {
+            return Err(BuildError::ClientWithService);
+        }
+        Ok(WebhookSink {
+            config: self.config()?,
+            client: self.layer.layer(service),
+        })
+    }
+
+    /// The checked configuration every attempt is made with.
+    fn config(&self) -> Result<Arc<Config>, BuildError> {
         let url = self.checked_url()?;
         let host = url
             .host_str()
@@ -209,28 +348,36 @@ impl WebhookSinkBuilder {
             })?
             .to_owned();
         check_ip_literal(&url, &self.egress)?;
-        let headers = static_headers(&self.headers)?;
-        let client = match self.client {
-            Some(_) if self.egress.is_restricted() => return Err(BuildError::ClientWithEgress),
-            Some(client) => client,
-            None => own_client(self.connect_timeout, self.egress)?,
+        let uri =
+            url.as_str()
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| BuildError::InvalidUrl {
+                    reason: e.to_string(),
+                })?;
+        #[cfg_attr(not(feature = "cloudevents"), allow(unused_mut))]
+        let mut headers = static_headers(&self.headers)?;
+        #[cfg(feature = "cloudevents")]
+        let cloudevents = match &self.cloudevents {
+            Some(ce) => Some(ce.format(self.scheme, &mut headers)?),
+            None => None,
         };
-        Ok(WebhookSink {
-            client,
-            config: Arc::new(Config {
-                display_url: display_url(&url),
-                url,
-                host,
-                secrets: self.secrets,
-                scheme: self.scheme,
-                headers,
-                attempt_timeout: self.attempt_timeout,
-                max_body_bytes: self.max_body_bytes,
-                status_classifier: self.status_classifier,
-            }),
-        })
+        Ok(Arc::new(Config {
+            display_url: display_url(&url),
+            uri,
+            host,
+            secrets: self.secrets.clone(),
+            scheme: self.scheme,
+            headers,
+            attempt_timeout: self.attempt_timeout,
+            max_body_bytes: self.max_body_bytes,
+            status_classifier: self.status_classifier.clone(),
+            #[cfg(feature = "cloudevents")]
+            cloudevents,
+        }))
     }
+}
 
+impl WebhookSinkBuilder {
     /// The defaults, for `url`.
     pub(super) fn new(url: String) -> Self {
         WebhookSinkBuilder {
@@ -245,9 +392,14 @@ impl WebhookSinkBuilder {
             egress: EgressPolicy::default(),
             https_only: false,
             status_classifier: None,
+            #[cfg(feature = "cloudevents")]
+            cloudevents: None,
+            layer: Identity::new(),
         }
     }
+}
 
+impl<L> WebhookSinkBuilder<L> {
     /// The URL, parsed, with a scheme this builder accepts.
     fn checked_url(&self) -> Result<Url, BuildError> {
         let url = Url::parse(&self.url).map_err(|e| BuildError::InvalidUrl {

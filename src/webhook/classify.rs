@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use eventsink::webhook::classify::is_retryable_status;
-//! use reqwest::StatusCode; // http::StatusCode
+//! use http::StatusCode;
 //!
 //! assert!(is_retryable_status(StatusCode::SERVICE_UNAVAILABLE));
 //! assert!(!is_retryable_status(StatusCode::GONE));
@@ -11,13 +11,17 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use reqwest::{Response, StatusCode};
+use bytes::Buf;
+use http::{Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::time::{Instant, timeout_at};
 
 use super::Config;
 use super::egress::EgressRefused;
-use crate::Error;
+use crate::{BoxError, Error};
 
 /// How much of a failed response's body is kept in the error: 4 KiB, enough
 /// for a JSON error document, small enough to log.
@@ -37,7 +41,7 @@ pub const MAX_ERROR_BODY_BYTES: usize = 4 * 1024;
 ///
 /// ```
 /// use eventsink::webhook::classify::is_retryable_status;
-/// use reqwest::StatusCode;
+/// use http::StatusCode;
 /// assert!(is_retryable_status(StatusCode::MOVED_PERMANENTLY));
 /// assert!(!is_retryable_status(StatusCode::UNPROCESSABLE_ENTITY));
 /// assert!(!is_retryable_status(StatusCode::NOT_IMPLEMENTED));
@@ -108,21 +112,27 @@ const MAX_DRAINED_BODY_BYTES: usize = 64 * 1024;
 /// [attempt timeout](super::DEFAULT_ATTEMPT_TIMEOUT).
 pub const RESPONSE_BODY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Waits for the answer to one attempt (`sending`) and turns it into the
-/// sink's result, recording the status and duration on the current span.
-pub(super) async fn attempt(
+/// Waits for the answer to one attempt (`sending`), for at most the attempt
+/// timeout, and turns it into the sink's result, recording the status and
+/// duration on the current span.
+pub(super) async fn attempt<B: Body>(
     config: Arc<Config>,
-    sending: impl Future<Output = Result<Response, reqwest::Error>>,
+    sending: impl Future<Output = Result<Response<B>, BoxError>>,
 ) -> Result<(), Error> {
     let started = Instant::now();
-    let outcome = sending.await;
+    let deadline = started + config.attempt_timeout;
     let span = tracing::Span::current();
-    let result = match outcome {
-        Ok(response) => {
+    let result = match timeout_at(deadline, sending).await {
+        Ok(Ok(response)) => {
             span.record("http.response.status_code", response.status().as_u16());
-            answer(&config, response).await
+            answer(&config, response, deadline).await
         }
-        Err(error) => Err(transport_error(&config, error)),
+        Ok(Err(error)) => Err(transport_error(&config, error)),
+        Err(elapsed) => Err(Error::Transport {
+            url: config.display_url.clone(),
+            timed_out: true,
+            source: Box::new(elapsed),
+        }),
     };
     span.record(
         "eventsink.duration_ms",
@@ -136,21 +146,27 @@ pub(super) async fn attempt(
 }
 
 /// Success for 2xx; otherwise [`Error::Http`] retryable or not by its status, the
-/// `Retry-After` and the start of the body.
-async fn answer(config: &Config, response: Response) -> Result<(), Error> {
+/// `Retry-After` and the start of the body, read until `deadline` at the
+/// latest.
+async fn answer<B: Body>(
+    config: &Config,
+    response: Response<B>,
+    deadline: Instant,
+) -> Result<(), Error> {
     let status = response.status();
+    let deadline = deadline.min(Instant::now() + RESPONSE_BODY_TIMEOUT);
     if status.is_success() {
         // Read what the receiver sent so the connection can be reused; a
         // failure or a timeout here does not undo the delivery.
-        read_prefix(response, MAX_DRAINED_BODY_BYTES).await;
+        read_prefix(response.into_body(), MAX_DRAINED_BODY_BYTES, deadline).await;
         return Ok(());
     }
     let retry_after = response
         .headers()
-        .get(reqwest::header::RETRY_AFTER)
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let body = read_prefix(response, MAX_ERROR_BODY_BYTES).await;
+    let body = read_prefix(response.into_body(), MAX_ERROR_BODY_BYTES, deadline).await;
     let retryable = config
         .status_classifier
         .as_ref()
@@ -165,47 +181,67 @@ async fn answer(config: &Config, response: Response) -> Result<(), Error> {
     })
 }
 
-/// [`Error::Refused`] when the egress guard refused every address,
-/// otherwise [`Error::Transport`].
-fn transport_error(config: &Config, error: reqwest::Error) -> Error {
+/// What an error of the HTTP leg means: [`Error::Refused`] when the egress
+/// guard refused every address, otherwise a transient [`Error::Transport`]
+/// (connection refused or reset, TLS, a timeout, a layer's own error),
+/// timed out when a reqwest or tower timeout, or an I/O `TimedOut`, is in
+/// its chain.
+pub(super) fn transport_error(config: &Config, error: BoxError) -> Error {
     let url = config.display_url.clone();
-    let refused = std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    })
-    .find_map(|e| e.downcast_ref::<EgressRefused>());
-    match refused {
-        Some(refused) => Error::Refused {
+    let chain = || {
+        std::iter::successors(Some(&*error as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+    };
+    if let Some(refused) = chain().find_map(|e| e.downcast_ref::<EgressRefused>()) {
+        return Error::Refused {
             url,
             reason: refused.to_string(),
-        },
-        None => Error::Transport {
-            url,
-            timed_out: error.is_timeout(),
-            source: Box::new(error.without_url()),
-        },
+        };
+    }
+    Error::Transport {
+        url,
+        timed_out: chain().any(is_timeout),
+        source: error,
     }
 }
 
-/// Reads at most `limit` bytes of the body, for at most
-/// [`RESPONSE_BODY_TIMEOUT`]: what arrived by then, or before an error.
-async fn read_prefix(mut response: Response, limit: usize) -> Vec<u8> {
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(e) = error.downcast_ref::<reqwest::Error>() {
+        e.is_timeout()
+    } else if let Some(e) = error.downcast_ref::<std::io::Error>() {
+        e.kind() == std::io::ErrorKind::TimedOut
+    } else {
+        error.is::<tower::timeout::error::Elapsed>() || error.is::<tokio::time::error::Elapsed>()
+    }
+}
+
+/// Reads at most `limit` bytes of the body, until `deadline` at the latest:
+/// what arrived by then, or before an error.
+async fn read_prefix<B: Body>(body: B, limit: usize, deadline: Instant) -> Vec<u8> {
     let mut kept = Vec::new();
     let reading = async {
+        let mut body = std::pin::pin!(body);
         while kept.len() < limit {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    kept.extend_from_slice(&chunk[..chunk.len().min(limit - kept.len())]);
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        while data.has_remaining() && kept.len() < limit {
+                            let chunk = data.chunk();
+                            let take = chunk.len().min(limit - kept.len());
+                            kept.extend_from_slice(&chunk[..take]);
+                            data.advance(take);
+                        }
+                    }
                 }
-                Ok(None) | Err(_) => break,
+                None | Some(Err(_)) => break,
             }
         }
     };
-    if tokio::time::timeout(RESPONSE_BODY_TIMEOUT, reading)
-        .await
-        .is_err()
-    {
+    if timeout_at(deadline, reading).await.is_err() {
         tracing::debug!(
-            "the answer's body was still arriving after {RESPONSE_BODY_TIMEOUT:?}; stopped reading it"
+            "the answer's body was still arriving at the attempt's deadline or \
+             {RESPONSE_BODY_TIMEOUT:?} after its head; stopped reading it"
         );
     }
     kept

@@ -40,8 +40,29 @@ pub enum BuildError {
         /// The header's name.
         name: String,
     },
-    /// A custom client was given together with a restricting egress policy.
+    /// A custom client, or a service given to
+    /// [`build_with`](super::WebhookSinkBuilder::build_with), together with
+    /// a restricting egress policy.
     ClientWithEgress,
+    /// A reqwest client was given to
+    /// [`client`](super::WebhookSinkBuilder::client) and a service to
+    /// [`build_with`](super::WebhookSinkBuilder::build_with).
+    ClientWithService,
+    /// The CloudEvents `source` is not a non-empty URI-reference.
+    #[cfg(feature = "cloudevents")]
+    InvalidCloudEventsSource {
+        /// The source given.
+        value: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// CloudEvents were asked for with a [`Scheme`](crate::signature::Scheme)
+    /// other than `Standard`.
+    #[cfg(feature = "cloudevents")]
+    CloudEventsScheme {
+        /// The scheme given.
+        scheme: crate::signature::Scheme,
+    },
     /// The HTTP client could not be built (TLS set-up failed); the cause is
     /// the [`source`](std::error::Error::source).
     Client(crate::BoxError),
@@ -75,8 +96,24 @@ impl fmt::Display for BuildError {
                 "the custom header {name:?} is set by the sink itself; remove it"
             ),
             BuildError::ClientWithEgress => f.write_str(
-                "a custom reqwest client cannot enforce the egress policy; let the sink build its \
-                 own client, or drop the policy",
+                "a custom reqwest client or HTTP service cannot enforce the egress policy; let \
+                 the sink build its own client (with build()), or drop the policy",
+            ),
+            BuildError::ClientWithService => f.write_str(
+                "a reqwest client was given to client() and an HTTP service to build_with(); \
+                 give one of them",
+            ),
+            #[cfg(feature = "cloudevents")]
+            BuildError::InvalidCloudEventsSource { value, problem } => write!(
+                f,
+                "the CloudEvents source {value:?} is not usable: {problem}; give a URI-reference \
+                 such as https://example.com/orders or /orders"
+            ),
+            #[cfg(feature = "cloudevents")]
+            BuildError::CloudEventsScheme { scheme } => write!(
+                f,
+                "CloudEvents are signed with the Standard Webhooks headers, not scheme \
+                 {scheme:?}; use Scheme::Standard"
             ),
             BuildError::Client(_) => {
                 f.write_str("the HTTP client could not be built; check the system's TLS set-up")

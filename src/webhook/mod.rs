@@ -52,14 +52,62 @@
 //! the receiver has no way to tell. Unsigned delivery exists for receivers
 //! behind other authentication (mutual TLS, a private network).
 //!
+//! # The HTTP leg
+//!
+//! The sink builds each attempt's request, signed, as an
+//! `http::Request<`[`RequestBody`]`>`, and hands it to an inner HTTP
+//! service: [`ReqwestClient`] by default, under any tower layers added
+//! with [`WebhookSinkBuilder::http_layer`], or a service of your own given
+//! to [`WebhookSinkBuilder::build_with`] (hyper-util's client, a test
+//! double). Whatever it is, the sink still signs, bounds each attempt by
+//! its [timeout](WebhookSinkBuilder::attempt_timeout), reads a bounded
+//! answer, and classifies it; errors of the leg are transient
+//! [`Error::Transport`]s (timed out when a reqwest, tower or I/O timeout is
+//! among their causes), and the egress guard's refusal stays
+//! [`Error::Refused`]. The sink is ready when the leg is, so a concurrency
+//! limit there is felt by `poll_ready`, as tower's layers expect.
+//!
+//! ```
+//! use eventsink::webhook::{EgressPolicy, WebhookSink};
+//! use http::header::AUTHORIZATION;
+//! use tower::limit::ConcurrencyLimitLayer;
+//! use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+//! use tower_http::trace::{DefaultMakeSpan, TraceLayer};
+//!
+//! let sink = WebhookSink::builder("https://receiver.example.com/hooks")
+//!     .secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".parse()?)
+//!     .egress(EgressPolicy::public_only()) // still enforced under layers
+//!     // outermost first: hide a header your own layers add...
+//!     .http_layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+//!     // ...before the trace records the headers...
+//!     .http_layer(TraceLayer::new_for_http().make_span_with(DefaultMakeSpan::new().include_headers(true)))
+//!     // ...and at most 8 requests in flight to this destination.
+//!     .http_layer(ConcurrencyLimitLayer::new(8))
+//!     .build()?;
+//! # let _ = sink;
+//! # Ok::<(), eventsink::BoxError>(())
+//! ```
+//!
+//! The signature headers and every [custom header](WebhookSinkBuilder::header)
+//! are marked [sensitive](http::HeaderValue::set_sensitive) already, so a
+//! trace that records headers shows `Sensitive` in their place; mark what
+//! your own layers add with tower-http's `SetSensitiveRequestHeadersLayer`.
+//! Layers must not change the body or the signed headers, or the receiver
+//! will refuse the signature.
+//!
 //! The parts: [`WebhookSinkBuilder`] (configuration), `sign.rs` (the signed
 //! request of one attempt), [`classify`] (the answer, as success or
-//! [`Error`]), [`egress`] (where the sink may connect) and [`BuildError`].
+//! [`Error`]), [`egress`] (where the sink may connect), `client.rs` (the HTTP
+//! leg and [`ReqwestClient`]), `cloudevents.rs` (`CloudEvents`, feature
+//! `cloudevents`) and [`BuildError`].
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com
 
 mod builder;
 pub mod classify;
+mod client;
+#[cfg(feature = "cloudevents")]
+mod cloudevents;
 pub mod egress;
 mod error;
 mod sign;
@@ -71,17 +119,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use reqwest::header::HeaderMap;
-use reqwest::{Client, StatusCode, Url};
+use http::{HeaderMap, StatusCode, Uri};
 use serde::Serialize;
 use tower::Service;
 use tracing::Instrument;
 
 pub use self::builder::WebhookSinkBuilder;
+pub use self::client::{RequestBody, ReqwestClient, ReqwestFuture};
+#[cfg(feature = "cloudevents")]
+pub use self::cloudevents::CloudEvents;
 pub use self::egress::EgressPolicy;
 pub use self::error::BuildError;
 use crate::signature::{Scheme, Secret};
-use crate::{Error, Event};
+use crate::{BoxError, Error, Event};
 
 /// Per-attempt timeout, connecting and reading the answer included. 15 s:
 /// the Go original gave each delivery 15 s, and Standard Webhooks
@@ -107,15 +157,18 @@ pub type StatusClassifier = Arc<dyn Fn(StatusCode) -> Option<bool> + Send + Sync
 /// HTTP client, its connection pool and the configuration.
 ///
 /// Build one with [`WebhookSink::builder`]; see the [module docs](self).
+/// `S` is the [HTTP leg](self#the-http-leg): [`ReqwestClient`] unless the
+/// sink was built with [`http_layer`](WebhookSinkBuilder::http_layer) or
+/// [`build_with`](WebhookSinkBuilder::build_with).
 #[derive(Clone)]
-pub struct WebhookSink {
-    client: Client,
+pub struct WebhookSink<S = ReqwestClient> {
+    client: S,
     config: Arc<Config>,
 }
 
 /// What every attempt is made with; shared by the sink's clones.
 struct Config {
-    url: Url,
+    uri: Uri,
     /// The URL without credentials, query or fragment: safe to log.
     display_url: String,
     host: String,
@@ -127,6 +180,8 @@ struct Config {
     attempt_timeout: Duration,
     max_body_bytes: usize,
     status_classifier: Option<StatusClassifier>,
+    #[cfg(feature = "cloudevents")]
+    cloudevents: Option<cloudevents::Format>,
 }
 
 impl WebhookSink {
@@ -140,7 +195,9 @@ impl WebhookSink {
     pub fn builder(url: impl Into<String>) -> WebhookSinkBuilder {
         WebhookSinkBuilder::new(url.into())
     }
+}
 
+impl<S> WebhookSink<S> {
     /// The destination, without credentials, query string or fragment.
     ///
     /// ```
@@ -151,9 +208,24 @@ impl WebhookSink {
     pub fn url(&self) -> &str {
         &self.config.display_url
     }
+
+    /// The HTTP leg.
+    pub fn get_ref(&self) -> &S {
+        &self.client
+    }
+
+    /// The HTTP leg, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.client
+    }
+
+    /// The HTTP leg, without the sink's configuration.
+    pub fn into_inner(self) -> S {
+        self.client
+    }
 }
 
-impl fmt::Debug for WebhookSink {
+impl<S> fmt::Debug for WebhookSink<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
         f.debug_struct("WebhookSink")
@@ -167,13 +239,25 @@ impl fmt::Debug for WebhookSink {
     }
 }
 
-impl<P: Serialize> Service<Event<P>> for WebhookSink {
+impl<S, B, P> Service<Event<P>> for WebhookSink<S>
+where
+    P: Serialize,
+    S: Service<http::Request<RequestBody>, Response = http::Response<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
     type Response = ();
     type Error = Error;
     type Future = ResponseFuture;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    /// Ready when the HTTP leg is: a concurrency limit in it makes the sink
+    /// wait here. Its error is a transient [`Error::Transport`].
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.client
+            .poll_ready(cx)
+            .map_err(|e| classify::transport_error(&self.config, e.into()))
     }
 
     fn call(&mut self, event: Event<P>) -> Self::Future {
@@ -193,13 +277,14 @@ impl<P: Serialize> Service<Event<P>> for WebhookSink {
         match sign::request(&self.config, &event) {
             Ok(mut request) => {
                 if let Some(traceparent) = crate::trace::traceparent(&span)
-                    .and_then(|t| reqwest::header::HeaderValue::try_from(t).ok())
+                    .and_then(|t| http::HeaderValue::try_from(t).ok())
                 {
                     request
                         .headers_mut()
                         .insert(crate::trace::TRACEPARENT, traceparent);
                 }
-                let sending = self.client.execute(request);
+                let sending = self.client.call(request);
+                let sending = async move { sending.await.map_err(Into::into) };
                 let attempt = classify::attempt(Arc::clone(&self.config), sending);
                 ResponseFuture::sending(attempt.instrument(span))
             }
@@ -230,7 +315,7 @@ pub struct ResponseFuture {
 }
 
 enum State {
-    /// Boxed: an async block doing I/O through reqwest.
+    /// Boxed: an async block doing I/O through the HTTP leg.
     Sending(Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>),
     Refused(Option<Error>),
 }

@@ -3,11 +3,11 @@
 //! [wire rule](crate::wire#the-rule) and the size limit, and its headers.
 
 use chrono::{DateTime, SubsecRound, Utc};
-use reqwest::header::{HeaderName, HeaderValue};
-use reqwest::{Method, Request};
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request};
 use serde::Serialize;
 
-use super::Config;
+use super::{Config, RequestBody};
 use crate::signature;
 use crate::{Error, Event, wire};
 
@@ -17,13 +17,20 @@ const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static(wire::WEBHOOK_SIGN
 const GO_SIGNATURE: HeaderName = HeaderName::from_static(wire::GO_SIGNATURE);
 
 /// Serialises, checks and signs `event` into the request of one attempt.
-pub(super) fn request<P: Serialize>(c: &Config, event: &Event<P>) -> Result<Request, Error> {
+pub(super) fn request<P: Serialize>(
+    c: &Config,
+    event: &Event<P>,
+) -> Result<Request<RequestBody>, Error> {
     // The rule the receiver checks, in every scheme: an event it would
     // answer 400 is refused here, before anything is sent.
     let id = wire_id(event)?;
     let now = Utc::now().trunc_subsecs(0);
     let body = body(c, event, now)?;
     let mut headers = c.headers.clone();
+    #[cfg(feature = "cloudevents")]
+    if let Some(format) = &c.cloudevents {
+        format.insert_headers(event, &mut headers);
+    }
     if c.scheme.sends_standard() {
         headers.insert(WEBHOOK_ID, id);
         headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(now.timestamp()));
@@ -36,22 +43,17 @@ pub(super) fn request<P: Serialize>(c: &Config, event: &Event<P>) -> Result<Requ
         let signature = signature::sign_go(first, &body);
         headers.insert(GO_SIGNATURE, to_header_value(signature));
     }
-    let mut request = Request::new(Method::POST, c.url.clone());
+    let mut request = Request::new(RequestBody::from(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = c.uri.clone();
     *request.headers_mut() = headers;
-    *request.body_mut() = Some(body.into());
-    *request.timeout_mut() = Some(c.attempt_timeout);
     Ok(request)
 }
 
 /// The body in the configured scheme, at most `max_body_bytes` long.
 fn body<P: Serialize>(c: &Config, event: &Event<P>, now: DateTime<Utc>) -> Result<Vec<u8>, Error> {
     let mut body = Vec::with_capacity(512);
-    if c.scheme.sends_go() {
-        serde_json::to_writer(&mut body, &GoBody::new(event, now))
-    } else {
-        serde_json::to_writer(&mut body, event)
-    }
-    .map_err(Error::Serialize)?;
+    write_body(c, event, now, &mut body).map_err(Error::Serialize)?;
     if body.len() > c.max_body_bytes {
         return Err(Error::TooLarge {
             size: body.len(),
@@ -59,6 +61,25 @@ fn body<P: Serialize>(c: &Config, event: &Event<P>, now: DateTime<Utc>) -> Resul
         });
     }
     Ok(body)
+}
+
+/// The Go original's body with [`Scheme::GoCompatible`](crate::signature::Scheme),
+/// a CloudEvent if configured, otherwise the event's JSON.
+fn write_body<P: Serialize>(
+    c: &Config,
+    event: &Event<P>,
+    now: DateTime<Utc>,
+    body: &mut Vec<u8>,
+) -> serde_json::Result<()> {
+    #[cfg(feature = "cloudevents")]
+    if let Some(format) = &c.cloudevents {
+        return format.write_body(event, body);
+    }
+    if c.scheme.sends_go() {
+        serde_json::to_writer(body, &GoBody::new(event, now))
+    } else {
+        serde_json::to_writer(body, event)
+    }
 }
 
 /// Checks `event` against [`wire::check_event`], and gives its id as a
@@ -72,9 +93,12 @@ fn wire_id<P>(event: &Event<P>) -> Result<HeaderValue, Error> {
     })
 }
 
-/// Base64 and hex signatures are ASCII, always valid header values.
+/// Base64 and hex signatures are ASCII, always valid header values; marked
+/// sensitive, so that layers on the HTTP leg do not log them.
 fn to_header_value(ascii: String) -> HeaderValue {
-    HeaderValue::try_from(ascii).expect("signatures are base64 or hex ASCII")
+    let mut value = HeaderValue::try_from(ascii).expect("signatures are base64 or hex ASCII");
+    value.set_sensitive(true);
+    value
 }
 
 /// The Go original's body: its field order, plus `now`.
