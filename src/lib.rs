@@ -94,6 +94,7 @@ mod macros;
 
 pub mod error;
 pub mod event;
+pub mod fanout;
 pub mod fs;
 pub mod noop;
 #[cfg(feature = "queue")]
@@ -112,6 +113,7 @@ pub mod wire;
 pub use backoff::Backoff;
 pub use error::{BoxError, Error, Retryable};
 pub use event::Event;
+pub use fanout::FanOut;
 pub use fs::FsSink;
 pub use noop::NoopSink;
 #[cfg(feature = "queue")]
