@@ -99,7 +99,12 @@ async fn the_error_names_exactly_the_destinations_that_failed() {
     assert_eq!(err.succeeded().collect::<Vec<_>>(), ["b"]);
     assert!(!err.is_retryable(), "410 is permanent: {err}");
     let text = err.to_string();
-    for part in ["2 of 3 destinations failed", "a: webhook", "c: webhook", "took it: b"] {
+    for part in [
+        "2 of 3 destinations failed",
+        "a: webhook",
+        "c: webhook",
+        "took it: b",
+    ] {
         assert!(text.contains(part), "{part:?} missing from {text}");
     }
     assert_eq!(b.wait_for(1, WAIT).await.len(), 1);
@@ -161,7 +166,10 @@ async fn a_destination_that_is_not_ready_holds_the_fan_out() {
             let (mut opened, entered) = (opened.clone(), entered.clone());
             async move {
                 let _ = entered.send(());
-                opened.wait_for(|&open| open).await.map_err(|_| "gate gone")?;
+                opened
+                    .wait_for(|&open| open)
+                    .await
+                    .map_err(|_| "gate gone")?;
                 Ok::<_, BoxError>(())
             }
         }),
@@ -178,13 +186,8 @@ async fn a_destination_that_is_not_ready_holds_the_fan_out() {
     // `ready` + `call` rather than `publish` in a spawned task: rustc
     // cannot prove `Publish` over a `BoxSink` stack `Send` (the same holds
     // for tower's `Timeout`).
-    let held = tokio::spawn(async move {
-        first
-            .ready()
-            .await?
-            .call(Event::new("one", json!(1)))
-            .await
-    });
+    let held =
+        tokio::spawn(async move { first.ready().await?.call(Event::new("one", json!(1))).await });
     inside.recv().await.expect("slow got the first event");
 
     let mut second = fanout.clone();
@@ -240,7 +243,10 @@ async fn a_destination_whose_readiness_fails_fails_alone() {
             .expect_err("closed fails");
         assert_eq!(err.failed().collect::<Vec<_>>(), ["closed"]);
         assert_eq!(err.succeeded().collect::<Vec<_>>(), ["hook"]);
-        assert!(err.to_string().contains("this destination is gone"), "{err}");
+        assert!(
+            err.to_string().contains("this destination is gone"),
+            "{err}"
+        );
         assert_eq!(receiver.wait_for(n, WAIT).await.len(), n);
     }
 }
@@ -281,7 +287,10 @@ where
     async fn arrived(&self, n: usize) -> Option<Vec<Event<P>>> {
         let mut got = Vec::new();
         for recorder in &self.0 {
-            let mut events = recorder.wait_for(n, ARRIVAL_TIMEOUT).await.expect("arrived");
+            let mut events = recorder
+                .wait_for(n, ARRIVAL_TIMEOUT)
+                .await
+                .expect("arrived");
             events.sort_by(|a, b| a.id.cmp(&b.id));
             got.push(events);
         }
@@ -328,7 +337,11 @@ where
     good.wait_for(3, WAIT).await;
     fanout.shutdown().await;
 
-    assert_eq!(per_id(&good.requests()), once_each(&sent), "good: once each");
+    assert_eq!(
+        per_id(&good.requests()),
+        once_each(&sent),
+        "good: once each"
+    );
     let bad_counts = per_id(&bad.requests());
     assert_eq!(
         bad_counts.keys().collect::<BTreeSet<_>>(),
@@ -369,8 +382,12 @@ async fn postgres_a_failing_destination_is_retried_alone() {
         support::queue::unique_name("fanout-good"),
         support::queue::unique_name("fanout-bad"),
     ];
-    let good = PostgresQueue::connect(&url, &names[0]).await.expect("connect");
-    let bad = PostgresQueue::connect(&url, &names[1]).await.expect("connect");
+    let good = PostgresQueue::connect(&url, &names[0])
+        .await
+        .expect("connect");
+    let bad = PostgresQueue::connect(&url, &names[1])
+        .await
+        .expect("connect");
     a_failing_destination_is_retried_alone(good, bad).await;
     support::queue::delete_postgres_rows(&url, &names).await;
 }

@@ -12,7 +12,11 @@ use eventsink::{BoxError, Event, RecordingSink, Retryable, SinkExt};
 use serde_json::json;
 
 fn kinds(recorder: &RecordingSink) -> Vec<String> {
-    recorder.events().iter().map(|e| e.kind.to_string()).collect()
+    recorder
+        .events()
+        .iter()
+        .map(|e| e.kind.to_string())
+        .collect()
 }
 
 #[tokio::test]
@@ -113,7 +117,12 @@ async fn unmatched_events_go_to_their_own_destination_only() {
         fanout.destinations().collect::<Vec<_>>(),
         ["billing", "rest"]
     );
-    for kind in ["invoice.paid", "user.signed_up", "invoice.voided", "order.placed"] {
+    for kind in [
+        "invoice.paid",
+        "user.signed_up",
+        "invoice.voided",
+        "order.placed",
+    ] {
         let routed = fanout
             .publish(Event::new(kind, json!({})))
             .await
@@ -168,14 +177,20 @@ fn configurations_that_cannot_work_are_refused_at_build() {
         .unmatched_to("a", sink())
         .build()
         .unwrap_err();
-    assert!(matches!(fallback_named_twice, BuildError::DuplicateName { .. }));
+    assert!(matches!(
+        fallback_named_twice,
+        BuildError::DuplicateName { .. }
+    ));
     let empty = FanOut::builder().to("", sink()).build().unwrap_err();
     assert_eq!(empty, BuildError::EmptyName);
     let no_kinds = FanOut::builder()
         .to_kinds("a", Vec::<&str>::new(), sink())
         .build()
         .unwrap_err();
-    assert!(no_kinds.to_string().contains("subscribes to no kind"), "{no_kinds}");
+    assert!(
+        no_kinds.to_string().contains("subscribes to no kind"),
+        "{no_kinds}"
+    );
     let unreachable = FanOut::builder()
         .to("audit", sink())
         .unmatched_to("rest", sink())

@@ -92,9 +92,7 @@ impl FanOutError {
 impl Retryable for FanOutError {
     fn is_retryable(&self) -> bool {
         match self {
-            FanOutError::Failed { failures, .. } => {
-                failures.iter().all(|f| f.error.is_retryable())
-            }
+            FanOutError::Failed { failures, .. } => failures.iter().all(|f| f.error.is_retryable()),
             FanOutError::Unrouted { .. } => false,
         }
     }
@@ -263,10 +261,9 @@ pub enum BuildError {
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BuildError::Pattern { destination, .. } => write!(
-                f,
-                "destination {destination:?} has an invalid kind pattern"
-            ),
+            BuildError::Pattern { destination, .. } => {
+                write!(f, "destination {destination:?} has an invalid kind pattern")
+            }
             BuildError::DuplicateName { destination } => write!(
                 f,
                 "two destinations are named {destination:?}; give each a name of its own \

@@ -12,7 +12,6 @@ use super::Routed;
 use super::error::{Failure, FanOutError};
 use crate::BoxError;
 
-
 pin_project! {
     /// The future of [`FanOut`](super::FanOut): waits for every destination
     /// the event was sent to, concurrently, then answers [`Routed`] if all
@@ -109,7 +108,8 @@ impl<F> ResponseFuture<F> {
 
     /// Records that `destination` could not be called.
     pub(super) fn fail(&mut self, destination: usize, error: BoxError) {
-        self.failures.push(Failure::new(&self.names, destination, error));
+        self.failures
+            .push(Failure::new(&self.names, destination, error));
     }
 }
 

@@ -200,7 +200,13 @@ mod tests {
     fn exact_patterns_take_only_their_kind() {
         let p = KindPattern::new("invoice.paid").unwrap();
         assert!(p.matches("invoice.paid"));
-        for other in ["invoice.paid2", "invoice", "invoice.paid.x", "Invoice.paid", ""] {
+        for other in [
+            "invoice.paid2",
+            "invoice",
+            "invoice.paid.x",
+            "Invoice.paid",
+            "",
+        ] {
             assert!(!p.matches(other), "{other:?}");
         }
     }
@@ -220,7 +226,11 @@ mod tests {
     fn nested_prefixes_and_unicode_work() {
         assert!(KindPattern::new("a.b.*").unwrap().matches("a.b.c"));
         assert!(!KindPattern::new("a.b.*").unwrap().matches("a.bc"));
-        assert!(KindPattern::new("commande.*").unwrap().matches("commande.passée"));
+        assert!(
+            KindPattern::new("commande.*")
+                .unwrap()
+                .matches("commande.passée")
+        );
     }
 
     #[test]

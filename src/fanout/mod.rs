@@ -42,9 +42,9 @@
 //! [`Retryable`](crate::Retryable) when every failure is. Retrying the
 //! publish sends the event to *every* destination again, so wrap each
 //! destination in its own retry (a `RetryPolicy` layer) when destinations
-//! must not be sent twice, or put each behind its own queue: see
-//! [`QueuedFanOut`], where each destination has a queue of its own and a
-//! publish retried with the same event id stores nothing twice.
+//! must not be sent twice, or put each behind its own queue:
+//! `QueuedFanOut` (feature `queue`) gives each destination a queue of its
+//! own, and a publish retried with the same event id stores nothing twice.
 //!
 //! # Readiness
 //!

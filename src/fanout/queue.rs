@@ -1,40 +1,5 @@
 //! [`QueuedFanOut`]: a fan-out in which every destination has a durable
-//! queue and a worker of its own, so one destination's retries never
-//! re-send to another.
-//!
-//! Publishing stores one job per destination that takes the event (one
-//! [`QueuePublisher`] per destination, under a [`FanOut`]); each
-//! destination's [`QueueWorker`] delivers and retries its own jobs. If a
-//! publish fails for some destinations (their backend was down), publish
-//! the same event again (same id): the queues that already hold it answer
-//! [`Published::AlreadyQueued`](crate::queue::Published::AlreadyQueued)
-//! and store nothing, so only the missing destinations get a job.
-//!
-//! ```
-//! # #[cfg(feature = "sqlite")]
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
-//! use eventsink::fanout::QueuedFanOut;
-//! use eventsink::queue::SqliteQueue;
-//! use eventsink::{Event, RecordingSink, SinkExt};
-//! # let tmp = tempfile::tempdir()?;
-//! # let path = tmp.path().join("events.db");
-//! # let (billing, crm) = (RecordingSink::new(), RecordingSink::new());
-//!
-//! // One queue per destination, here in one SQLite file; the queue's name
-//! // is the destination's name.
-//! let fanout = QueuedFanOut::builder()
-//!     .to_kinds(SqliteQueue::open(&path, "orders.billing").await?, ["invoice.*", "order.*"], billing.clone())
-//!     .to(SqliteQueue::open(&path, "orders.crm").await?, crm.clone())
-//!     .spawn_with(|worker| worker.concurrency(4))?;   // one worker per destination
-//!
-//! let mut events = fanout.publisher();                 // clone it per task
-//! events.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
-//! # billing.wait_for(1, std::time::Duration::from_secs(10)).await?;
-//! # crm.wait_for(1, std::time::Duration::from_secs(10)).await?;
-//! fanout.shutdown().await;                             // stops every worker
-//! # Ok(()) }
-//! # #[cfg(not(feature = "sqlite"))] fn main() {}
-//! ```
+//! queue and a worker of its own.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -49,8 +14,49 @@ use crate::queue::{QueueBackend, QueuePublisher, QueueWorker, ThroughTaskQueue, 
 use crate::{BoxError, Sink};
 
 /// A [`FanOut`] over durable queues, one per destination, with their
-/// workers running. Build it with [`QueuedFanOut::builder`]; see the
-/// [module docs](self).
+/// workers running, so one destination's retries never re-send to
+/// another. Build it with [`QueuedFanOut::builder`].
+///
+/// Publishing stores one job per destination that takes the event (one
+/// [`QueuePublisher`] per destination, under a [`FanOut`]); each
+/// destination's [`QueueWorker`] delivers and retries its own jobs. If a
+/// publish fails for some destinations (their backend was down), publish
+/// the same event again (same id): the queues that already hold it answer
+/// [`Published::AlreadyQueued`](crate::queue::Published::AlreadyQueued)
+/// and store nothing, so only the missing destinations get a job. The
+/// durable backends recognise the event as long as they keep its completed
+/// job ([`DEFAULT_RETENTION`](crate::queue::DEFAULT_RETENTION), a day); the
+/// memory backend only while the job waits.
+///
+/// `Ok` from the publisher means every destination that takes the event
+/// stored it: each then delivers it at least once, or keeps it as a dead
+/// letter in its own queue.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")]
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
+/// use eventsink::fanout::QueuedFanOut;
+/// use eventsink::queue::SqliteQueue;
+/// use eventsink::{Event, RecordingSink, SinkExt};
+/// # let tmp = tempfile::tempdir()?;
+/// # let path = tmp.path().join("events.db");
+/// # let (billing, crm) = (RecordingSink::new(), RecordingSink::new());
+///
+/// // One queue per destination, here in one SQLite file; the queue's name
+/// // is the destination's name.
+/// let fanout = QueuedFanOut::builder()
+///     .to_kinds(SqliteQueue::open(&path, "orders.billing").await?, ["invoice.*", "order.*"], billing.clone())
+///     .to(SqliteQueue::open(&path, "orders.crm").await?, crm.clone())
+///     .spawn_with(|worker| worker.concurrency(4))?;   // one worker per destination
+///
+/// let mut events = fanout.publisher();                 // clone it per task
+/// events.publish(Event::new("order.placed", serde_json::json!({"order_id": 7}))).await?;
+/// # billing.wait_for(1, std::time::Duration::from_secs(10)).await?;
+/// # crm.wait_for(1, std::time::Duration::from_secs(10)).await?;
+/// fanout.shutdown().await;                             // stops every worker
+/// # Ok(()) }
+/// # #[cfg(not(feature = "sqlite"))] fn main() {}
+/// ```
 pub struct QueuedFanOut<S, B> {
     publisher: FanOut<QueuePublisher<S, B>>,
     workers: Vec<(Arc<str>, WorkerHandle)>,
