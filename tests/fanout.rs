@@ -126,22 +126,26 @@ async fn the_error_names_exactly_the_destinations_that_failed() {
 
 #[tokio::test]
 async fn destinations_are_called_concurrently() {
-    // "first" finishes only once "second" has been called: a fan-out that
-    // awaited one destination before calling the next would never end.
-    let (called, second_called) = tokio::sync::watch::channel(false);
+    // "first" finishes only once "second" has run: a fan-out that awaited
+    // one destination before calling, or polling, the next would never end.
+    let (ran, second_ran) = tokio::sync::watch::channel(false);
+    let ran = std::sync::Arc::new(ran);
     let first = tower::service_fn(move |_: Event| {
-        let mut second_called = second_called.clone();
+        let mut second_ran = second_ran.clone();
         async move {
-            second_called
-                .wait_for(|&c| c)
+            second_ran
+                .wait_for(|&r| r)
                 .await
                 .map_err(|_| "sender gone")?;
             Ok::<_, BoxError>(())
         }
     });
     let second = tower::service_fn(move |_: Event| {
-        called.send_replace(true);
-        async { Ok::<_, BoxError>(()) }
+        let ran = std::sync::Arc::clone(&ran);
+        async move {
+            ran.send_replace(true);
+            Ok::<_, BoxError>(())
+        }
     });
     let mut fanout = FanOut::builder()
         .to("first", first.boxed_sink())

@@ -27,7 +27,8 @@ pin_project! {
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), eventsink::BoxError> {
     /// let mut fanout = FanOut::builder().to("a", NoopSink::new()).build()?;
-    /// let future: ResponseFuture<_> = fanout.ready().await?.call(Event::new("ping", ()));
+    /// ServiceExt::<Event<()>>::ready(&mut fanout).await?;
+    /// let future: ResponseFuture<_> = fanout.call(Event::new("ping", ()));
     /// assert_eq!(future.await?.destinations(), 1);
     /// # Ok(()) }
     /// ```

@@ -183,7 +183,10 @@ impl<S> FanOut<S> {
     ///
     /// ```
     /// # use eventsink::{fanout::FanOut, NoopSink};
-    /// let fanout = FanOut::builder().to("a", NoopSink::new()).unmatched_to("b", NoopSink::new()).build()?;
+    /// let fanout = FanOut::builder()
+    ///     .to_kinds("a", ["invoice.*"], NoopSink::new())
+    ///     .unmatched_to("b", NoopSink::new())
+    ///     .build()?;
     /// assert_eq!(fanout.destinations().collect::<Vec<_>>(), ["a", "b"]);
     /// # Ok::<(), eventsink::fanout::BuildError>(())
     /// ```
