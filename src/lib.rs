@@ -10,6 +10,9 @@
 //! in memory, SQLite, Postgres, Redis), so a receiver that is down for an
 //! hour still gets every event, and [`verify::VerifyWebhookLayer`] is the
 //! receiving half that checks what [`webhook::WebhookSink`] sends.
+//! [`FanOut`] publishes one event to several sinks at once, or only to those
+//! subscribed to its kind (`invoice.paid`, `order.*`); with the queue,
+//! `fanout::QueuedFanOut` gives each destination a queue of its own.
 //!
 //! # Features
 //!
