@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use eventsink::fanout::{FanOut, FanOutError, QueuedFanOut};
-use eventsink::queue::{QueueBackend, SqliteQueue};
+use eventsink::queue::{MemoryQueue, QueueBackend, QueuePublisher, SqliteQueue};
 use eventsink::{BoxError, BoxSink, Event, RecordingSink, Retryable, SinkExt, WebhookSink};
 use serde_json::{Value, json};
 use support::conformance::{self, ARRIVAL_TIMEOUT, Destination};
@@ -312,6 +312,44 @@ async fn fan_out_passes_conformance() {
     .await;
 }
 
+/// A queued fan-out (memory queues) to two recorders, workers running.
+struct TwoQueues<P: support::queue::Payload> {
+    fanout: QueuedFanOut<RecordingSink<P>, MemoryQueue<P>>,
+    recorders: TwoRecorders<P>,
+}
+
+impl<P: support::queue::Payload + Clone> TwoQueues<P> {
+    fn new() -> Self {
+        let recorders = TwoRecorders([RecordingSink::new(), RecordingSink::new()]);
+        let fanout = QueuedFanOut::builder()
+            .to(MemoryQueue::new("conformance.one"), recorders.0[0].clone())
+            .to(MemoryQueue::new("conformance.two"), recorders.0[1].clone())
+            .spawn_with(|w| w.poll_interval(Duration::from_millis(10)))
+            .expect("queued fan-out");
+        TwoQueues { fanout, recorders }
+    }
+}
+
+impl<P: support::queue::Payload + Clone> Destination<P> for TwoQueues<P>
+where
+    Event<P>: PartialEq + std::fmt::Debug,
+{
+    type Sink = FanOut<QueuePublisher<RecordingSink<P>, MemoryQueue<P>>>;
+
+    fn sink(&self) -> Self::Sink {
+        self.fanout.publisher()
+    }
+
+    async fn arrived(&self, n: usize) -> Option<Vec<Event<P>>> {
+        self.recorders.arrived(n).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_fan_out_passes_conformance() {
+    conformance::run(TwoQueues::new, TwoQueues::new).await;
+}
+
 // --- QueuedFanOut: one job per destination ---------------------------------
 
 /// `good` always answers; `bad` answers 503 twice first. Three events
@@ -487,4 +525,34 @@ async fn only_the_subscribed_queues_get_a_job() {
         (0, 0, 0),
         "crm's queue never got a job"
     );
+}
+
+#[tokio::test]
+async fn queued_unmatched_events_go_to_their_own_queue() {
+    let (billing, rest) = (RecordingSink::new(), RecordingSink::new());
+    let fanout = QueuedFanOut::builder()
+        .unmatched_to(MemoryQueue::new("app.rest"), rest.clone())
+        .to_kinds(
+            MemoryQueue::new("app.billing"),
+            ["invoice.*"],
+            billing.clone(),
+        )
+        .spawn_with(|w| w.poll_interval(Duration::from_millis(10)))
+        .expect("queued fan-out");
+    let names: Vec<_> = fanout.workers().map(|(name, _)| name).collect();
+    assert_eq!(names, ["app.billing", "app.rest"]);
+    let mut publisher = fanout.publisher();
+    for kind in ["invoice.paid", "user.signed_up"] {
+        let routed = publisher
+            .publish(Event::new(kind, json!({})))
+            .await
+            .expect("stored");
+        assert_eq!(routed.destinations(), 1);
+    }
+    let billed = billing.wait_for(1, WAIT).await.expect("billing");
+    let others = rest.wait_for(1, WAIT).await.expect("rest");
+    fanout.shutdown().await;
+    assert_eq!(&*billed[0].kind, "invoice.paid");
+    assert_eq!(&*others[0].kind, "user.signed_up");
+    assert_eq!((billing.events().len(), rest.events().len()), (1, 1));
 }
