@@ -42,15 +42,33 @@ pin_project! {
         c: Call<F>,
         #[pin]
         d: Call<F>,
-        more: Vec<Pin<Box<Call<F>>>>,
         // Calls placed so far (inline first).
         placed: usize,
         // Calls not finished yet.
         running: usize,
-        names: Arc<[Arc<str>]>,
-        failures: Vec<Failure>,
-        // Set when the event was refused for want of a destination.
-        unrouted: Option<Arc<str>>,
+        // What only some events need, boxed to keep the future small (it
+        // is moved into the caller's future).
+        rare: Option<Box<Rare<F>>>,
+    }
+}
+
+/// The parts of a [`ResponseFuture`] that a fan-out to four destinations
+/// or fewer, all succeeding, does not need.
+struct Rare<F> {
+    /// Calls beyond the fourth.
+    more: Vec<Pin<Box<Call<F>>>>,
+    failures: Vec<Failure>,
+    /// Set when the event was refused for want of a destination.
+    unrouted: Option<Arc<str>>,
+}
+
+impl<F> Default for Rare<F> {
+    fn default() -> Self {
+        Rare {
+            more: Vec::new(),
+            failures: Vec::new(),
+            unrouted: None,
+        }
     }
 }
 
@@ -58,59 +76,73 @@ pin_project! {
     #[project = CallProj]
     enum Call<F> {
         Empty,
-        Running { #[pin] future: F, destination: usize },
-        Succeeded { destination: usize },
+        Running { #[pin] future: F, to: Dest },
+        Succeeded { to: Dest },
         Failed,
     }
 }
 
+/// A destination of one call: its place in the fan-out and its name.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dest {
+    index: usize,
+    name: &'static str,
+}
+
+impl Dest {
+    pub(super) fn new(index: usize, name: &'static str) -> Self {
+        Dest { index, name }
+    }
+
+    fn failed(self, error: BoxError) -> Failure {
+        Failure::new(self.index, self.name, error)
+    }
+}
+
 impl<F> ResponseFuture<F> {
-    /// A future with no call yet; `names` are the fan-out's destinations.
-    pub(super) fn new(names: Arc<[Arc<str>]>) -> Self {
+    /// A future with no call yet.
+    pub(super) fn new() -> Self {
         ResponseFuture {
             a: Call::Empty,
             b: Call::Empty,
             c: Call::Empty,
             d: Call::Empty,
-            more: Vec::new(),
             placed: 0,
             running: 0,
-            names,
-            failures: Vec::new(),
-            unrouted: None,
+            rare: None,
         }
     }
 
     /// A future that answers that no destination takes `kind`.
-    pub(super) fn unrouted(names: Arc<[Arc<str>]>, kind: Arc<str>) -> Self {
-        ResponseFuture {
-            unrouted: Some(kind),
-            ..ResponseFuture::new(names)
-        }
+    pub(super) fn unrouted(kind: Arc<str>) -> Self {
+        let mut future = ResponseFuture::new();
+        future.rare_mut().unrouted = Some(kind);
+        future
     }
 
-    /// Adds the call to `destination`. Done in `FanOut::call`, before the
-    /// future is pinned.
-    pub(super) fn push(&mut self, destination: usize, future: F) {
-        let call = Call::Running {
-            future,
-            destination,
-        };
+    /// Adds the call to `to`. Done in `FanOut::call`, before the future is
+    /// pinned.
+    #[inline]
+    pub(super) fn push(&mut self, to: Dest, future: F) {
+        let call = Call::Running { future, to };
         match self.placed {
             0 => self.a = call,
             1 => self.b = call,
             2 => self.c = call,
             3 => self.d = call,
-            _ => self.more.push(Box::pin(call)),
+            _ => self.rare_mut().more.push(Box::pin(call)),
         }
         self.placed += 1;
         self.running += 1;
     }
 
-    /// Records that `destination` could not be called.
-    pub(super) fn fail(&mut self, destination: usize, error: BoxError) {
-        self.failures
-            .push(Failure::new(&self.names, destination, error));
+    /// Records that `to` could not be called.
+    pub(super) fn fail(&mut self, to: Dest, error: BoxError) {
+        self.rare_mut().failures.push(to.failed(error));
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare<F> {
+        self.rare.get_or_insert_with(Box::default)
     }
 }
 
@@ -121,14 +153,14 @@ where
 {
     type Output = Result<Routed, FanOutError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Some(kind) = this.unrouted.take() {
+        if let Some(kind) = this.rare.as_mut().and_then(|r| r.unrouted.take()) {
             return Poll::Ready(Err(FanOutError::Unrouted { kind }));
         }
         let mut done = Finished {
-            names: this.names,
-            failures: this.failures,
+            failures: Vec::new(),
             running: this.running,
         };
         for call in [
@@ -139,28 +171,35 @@ where
         ] {
             done.poll(call, cx);
         }
-        for call in this.more.iter_mut() {
-            done.poll(call.as_mut(), cx);
+        if let Some(rare) = this.rare.as_deref_mut() {
+            for call in rare.more.iter_mut() {
+                done.poll(call.as_mut(), cx);
+            }
+        }
+        if !done.failures.is_empty() {
+            let failures = done.failures;
+            let rare = this.rare.get_or_insert_with(Box::default);
+            rare.failures.extend(failures);
         }
         if *this.running > 0 {
             return Poll::Pending;
         }
-        if this.failures.is_empty() {
+        let Some(rare) = this.rare.as_deref_mut().filter(|r| !r.failures.is_empty()) else {
             return Poll::Ready(Ok(Routed {
                 destinations: *this.placed,
             }));
-        }
+        };
+        let mut failures = std::mem::take(&mut rare.failures);
+        failures.sort_by_key(|f| f.index);
         let inline = [&*this.a, &*this.b, &*this.c, &*this.d];
         let succeeded = inline
             .into_iter()
-            .chain(this.more.iter().map(|call| &**call))
+            .chain(rare.more.iter().map(|call| &**call))
             .filter_map(|call| match call {
-                Call::Succeeded { destination } => Some(Arc::clone(&this.names[*destination])),
+                Call::Succeeded { to } => Some(to.name),
                 _ => None,
             })
             .collect();
-        let mut failures = std::mem::take(this.failures);
-        failures.sort_by_key(|f| f.index);
         Poll::Ready(Err(FanOutError::Failed {
             failures,
             succeeded,
@@ -170,32 +209,27 @@ where
 
 /// What polling the calls updates.
 struct Finished<'a> {
-    names: &'a Arc<[Arc<str>]>,
-    failures: &'a mut Vec<Failure>,
+    failures: Vec<Failure>,
     running: &'a mut usize,
 }
 
 impl Finished<'_> {
     /// Polls one call if it is still running, and records how it ended.
+    #[inline]
     fn poll<F, R, E>(&mut self, mut call: Pin<&mut Call<F>>, cx: &mut Context<'_>)
     where
         F: Future<Output = Result<R, E>>,
         E: Into<BoxError>,
     {
-        let CallProj::Running {
-            future,
-            destination,
-        } = call.as_mut().project()
-        else {
+        let CallProj::Running { future, to } = call.as_mut().project() else {
             return;
         };
-        let destination = *destination;
+        let to = *to;
         let ended = match future.poll(cx) {
             Poll::Pending => return,
-            Poll::Ready(Ok(_)) => Call::Succeeded { destination },
+            Poll::Ready(Ok(_)) => Call::Succeeded { to },
             Poll::Ready(Err(e)) => {
-                let failure = Failure::new(self.names, destination, e.into());
-                self.failures.push(failure);
+                self.failures.push(to.failed(e.into()));
                 Call::Failed
             }
         };

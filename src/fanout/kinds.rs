@@ -88,6 +88,7 @@ impl KindPattern {
     /// assert!(p.matches("user.signed_up"));
     /// assert!(!p.matches("user."));
     /// ```
+    #[inline]
     pub fn matches(&self, kind: &str) -> bool {
         if self.prefix {
             // The pattern minus its '*': "user.".
@@ -183,6 +184,7 @@ pub(super) enum Subscription {
 impl Subscription {
     /// Whether this destination takes `kind` (an `Unmatched` one answers
     /// `false`: it is decided after the others).
+    #[inline]
     pub(super) fn takes(&self, kind: &str) -> bool {
         match self {
             Subscription::All => true,
