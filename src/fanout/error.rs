@@ -161,10 +161,10 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// The failure of destination number `index`, named `destination`.
-    pub(super) fn new(index: usize, destination: &'static str, error: BoxError) -> Self {
+    /// The failure of destination number `index` of `names`.
+    pub(super) fn new(names: &[&'static str], index: usize, error: BoxError) -> Self {
         Failure {
-            destination,
+            destination: names[index],
             index,
             error,
         }

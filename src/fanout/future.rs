@@ -46,6 +46,7 @@ pin_project! {
         placed: usize,
         // Calls not finished yet.
         running: usize,
+        names: &'static [&'static str],
         // What only some events need, boxed to keep the future small (it
         // is moved into the caller's future).
         rare: Option<Box<Rare<F>>>,
@@ -76,32 +77,15 @@ pin_project! {
     #[project = CallProj]
     enum Call<F> {
         Empty,
-        Running { #[pin] future: F, to: Dest },
-        Succeeded { to: Dest },
+        Running { #[pin] future: F, destination: usize },
+        Succeeded { destination: usize },
         Failed,
     }
 }
 
-/// A destination of one call: its place in the fan-out and its name.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Dest {
-    index: usize,
-    name: &'static str,
-}
-
-impl Dest {
-    pub(super) fn new(index: usize, name: &'static str) -> Self {
-        Dest { index, name }
-    }
-
-    fn failed(self, error: BoxError) -> Failure {
-        Failure::new(self.index, self.name, error)
-    }
-}
-
 impl<F> ResponseFuture<F> {
-    /// A future with no call yet.
-    pub(super) fn new() -> Self {
+    /// A future with no call yet; `names` are the fan-out's destinations.
+    pub(super) fn new(names: &'static [&'static str]) -> Self {
         ResponseFuture {
             a: Call::Empty,
             b: Call::Empty,
@@ -109,22 +93,26 @@ impl<F> ResponseFuture<F> {
             d: Call::Empty,
             placed: 0,
             running: 0,
+            names,
             rare: None,
         }
     }
 
     /// A future that answers that no destination takes `kind`.
-    pub(super) fn unrouted(kind: Arc<str>) -> Self {
-        let mut future = ResponseFuture::new();
+    pub(super) fn unrouted(names: &'static [&'static str], kind: Arc<str>) -> Self {
+        let mut future = ResponseFuture::new(names);
         future.rare_mut().unrouted = Some(kind);
         future
     }
 
-    /// Adds the call to `to`. Done in `FanOut::call`, before the future is
-    /// pinned.
+    /// Adds the call to `destination`. Done in `FanOut::call`, before the
+    /// future is pinned.
     #[inline]
-    pub(super) fn push(&mut self, to: Dest, future: F) {
-        let call = Call::Running { future, to };
+    pub(super) fn push(&mut self, destination: usize, future: F) {
+        let call = Call::Running {
+            future,
+            destination,
+        };
         match self.placed {
             0 => self.a = call,
             1 => self.b = call,
@@ -136,9 +124,10 @@ impl<F> ResponseFuture<F> {
         self.running += 1;
     }
 
-    /// Records that `to` could not be called.
-    pub(super) fn fail(&mut self, to: Dest, error: BoxError) {
-        self.rare_mut().failures.push(to.failed(error));
+    /// Records that `destination` could not be called.
+    pub(super) fn fail(&mut self, destination: usize, error: BoxError) {
+        let failure = Failure::new(self.names, destination, error);
+        self.rare_mut().failures.push(failure);
     }
 
     fn rare_mut(&mut self) -> &mut Rare<F> {
@@ -160,6 +149,7 @@ where
             return Poll::Ready(Err(FanOutError::Unrouted { kind }));
         }
         let mut done = Finished {
+            names: this.names,
             failures: Vec::new(),
             running: this.running,
         };
@@ -196,7 +186,7 @@ where
             .into_iter()
             .chain(rare.more.iter().map(|call| &**call))
             .filter_map(|call| match call {
-                Call::Succeeded { to } => Some(to.name),
+                Call::Succeeded { destination } => Some(this.names[*destination]),
                 _ => None,
             })
             .collect();
@@ -209,6 +199,7 @@ where
 
 /// What polling the calls updates.
 struct Finished<'a> {
+    names: &'static [&'static str],
     failures: Vec<Failure>,
     running: &'a mut usize,
 }
@@ -221,15 +212,20 @@ impl Finished<'_> {
         F: Future<Output = Result<R, E>>,
         E: Into<BoxError>,
     {
-        let CallProj::Running { future, to } = call.as_mut().project() else {
+        let CallProj::Running {
+            future,
+            destination,
+        } = call.as_mut().project()
+        else {
             return;
         };
-        let to = *to;
+        let destination = *destination;
         let ended = match future.poll(cx) {
             Poll::Pending => return,
-            Poll::Ready(Ok(_)) => Call::Succeeded { to },
+            Poll::Ready(Ok(_)) => Call::Succeeded { destination },
             Poll::Ready(Err(e)) => {
-                self.failures.push(to.failed(e.into()));
+                let failure = Failure::new(self.names, destination, e.into());
+                self.failures.push(failure);
                 Call::Failed
             }
         };

@@ -54,9 +54,8 @@
 //! is routed to it; that event reports the failure for it (the others still
 //! get the event), and the next `poll_ready` asks it again.
 
-use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use tower::Service;
@@ -76,7 +75,6 @@ pub use kinds::{InvalidPattern, KindPattern};
 pub use queue::{QueuedFanOut, QueuedFanOutBuilder};
 
 use error::NotReady;
-use future::Dest;
 use kinds::Subscription;
 
 /// A sink that publishes each event to the destinations that take its
@@ -95,7 +93,7 @@ pub struct FanOut<S> {
 struct Routes {
     /// Interned ([`intern`]): a failing call names its destination
     /// without a reference count to take per publish.
-    names: Box<[&'static str]>,
+    names: &'static [&'static str],
     subscriptions: Box<[Subscription]>,
     unmatched: Unmatched,
 }
@@ -262,16 +260,16 @@ enum Route {
 #[inline]
 fn send<S, P>(
     destination: &mut Destination<S>,
-    to: Dest,
+    index: usize,
     event: Event<P>,
     future: &mut ResponseFuture<S::Future>,
 ) where
     S: Service<Event<P>>,
 {
     match std::mem::replace(&mut destination.readiness, Readiness::NotReady) {
-        Readiness::Ready => future.push(to, destination.service.call(event)),
-        Readiness::Broken(e) => future.fail(to, e),
-        Readiness::NotReady => future.fail(to, Box::new(NotReady)),
+        Readiness::Ready => future.push(index, destination.service.call(event)),
+        Readiness::Broken(e) => future.fail(index, e),
+        Readiness::NotReady => future.fail(index, Box::new(NotReady)),
     }
 }
 
@@ -313,24 +311,23 @@ where
             Route::UpTo(last) => last,
             Route::Drop => {
                 tracing::debug!(kind = %event.kind, "no destination takes this kind; dropped");
-                return ResponseFuture::new();
+                return ResponseFuture::new(self.routes.names);
             }
             Route::Reject => {
-                return ResponseFuture::unrouted(Arc::clone(&event.kind));
+                let kind = Arc::clone(&event.kind);
+                return ResponseFuture::unrouted(self.routes.names, kind);
             }
         };
-        let mut future = ResponseFuture::new();
         let routes = &self.routes;
+        let mut future = ResponseFuture::new(routes.names);
         for (i, destination) in self.destinations[..last].iter_mut().enumerate() {
             if routes.subscriptions[i].takes(&event.kind) {
                 // A clone costs three reference counts; the last
                 // destination gets the caller's event itself.
-                let to = Dest::new(i, routes.names[i]);
-                send(destination, to, event.clone(), &mut future);
+                send(destination, i, event.clone(), &mut future);
             }
         }
-        let to = Dest::new(last, routes.names[last]);
-        send(&mut self.destinations[last], to, event, &mut future);
+        send(&mut self.destinations[last], last, event, &mut future);
         future
     }
 }
@@ -531,7 +528,7 @@ impl<S> FanOutBuilder<S> {
         };
         Ok(FanOut {
             routes: Arc::new(Routes {
-                names: names.iter().map(|name| intern(name)).collect(),
+                names: intern(&names),
                 subscriptions: subscriptions.into(),
                 unmatched,
             }),
@@ -561,24 +558,28 @@ fn subscription<S>(added: &Added<S>) -> Result<Subscription, BuildError> {
     }
 }
 
-/// `name` for the life of the process, stored once however many fan-outs
-/// use it: destination names come from configuration, and a `&'static
-/// str` lets every call carry its destination's name without a reference
-/// count taken and released per publish (two atomic operations, a tenth
-/// of a four-destination fan-out's own cost).
-fn intern(name: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+/// `names` for the life of the process, each distinct list stored once
+/// however many fan-outs use it: destination names come from
+/// configuration, and a `&'static` list lets every call name a failed
+/// destination without a reference count taken and released per publish
+/// (two atomic operations, a tenth of a four-destination fan-out's own
+/// cost).
+fn intern(names: &[Arc<str>]) -> &'static [&'static str] {
+    static LISTS: Mutex<Vec<&'static [&'static str]>> = Mutex::new(Vec::new());
     // A poisoned lock only means another thread panicked between the two
-    // statements below; the set is still valid.
-    let mut names = NAMES
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(known) = names.get(name) {
+    // statements below; the list is still valid.
+    let mut lists = LISTS.lock().unwrap_or_else(PoisonError::into_inner);
+    let same =
+        |list: &&&'static [&'static str]| list.iter().copied().eq(names.iter().map(|n| &**n));
+    if let Some(known) = lists.iter().find(same) {
         return known;
     }
-    let leaked: &'static str = Box::leak(name.into());
-    names.insert(leaked);
+    let leaked: Vec<&'static str> = names
+        .iter()
+        .map(|name| &*Box::leak(Box::<str>::from(&**name)))
+        .collect();
+    let leaked: &'static [&'static str] = Box::leak(leaked.into_boxed_slice());
+    lists.push(leaked);
     leaked
 }
 
