@@ -13,6 +13,8 @@
 
 #[path = "scenarios/core.rs"]
 mod core_scenarios;
+#[path = "scenarios/fanout.rs"]
+mod fanout_scenarios;
 #[path = "scenarios/harness.rs"]
 mod harness;
 #[cfg(feature = "queue")]
@@ -29,6 +31,7 @@ use harness::{Options, Scenario};
 
 fn scenarios() -> Vec<Scenario> {
     let mut all = core_scenarios::all();
+    all.extend(fanout_scenarios::all());
     #[cfg(feature = "webhook")]
     all.extend(webhook_scenarios::all());
     #[cfg(feature = "queue")]

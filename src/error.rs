@@ -295,7 +295,8 @@ impl StdError for Error {
 /// It walks the error and its `source()` chain and answers from the first
 /// error it recognises:
 ///
-/// - this crate's [`Error`] and `queue::QueueError`: their own answer;
+/// - this crate's [`Error`], `queue::QueueError` and
+///   [`FanOutError`](crate::fanout::FanOutError): their own answer;
 /// - tower's `timeout::error::Elapsed` and tokio's `time::error::Elapsed`:
 ///   retryable (the next attempt may be faster);
 /// - tower's `load_shed::error::Overloaded`: retryable;
@@ -402,6 +403,9 @@ fn known<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a dyn Retryable> {
     #[cfg(feature = "queue")]
     if let Some(queue) = e.downcast_ref::<crate::queue::QueueError>() {
         return Some(queue);
+    }
+    if let Some(fanout) = e.downcast_ref::<crate::fanout::FanOutError>() {
+        return Some(fanout);
     }
     if let Some(io) = e.downcast_ref::<io::Error>() {
         return Some(io);

@@ -10,6 +10,9 @@
 //! in memory, SQLite, Postgres, Redis), so a receiver that is down for an
 //! hour still gets every event, and [`verify::VerifyWebhookLayer`] is the
 //! receiving half that checks what [`webhook::WebhookSink`] sends.
+//! [`FanOut`] publishes one event to several sinks at once, or only to those
+//! subscribed to its kind (`invoice.paid`, `order.*`); with the queue,
+//! `fanout::QueuedFanOut` gives each destination a queue of its own.
 //!
 //! # Features
 //!
@@ -97,6 +100,7 @@ mod macros;
 
 pub mod error;
 pub mod event;
+pub mod fanout;
 pub mod fs;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -118,6 +122,7 @@ pub mod wire;
 pub use backoff::Backoff;
 pub use error::{BoxError, Error, Retryable};
 pub use event::Event;
+pub use fanout::FanOut;
 pub use fs::FsSink;
 pub use noop::NoopSink;
 #[cfg(feature = "queue")]
