@@ -33,7 +33,7 @@ pub enum FanOutError {
         /// destinations were added.
         failures: Vec<Failure>,
         /// The destinations that took the event.
-        succeeded: Vec<&'static str>,
+        succeeded: Vec<Arc<str>>,
     },
     /// No destination takes the event's kind, and the fan-out was built
     /// with [`reject_unmatched`](super::FanOutBuilder::reject_unmatched).
@@ -64,11 +64,11 @@ impl FanOutError {
     /// assert_eq!(err.succeeded().count(), 0);
     /// ```
     pub fn succeeded(&self) -> impl Iterator<Item = &str> {
-        let names: &[&'static str] = match self {
+        let names: &[Arc<str>] = match self {
             FanOutError::Failed { succeeded, .. } => succeeded,
             FanOutError::Unrouted { .. } => &[],
         };
-        names.iter().copied()
+        names.iter().map(|name| &**name)
     }
 
     /// Each failed destination with its error.
@@ -154,7 +154,7 @@ impl StdError for FanOutError {}
 /// ```
 #[derive(Debug)]
 pub struct Failure {
-    destination: &'static str,
+    destination: Arc<str>,
     /// The destination's place in the fan-out, to list failures in order.
     pub(super) index: usize,
     error: BoxError,
@@ -162,9 +162,9 @@ pub struct Failure {
 
 impl Failure {
     /// The failure of destination number `index` of `names`.
-    pub(super) fn new(names: &[&'static str], index: usize, error: BoxError) -> Self {
+    pub(super) fn new(names: &[Arc<str>], index: usize, error: BoxError) -> Self {
         Failure {
-            destination: names[index],
+            destination: Arc::clone(&names[index]),
             index,
             error,
         }
@@ -178,7 +178,7 @@ impl Failure {
     /// # assert!(names.is_empty());
     /// ```
     pub fn destination(&self) -> &str {
-        self.destination
+        &self.destination
     }
 
     /// The destination's error (ask it [`Retryable`]).

@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use super::Routed;
 use super::error::{Failure, FanOutError};
+use super::{Names, Routed};
 use crate::BoxError;
 
 pin_project! {
@@ -46,7 +46,7 @@ pin_project! {
         placed: usize,
         // Calls not finished yet.
         running: usize,
-        names: &'static [&'static str],
+        names: Names,
         // What only some events need, boxed to keep the future small (it
         // is moved into the caller's future).
         rare: Option<Box<Rare<F>>>,
@@ -85,7 +85,7 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     /// A future with no call yet; `names` are the fan-out's destinations.
-    pub(super) fn new(names: &'static [&'static str]) -> Self {
+    pub(super) fn new(names: Names) -> Self {
         ResponseFuture {
             a: Call::Empty,
             b: Call::Empty,
@@ -99,7 +99,7 @@ impl<F> ResponseFuture<F> {
     }
 
     /// A future that answers that no destination takes `kind`.
-    pub(super) fn unrouted(names: &'static [&'static str], kind: Arc<str>) -> Self {
+    pub(super) fn unrouted(names: Names, kind: Arc<str>) -> Self {
         let mut future = ResponseFuture::new(names);
         future.rare_mut().unrouted = Some(kind);
         future
@@ -126,7 +126,7 @@ impl<F> ResponseFuture<F> {
 
     /// Records that `destination` could not be called.
     pub(super) fn fail(&mut self, destination: usize, error: BoxError) {
-        let failure = Failure::new(self.names, destination, error);
+        let failure = Failure::new(&self.names, destination, error);
         self.rare_mut().failures.push(failure);
     }
 
@@ -149,7 +149,7 @@ where
             return Poll::Ready(Err(FanOutError::Unrouted { kind }));
         }
         let mut done = Finished {
-            names: this.names,
+            names: &this.names[..],
             failures: Vec::new(),
             running: this.running,
         };
@@ -186,7 +186,7 @@ where
             .into_iter()
             .chain(rare.more.iter().map(|call| &**call))
             .filter_map(|call| match call {
-                Call::Succeeded { destination } => Some(this.names[*destination]),
+                Call::Succeeded { destination } => Some(Arc::clone(&this.names[*destination])),
                 _ => None,
             })
             .collect();
@@ -199,7 +199,7 @@ where
 
 /// What polling the calls updates.
 struct Finished<'a> {
-    names: &'static [&'static str],
+    names: &'a [Arc<str>],
     failures: Vec<Failure>,
     running: &'a mut usize,
 }

@@ -55,7 +55,7 @@
 //! get the event), and the next `poll_ready` asks it again.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tower::Service;
@@ -91,12 +91,15 @@ pub struct FanOut<S> {
 /// Who takes what: shared by the clones of a fan-out.
 #[derive(Debug)]
 struct Routes {
-    /// Interned ([`intern`]): a failing call names its destination
-    /// without a reference count to take per publish.
-    names: &'static [&'static str],
+    /// The destinations' names, in order; each call's future holds a
+    /// clone, to name a failed destination.
+    names: Names,
     subscriptions: Box<[Subscription]>,
     unmatched: Unmatched,
 }
+
+/// The names of a fan-out's destinations, in the order they were added.
+pub(super) type Names = Arc<[Arc<str>]>;
 
 /// What happens to an event no destination takes.
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +196,7 @@ impl<S> FanOut<S> {
     /// # Ok::<(), eventsink::fanout::BuildError>(())
     /// ```
     pub fn destinations(&self) -> impl Iterator<Item = &str> {
-        self.routes.names.iter().copied()
+        self.routes.names.iter().map(|name| &**name)
     }
 
     /// The names of the destinations an event of `kind` goes to: empty
@@ -213,10 +216,10 @@ impl<S> FanOut<S> {
         let routes = &self.routes;
         let taken: Vec<&str> = (0..routes.names.len())
             .filter(|&i| routes.subscriptions[i].takes(kind))
-            .map(|i| routes.names[i])
+            .map(|i| &*routes.names[i])
             .collect();
         match routes.unmatched {
-            Unmatched::To(i) if taken.is_empty() => vec![routes.names[i]],
+            Unmatched::To(i) if taken.is_empty() => vec![&*routes.names[i]],
             _ => taken,
         }
     }
@@ -230,7 +233,7 @@ impl<S> FanOut<S> {
     /// # Ok::<(), eventsink::fanout::BuildError>(())
     /// ```
     pub fn get(&self, name: &str) -> Option<&S> {
-        let i = self.routes.names.iter().position(|n| *n == name)?;
+        let i = self.routes.names.iter().position(|n| **n == *name)?;
         Some(&self.destinations[i].service)
     }
 
@@ -311,15 +314,15 @@ where
             Route::UpTo(last) => last,
             Route::Drop => {
                 tracing::debug!(kind = %event.kind, "no destination takes this kind; dropped");
-                return ResponseFuture::new(self.routes.names);
+                return ResponseFuture::new(Arc::clone(&self.routes.names));
             }
             Route::Reject => {
                 let kind = Arc::clone(&event.kind);
-                return ResponseFuture::unrouted(self.routes.names, kind);
+                return ResponseFuture::unrouted(Arc::clone(&self.routes.names), kind);
             }
         };
         let routes = &self.routes;
-        let mut future = ResponseFuture::new(routes.names);
+        let mut future = ResponseFuture::new(Arc::clone(&routes.names));
         for (i, destination) in self.destinations[..last].iter_mut().enumerate() {
             if routes.subscriptions[i].takes(&event.kind) {
                 // A clone costs three reference counts; the last
@@ -528,7 +531,7 @@ impl<S> FanOutBuilder<S> {
         };
         Ok(FanOut {
             routes: Arc::new(Routes {
-                names: intern(&names),
+                names: names.into(),
                 subscriptions: subscriptions.into(),
                 unmatched,
             }),
@@ -556,31 +559,6 @@ fn subscription<S>(added: &Added<S>) -> Result<Subscription, BuildError> {
         }),
         Some(Ok(kinds)) => Ok(Subscription::Kinds(kinds.clone().into())),
     }
-}
-
-/// `names` for the life of the process, each distinct list stored once
-/// however many fan-outs use it: destination names come from
-/// configuration, and a `&'static` list lets every call name a failed
-/// destination without a reference count taken and released per publish
-/// (two atomic operations: a few percent of `fanout_4`, where the event's
-/// own clones are most of the cost).
-fn intern(names: &[Arc<str>]) -> &'static [&'static str] {
-    static LISTS: Mutex<Vec<&'static [&'static str]>> = Mutex::new(Vec::new());
-    // A poisoned lock only means another thread panicked between the two
-    // statements below; the list is still valid.
-    let mut lists = LISTS.lock().unwrap_or_else(PoisonError::into_inner);
-    let same =
-        |list: &&&'static [&'static str]| list.iter().copied().eq(names.iter().map(|n| &**n));
-    if let Some(known) = lists.iter().find(same) {
-        return known;
-    }
-    let leaked: Vec<&'static str> = names
-        .iter()
-        .map(|name| &*Box::leak(Box::<str>::from(&**name)))
-        .collect();
-    let leaked: &'static [&'static str] = Box::leak(leaked.into_boxed_slice());
-    lists.push(leaked);
-    leaked
 }
 
 /// Refuses an empty name, or one already taken.
