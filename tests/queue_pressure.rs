@@ -670,3 +670,40 @@ async fn postgres_pool_on_a_dead_port_fails_fast() {
     );
     println!("dead Postgres: {err}");
 }
+
+/// A publisher that waited for a slot and then is held ready (a fan-out
+/// holds every destination ready while events go elsewhere) gets the time
+/// it had left when the call comes, not a deadline that passed meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_publisher_held_ready_after_waiting_keeps_the_time_it_had_left() {
+    use eventsink::queue::MemoryQueue;
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let recorder = RecordingSink::<serde_json::Value>::new();
+    // max_batch(1): 4 slots.
+    let sink = ThroughTaskQueue::new(MemoryQueue::new("held"))
+        .max_batch(1)
+        .publish_timeout(TIMEOUT)
+        .layer(recorder.clone());
+    let mut reserved = Vec::new();
+    for _ in 0..4 {
+        let mut publisher = sink.clone();
+        publisher
+            .ready()
+            .now_or_never()
+            .expect("a free slot")
+            .expect("ready");
+        reserved.push(publisher);
+    }
+    let mut waiting = sink.clone();
+    assert!(
+        waiting.ready().now_or_never().is_none(),
+        "all four slots are reserved: the fifth waits"
+    );
+    drop(reserved.pop());
+    waiting.ready().await.expect("ready once a slot is free");
+    tokio::time::advance(TIMEOUT * 3).await;
+    waiting
+        .call(Event::new("test.held", json!("late")))
+        .await
+        .expect("a publisher held ready publishes when called");
+}

@@ -578,9 +578,10 @@ enum Slot {
         permit: BoxFuture<'static, Result<OwnedSemaphorePermit, AcquireError>>,
         deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     },
-    /// A slot; with the deadline of the wait for it, if there was one, which
-    /// the `call` keeps.
-    Reserved(OwnedSemaphorePermit, Option<Instant>),
+    /// A slot; if `poll_ready` waited for it, the time the publish had left
+    /// when it got it, which the `call` gets (counted from the call: a
+    /// caller may hold a ready publisher for a while before calling it).
+    Reserved(OwnedSemaphorePermit, Option<Duration>),
     /// The publish timeout passed while waiting: the next `call` times out.
     Expired,
 }
@@ -619,9 +620,9 @@ impl<S, B> QueuePublisher<S, B> {
     }
 
     /// The reserved slot, if `poll_ready` got one (and forgets it), and
-    /// the publish's deadline if it started there; `Err` if `poll_ready`
-    /// waited for a slot until the publish timeout.
-    fn take_slot(&mut self) -> Result<(Option<OwnedSemaphorePermit>, Option<Instant>), ()> {
+    /// the time the publish had left if it waited for it; `Err` if
+    /// `poll_ready` waited for a slot until the publish timeout.
+    fn take_slot(&mut self) -> Result<(Option<OwnedSemaphorePermit>, Option<Duration>), ()> {
         let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(slot, Slot::Free) {
             Slot::Reserved(permit, deadline) => Ok((Some(permit), deadline)),
@@ -689,7 +690,10 @@ where
                     Poll::Pending if deadline.as_mut().poll(cx).is_ready() => *slot = Slot::Expired,
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(permit)) => {
-                        *slot = Slot::Reserved(permit, Some(deadline.deadline()));
+                        let left = deadline
+                            .deadline()
+                            .saturating_duration_since(Instant::now());
+                        *slot = Slot::Reserved(permit, Some(left));
                     }
                     // The semaphore is never closed; answer as a stopped
                     // queue all the same rather than assume.
@@ -713,7 +717,7 @@ where
         }
         let timeout = self.committer.timeout;
         let queue: Arc<str> = self.backend.name().into();
-        let Ok((reserved, deadline)) = self.take_slot() else {
+        let Ok((reserved, left)) = self.take_slot() else {
             return Box::pin(async move {
                 Err(QueueError::Timeout {
                     queue,
@@ -750,8 +754,7 @@ where
                     .map_err(|_| stopped())?;
                 answer.await.map_err(|_| stopped())?
             };
-            let deadline = deadline.unwrap_or_else(|| Instant::now() + timeout);
-            let result = match tokio::time::timeout_at(deadline, publish).await {
+            let result = match tokio::time::timeout(left.unwrap_or(timeout), publish).await {
                 Ok(result) => result,
                 Err(_) => Err(QueueError::Timeout {
                     queue,
