@@ -331,7 +331,10 @@ mod backends {
             .unwrap_or_default();
         let field = |n: usize| -> u64 {
             // fields[0] is field 3 (the state).
-            fields.get(n - 3).and_then(|f| f.parse().ok()).expect("a CPU time field")
+            fields
+                .get(n - 3)
+                .and_then(|f| f.parse().ok())
+                .expect("a CPU time field")
         };
         field(14) + field(15)
     }

@@ -376,14 +376,13 @@ pub(crate) use run_apalis;
 
 /// A durable backend's apalis storage `$storage` (cloned) with its config
 /// `$config`, fetching as many jobs at once as the [`WorkerRun`](ops::WorkerRun)
-/// `$run` delivers (at least 10), polling every `$run.poll_interval` and
-/// whenever the stream `$wake` yields (see [`Wakes`]).
+/// `$run` delivers (at least 10), whenever the [`Wakes`] `$wakes` wake it.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 macro_rules! polled {
-    ($storage:expr, $config:expr, $wake:expr, $run:expr) => {{
+    ($storage:expr, $config:expr, $wakes:expr, $run:expr) => {{
         use apalis_core::backend::ext::BackendExt as _;
         let config = $config.clone().batch_size($run.concurrency.max(10));
-        let wakes = $crate::queue::backend::Wakes::new($wake, $run.poll_interval);
+        let wakes: $crate::queue::backend::Wakes<_> = $wakes;
         $storage.clone().with_config(config).poll_with_strategy(
             apalis_core::backend::ext::poll_strategy::Strategy::new().stream(wakes),
         )
@@ -392,29 +391,71 @@ macro_rules! polled {
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) use polled;
 
-/// When an idle apalis worker polls: whenever `wake` yields, and every
-/// `every`. Each poll polls both and re-arms the timer before it answers,
-/// so a waker is always registered with both. apalis' own
-/// `IntervalStrategy` starts its next interval without polling it: when
-/// the fetch that a tick starts completes on its first poll (SQLite and
-/// Postgres often do), nothing woke the worker until its next heartbeat
-/// (5 s), and retries ran in waves 5 s apart.
+/// A backend's cheap check, run at every idle tick, of whether its jobs
+/// may have changed since the previous one (SQLite: the WAL index header).
+/// Answering `true` when unsure is always safe: it only costs a fetch.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) type Probe = Box<dyn FnMut() -> bool + Send + Sync>;
+
+/// What wakes an idle apalis worker, which then fetches: the backend's own
+/// wake stream `S` (this process's pushes, Postgres' notifications), and
+/// the feeders, each on a task of its own until this is dropped with the
+/// worker run: the [`tick`] of the poll interval, and the backend's own
+/// (Redis' subscription).
+///
+/// apalis fetches whenever the worker's task is polled, whatever woke it,
+/// so the timer of the poll interval cannot be polled in that task: every
+/// tick would be a fetch. Its own task wakes the worker only for ticks
+/// that may find something.
+///
+/// Each poll drains every source until it is pending, so the worker's
+/// waker is always registered with all of them. (apalis' own
+/// `IntervalStrategy` starts its next interval without polling it: when the
+/// fetch that a tick starts completes on its first poll, nothing woke the
+/// worker until its next heartbeat, 5 s later, and retries ran in waves.)
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) struct Wakes<S> {
     wake: futures::stream::Fuse<S>,
-    every: Duration,
-    tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// What the feeders wake.
+    fed: LocalWake,
+    fed_wakes: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send + Sync>>,
+    feeders: Vec<tokio::task::JoinHandle<std::convert::Infallible>>,
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 impl<S: futures::Stream> Wakes<S> {
-    pub(crate) fn new(wake: S, every: Duration) -> Self {
+    /// Wakes from `wake` and from ticks of `every` that may find jobs (see
+    /// [`tick`]). Spawns the ticker: call it on the runtime (a backend's
+    /// `run_worker` is called there).
+    pub(crate) fn new(wake: S, every: Duration, probe: Option<Probe>) -> Self {
         use futures::StreamExt as _;
-        Wakes {
+        let fed = LocalWake::new();
+        let wakes = Wakes {
             wake: wake.fuse(),
-            // A zero interval would tick forever within one poll.
-            every: every.max(Duration::from_millis(1)),
-            tick: None,
+            fed_wakes: fed.stream(),
+            fed,
+            feeders: Vec::new(),
+        };
+        wakes.fed_by(|fed| tick(every, probe, fed))
+    }
+
+    /// Also wakes whenever the future that `feeder` makes notifies the
+    /// wake it is given; the future runs on a task of its own.
+    pub(crate) fn fed_by<F>(mut self, feeder: impl FnOnce(LocalWake) -> F) -> Self
+    where
+        F: Future<Output = std::convert::Infallible> + Send + 'static,
+    {
+        let feeder = feeder(self.fed.clone());
+        self.feeders.push(tokio::spawn(feeder));
+        self
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<S> Drop for Wakes<S> {
+    fn drop(&mut self) {
+        for feeder in &self.feeders {
+            feeder.abort();
         }
     }
 }
@@ -433,17 +474,40 @@ impl<S: futures::Stream + Unpin> futures::Stream for Wakes<S> {
         while let std::task::Poll::Ready(Some(_)) = this.wake.poll_next_unpin(cx) {
             woken = true;
         }
-        let every = this.every;
-        let tick = this
-            .tick
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
-        while tick.as_mut().poll(cx).is_ready() {
+        while let std::task::Poll::Ready(Some(())) = this.fed_wakes.poll_next_unpin(cx) {
             woken = true;
-            tick.as_mut().reset(tokio::time::Instant::now() + every);
         }
         match woken {
             true => std::task::Poll::Ready(Some(())),
             false => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// Every `every`, wakes the worker through `wake` if a fetch may find
+/// something: when a new whole second began since it last woke it (due
+/// times are whole seconds: retries, and jobs nobody announced, such as
+/// those taken over from a dead worker, are found within a second), or
+/// when the backend's `probe` saw a change. An idle worker's fetches drop
+/// from one per tick to about one per second. (apalis fetches again at
+/// once after a fetch that found jobs, so a backlog drains without ticks.)
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+async fn tick(
+    every: Duration,
+    mut probe: Option<Probe>,
+    wake: LocalWake,
+) -> std::convert::Infallible {
+    // A zero interval would tick without pause.
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut woke_in = 0;
+    loop {
+        ticks.tick().await;
+        let changed = probe.as_mut().is_some_and(|probe| probe());
+        let second = current_second();
+        if changed || second != woke_in {
+            woke_in = second;
+            wake.notify();
         }
     }
 }
@@ -807,14 +871,15 @@ where
     }
 }
 
-/// Wakes this process's idle workers of a queue when this process pushed a
-/// job due now, so they need not wait for their next poll. Jobs pushed by
-/// other processes are found by polling (or Postgres' `NOTIFY`).
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+/// Wakes idle workers of this process: those of a queue when this process
+/// pushed a job due now, so they need not wait for their next poll, and a
+/// worker whose [`Wakes`] feeders (its ticks, Redis' announcements) found a
+/// reason to fetch.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 #[derive(Debug, Clone)]
 pub(crate) struct LocalWake(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
 
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 impl LocalWake {
     pub(crate) fn new() -> Self {
         LocalWake(std::sync::Arc::new(tokio::sync::watch::channel(0).0))

@@ -1,6 +1,6 @@
 //! [`SqliteQueue`]: the embedded durable backend, one SQLite file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, current_second, due_second,
-    encode_job, lease_setter, outcomes, polled, queue_handle, run_apalis,
+    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Probe, Tolerant, Wakes, current_second,
+    due_second, encode_job, lease_setter, outcomes, polled, queue_handle, run_apalis,
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
@@ -232,13 +232,15 @@ fn insert_statement<P: Serialize>(
 pub struct SqliteQueue<P = serde_json::Value> {
     name: Arc<str>,
     wake: LocalWake,
+    /// The file's WAL index (`<file>-shm`), which idle workers watch.
+    shm: Arc<Path>,
     store: SqlStore<sqlx::Sqlite>,
     storage: SqliteStorage<QueuedEvent<P>>,
     config: Config,
 }
 
 queue_handle! {
-    SqliteQueue { name, wake, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
+    SqliteQueue { name, wake, shm, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
     " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
 }
 
@@ -408,10 +410,54 @@ impl SqliteQueueBuilder {
             store: SqlStore::new(pool, Arc::clone(&name)),
             name,
             wake: LocalWake::new(),
+            shm: shm_path(path.as_ref()).into(),
             storage,
             config,
         })
     }
+}
+
+/// The version of the WAL index header SQLite has written since 3.7.0
+/// (`iVersion`, <https://www.sqlite.org/walformat.html>).
+const WAL_INDEX_VERSION: u32 = 3_007_000;
+
+/// The WAL index (shared memory) file of the SQLite file at `db`:
+/// `<db>-shm`, absolute, so that a later change of directory does not
+/// lose it.
+fn shm_path(db: &Path) -> PathBuf {
+    let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned());
+    let mut shm = db.into_os_string();
+    shm.push("-shm");
+    shm.into()
+}
+
+/// A [`Probe`] of the WAL index header in `shm`: the first 48 bytes, which
+/// every commit to the file, by any connection of any process, changes
+/// (its change counter, last frame and checksums), and nothing else does.
+/// Read with one small file read, no query, so an idle worker's tick that
+/// finds it unchanged costs next to nothing. A header that cannot be read,
+/// or is of another version, counts as changed: the worker then fetches at
+/// every tick, as it would without the probe.
+fn wal_probe(shm: Arc<Path>) -> Probe {
+    let mut last = None;
+    Box::new(move || {
+        let header = wal_index_header(&shm);
+        let changed = header.is_none() || header != last;
+        last = header;
+        changed
+    })
+}
+
+/// The first copy of the WAL index header, if `shm` holds one of
+/// [`WAL_INDEX_VERSION`] (written in the machine's byte order).
+fn wal_index_header(shm: &Path) -> Option<[u8; 48]> {
+    use std::io::Read as _;
+    let mut header = [0u8; 48];
+    std::fs::File::open(shm)
+        .and_then(|mut file| file.read_exact(&mut header))
+        .ok()?;
+    let version = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]);
+    (version == WAL_INDEX_VERSION).then_some(header)
 }
 
 /// Whether the SQLite file at `path` has apalis' `Jobs` table; read on a
@@ -512,10 +558,12 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let storage = SqliteStorage::<Fetched<P>>::new(self.store.pool());
+        let probe = wal_probe(Arc::clone(&self.shm));
+        let wakes = Wakes::new(self.wake.stream(), run.poll_interval, Some(probe));
         let storage = polled!(
             storage.with_config(self.config.clone()),
             self.config,
-            self.wake.stream(),
+            wakes,
             run
         );
         let store = self.store.clone();
@@ -525,5 +573,44 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
             deliver,
             bury
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe sees what another pool (as another process would) commits,
+    /// and not what changes nothing: a read, or an update of no rows (what
+    /// an idle worker's fetch is).
+    #[tokio::test]
+    async fn the_wal_probe_sees_commits_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("q.db");
+        let queue: SqliteQueue = SqliteQueue::open(&path, "q").await.unwrap();
+        let other: SqliteQueue = SqliteQueue::open(&path, "q").await.unwrap();
+        let mut probe = wal_probe(Arc::clone(&queue.shm));
+        assert!(probe(), "the first look counts as a change");
+        assert!(!probe(), "nothing was committed since");
+        sqlx::query("UPDATE Jobs SET status = 'Queued' WHERE job_type = 'no such queue'")
+            .execute(queue.pool())
+            .await
+            .unwrap();
+        sqlx::query("SELECT COUNT(*) FROM Jobs")
+            .execute(queue.pool())
+            .await
+            .unwrap();
+        assert!(!probe(), "an update of no rows and a read commit nothing");
+        let job = QueuedEvent::new("q", crate::Event::new("k", serde_json::json!(1)));
+        other.push(vec![(job, Duration::ZERO)]).await.unwrap();
+        assert!(probe(), "another pool's commit");
+        assert!(!probe());
+    }
+
+    #[test]
+    fn an_unreadable_wal_index_counts_as_a_change() {
+        let mut probe = wal_probe(Path::new("/nonexistent/q.db-shm").into());
+        assert!(probe());
+        assert!(probe());
     }
 }
