@@ -398,15 +398,15 @@ pub(crate) use polled;
 pub(crate) type Probe = Box<dyn FnMut() -> bool + Send + Sync>;
 
 /// What wakes an idle apalis worker, which then fetches: the backend's own
-/// wake stream `S` (this process's pushes, Postgres' notifications), and
-/// the feeders, each on a task of its own until this is dropped with the
-/// worker run: the [`tick`] of the poll interval, and the backend's own
-/// (Redis' subscription).
+/// wake stream `S` (this process's pushes, Postgres' notifications), the
+/// ticks of the poll interval that may find something (see [`tick`] and
+/// [`watch`]), and the backend's feeders (Redis' subscription), each on a
+/// task of its own until this is dropped with the worker run.
 ///
 /// apalis fetches whenever the worker's task is polled, whatever woke it,
-/// so the timer of the poll interval cannot be polled in that task: every
-/// tick would be a fetch. Its own task wakes the worker only for ticks
-/// that may find something.
+/// so the poll interval's timer cannot be polled in that task: every tick
+/// would be a fetch. Ticks run elsewhere and wake the worker only when a
+/// fetch may find something.
 ///
 /// Each poll drains every source until it is pending, so the worker's
 /// waker is always registered with all of them. (apalis' own
@@ -416,7 +416,7 @@ pub(crate) type Probe = Box<dyn FnMut() -> bool + Send + Sync>;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) struct Wakes<S> {
     wake: futures::stream::Fuse<S>,
-    /// What the feeders wake.
+    /// What the ticks and feeders wake.
     fed: LocalWake,
     fed_wakes: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send + Sync>>,
     feeders: Vec<tokio::task::JoinHandle<std::convert::Infallible>>,
@@ -424,9 +424,10 @@ pub(crate) struct Wakes<S> {
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 impl<S: futures::Stream> Wakes<S> {
-    /// Wakes from `wake` and from ticks of `every` that may find jobs (see
-    /// [`tick`]). Spawns the ticker: call it on the runtime (a backend's
-    /// `run_worker` is called there).
+    /// Wakes from `wake`, and from ticks of `every` that may find jobs:
+    /// with a `probe`, those that [`watch`] lets through, on a thread of its
+    /// own; without one, a [`tick`] per second. Call it on the runtime (a
+    /// backend's `run_worker` is called there).
     pub(crate) fn new(wake: S, every: Duration, probe: Option<Probe>) -> Self {
         use futures::StreamExt as _;
         let fed = LocalWake::new();
@@ -436,7 +437,21 @@ impl<S: futures::Stream> Wakes<S> {
             fed,
             feeders: Vec::new(),
         };
-        wakes.fed_by(|fed| tick(every, probe, fed))
+        match probe {
+            Some(probe) => {
+                let fed = wakes.fed.clone();
+                let watching = std::thread::Builder::new()
+                    .name("eventsink-watch".into())
+                    .spawn(move || watch(every, probe, fed));
+                if let Err(error) = watching {
+                    // Without the thread, a tick per second still finds jobs.
+                    tracing::warn!(%error, "could not start the thread that watches the queue's file");
+                    return wakes.fed_by(|fed| tick(every, fed));
+                }
+                wakes
+            }
+            None => wakes.fed_by(|fed| tick(every, fed)),
+        }
     }
 
     /// Also wakes whenever the future that `feeder` makes notifies the
@@ -484,26 +499,39 @@ impl<S: futures::Stream + Unpin> futures::Stream for Wakes<S> {
     }
 }
 
-/// Every `every`, wakes the worker through `wake` if a fetch may find
-/// something: when a new whole second began since it last woke it (due
-/// times are whole seconds: retries, and jobs nobody announced, such as
-/// those taken over from a dead worker, are found within a second), or
-/// when the backend's `probe` saw a change. An idle worker's fetches drop
-/// from one per tick to about one per second. (apalis fetches again at
-/// once after a fetch that found jobs, so a backlog drains without ticks.)
+/// Wakes the worker through `wake` at the first tick of `every` in each
+/// new whole second: due times are whole seconds, so retries, and jobs
+/// nobody announced (such as those taken over from a dead worker), are
+/// found as soon as by a fetch at every tick. It sleeps until then: an
+/// idle worker's task wakes once a second, not at every tick.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
-async fn tick(
-    every: Duration,
-    mut probe: Option<Probe>,
-    wake: LocalWake,
-) -> std::convert::Infallible {
-    // A zero interval would tick without pause.
-    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut woke_in = 0;
+async fn tick(every: Duration, wake: LocalWake) -> std::convert::Infallible {
     loop {
-        ticks.tick().await;
-        let changed = probe.as_mut().is_some_and(|probe| probe());
+        tokio::time::sleep(every.max(until_next_second())).await;
+        wake.notify();
+    }
+}
+
+/// The wait until the next whole Unix second.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+fn until_next_second() -> Duration {
+    let into_second = Duration::from_nanos(u64::from(since_epoch().subsec_nanos()));
+    Duration::from_secs(1) - into_second
+}
+
+/// Runs `probe` every `every` and wakes the worker through `wake` when it
+/// saw a change or a new whole second began (see [`tick`]), until the
+/// worker's [`Wakes`] is dropped. On a thread of its own: a thread's sleep
+/// costs far less than a wake of the runtime, which the probe's frequent
+/// ticks would pay for nothing on an idle queue.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+fn watch(every: Duration, mut probe: Probe, wake: LocalWake) {
+    // A zero interval would spin.
+    let every = every.max(Duration::from_millis(1));
+    let mut woke_in = 0;
+    while !wake.is_unheard() {
+        std::thread::sleep(every);
+        let changed = probe();
         let second = current_second();
         if changed || second != woke_in {
             woke_in = second;
@@ -887,6 +915,11 @@ impl LocalWake {
 
     pub(crate) fn notify(&self) {
         self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether every stream of it was dropped.
+    pub(crate) fn is_unheard(&self) -> bool {
+        self.0.is_closed()
     }
 
     /// One item per notification (several quick ones may merge into one).
