@@ -392,7 +392,8 @@ macro_rules! polled {
 pub(crate) use polled;
 
 /// A backend's cheap check, run at every idle tick, of whether its jobs
-/// may have changed since the previous one (SQLite: the WAL index header).
+/// may have changed since the previous one (SQLite: its write-ahead log's
+/// size and modification time).
 /// Answering `true` when unsure is always safe: it only costs a fetch.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) type Probe = Box<dyn FnMut() -> bool + Send + Sync>;

@@ -232,15 +232,15 @@ fn insert_statement<P: Serialize>(
 pub struct SqliteQueue<P = serde_json::Value> {
     name: Arc<str>,
     wake: LocalWake,
-    /// The file's WAL index (`<file>-shm`), which idle workers watch.
-    shm: Arc<Path>,
+    /// The file's write-ahead log (`<file>-wal`), which idle workers watch.
+    wal: Arc<Path>,
     store: SqlStore<sqlx::Sqlite>,
     storage: SqliteStorage<QueuedEvent<P>>,
     config: Config,
 }
 
 queue_handle! {
-    SqliteQueue { name, wake, shm, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
+    SqliteQueue { name, wake, wal, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
     " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
 }
 
@@ -410,54 +410,45 @@ impl SqliteQueueBuilder {
             store: SqlStore::new(pool, Arc::clone(&name)),
             name,
             wake: LocalWake::new(),
-            shm: shm_path(path.as_ref()).into(),
+            wal: wal_path(path.as_ref()).into(),
             storage,
             config,
         })
     }
 }
 
-/// The version of the WAL index header SQLite has written since 3.7.0
-/// (`iVersion`, <https://www.sqlite.org/walformat.html>).
-const WAL_INDEX_VERSION: u32 = 3_007_000;
-
-/// The WAL index (shared memory) file of the SQLite file at `db`:
-/// `<db>-shm`, absolute, so that a later change of directory does not
-/// lose it.
-fn shm_path(db: &Path) -> PathBuf {
+/// The write-ahead log of the SQLite file at `db`: `<db>-wal`, absolute,
+/// so that a later change of directory does not lose it.
+fn wal_path(db: &Path) -> PathBuf {
     let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned());
-    let mut shm = db.into_os_string();
-    shm.push("-shm");
-    shm.into()
+    let mut wal = db.into_os_string();
+    wal.push("-wal");
+    wal.into()
 }
 
-/// A [`Probe`] of the WAL index header in `shm`: the first 48 bytes, which
-/// every commit to the file, by any connection of any process, changes
-/// (its change counter, last frame and checksums), and nothing else does.
-/// Read with one small file read, no query, so an idle worker's tick that
-/// finds it unchanged costs next to nothing. A header that cannot be read,
-/// or is of another version, counts as changed: the worker then fetches at
-/// every tick, as it would without the probe.
-fn wal_probe(shm: Arc<Path>) -> Probe {
+/// A [`Probe`] of the write-ahead log `wal`: its size and modification
+/// time, which every commit to the file, by any connection of any process,
+/// changes (it appends to the log, or writes it again from the start after
+/// a checkpoint), and which a fetch that finds nothing leaves alone. One
+/// `stat`, no query, so an idle worker's tick costs next to nothing.
+///
+/// Never by opening the log or the WAL index: closing any descriptor of a
+/// file ends every POSIX lock the process holds on it, SQLite's included,
+/// and with its locks gone two processes overwrite each other's
+/// transactions. Two commits within one tick of the file system's clock
+/// that leave the size alone may look like one; the worker then finds the
+/// second within a second (see `Wakes`). Metadata that cannot be read
+/// counts as changed: the worker then fetches at every tick.
+fn wal_probe(wal: Arc<Path>) -> Probe {
     let mut last = None;
     Box::new(move || {
-        let header = wal_index_header(&shm);
-        let changed = header.is_none() || header != last;
-        last = header;
+        let now = std::fs::metadata(&wal)
+            .and_then(|meta| Ok((meta.len(), meta.modified()?)))
+            .ok();
+        let changed = now.is_none() || now != last;
+        last = now;
         changed
     })
-}
-
-/// The first copy of the WAL index header, if `shm` holds one of
-/// [`WAL_INDEX_VERSION`] (written in the machine's byte order).
-fn wal_index_header(shm: &Path) -> Option<[u8; 48]> {
-    use std::io::Read as _;
-    let mut header = [0u8; 48];
-    std::fs::File::open(shm)
-        .and_then(|mut file| file.read_exact(&mut header))
-        .ok()?;
-    let version = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]);
-    (version == WAL_INDEX_VERSION).then_some(header)
 }
 
 /// Whether the SQLite file at `path` has apalis' `Jobs` table; read on a
@@ -558,7 +549,7 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let storage = SqliteStorage::<Fetched<P>>::new(self.store.pool());
-        let probe = wal_probe(Arc::clone(&self.shm));
+        let probe = wal_probe(Arc::clone(&self.wal));
         let wakes = Wakes::new(self.wake.stream(), run.poll_interval, Some(probe));
         let storage = polled!(
             storage.with_config(self.config.clone()),
@@ -589,7 +580,7 @@ mod tests {
         let path = tmp.path().join("q.db");
         let queue: SqliteQueue = SqliteQueue::open(&path, "q").await.unwrap();
         let other: SqliteQueue = SqliteQueue::open(&path, "q").await.unwrap();
-        let mut probe = wal_probe(Arc::clone(&queue.shm));
+        let mut probe = wal_probe(Arc::clone(&queue.wal));
         assert!(probe(), "the first look counts as a change");
         assert!(!probe(), "nothing was committed since");
         sqlx::query("UPDATE Jobs SET status = 'Queued' WHERE job_type = 'no such queue'")
@@ -608,8 +599,8 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_wal_index_counts_as_a_change() {
-        let mut probe = wal_probe(Path::new("/nonexistent/q.db-shm").into());
+    fn an_unreadable_wal_counts_as_a_change() {
+        let mut probe = wal_probe(Path::new("/nonexistent/q.db-wal").into());
         assert!(probe());
         assert!(probe());
     }
