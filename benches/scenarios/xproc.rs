@@ -283,9 +283,10 @@ mod backends {
         };
         let window = Duration::from_secs(options.size(5, 30) as u64);
         let percent = runtime().block_on(idle_round(kind, &location, window));
+        let tick = 100.0 / clock_ticks_per_second() / window.as_secs_f64();
         println!(
-            "{scenario}: CPU of the idle worker process over {window:?}, percent of one core; \
-             ratio = percent / budget, lower is better"
+            "{scenario}: CPU of the idle worker process over {window:?}, percent of one core \
+             (resolution {tick:.2} %: one clock tick); ratio = percent / budget, lower is better"
         );
         report(
             &scenario,
