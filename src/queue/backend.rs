@@ -410,7 +410,8 @@ pub(crate) type Probe = Box<dyn FnMut() -> bool + Send + Sync>;
 /// fetch may find something.
 ///
 /// Each poll drains every source until it is pending, so the worker's
-/// waker is always registered with all of them. (apalis' own
+/// waker is always registered with all of them; each wake is followed by
+/// one more a poll interval later (`follow_up`). (apalis' own
 /// `IntervalStrategy` starts its next interval without polling it: when the
 /// fetch that a tick starts completes on its first poll, nothing woke the
 /// worker until its next heartbeat, 5 s later, and retries ran in waves.)
@@ -421,6 +422,12 @@ pub(crate) struct Wakes<S> {
     fed: LocalWake,
     fed_wakes: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send + Sync>>,
     feeders: Vec<tokio::task::JoinHandle<std::convert::Infallible>>,
+    /// The poll interval: how long after a wake the follow-up comes.
+    every: Duration,
+    /// One more fetch a poll interval after the last wake: the fetch a
+    /// wake started may have begun before the job that woke it was
+    /// committed, and a wake that comes during a fetch starts none.
+    follow_up: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
@@ -437,6 +444,8 @@ impl<S: futures::Stream> Wakes<S> {
             fed_wakes: fed.stream(),
             fed,
             feeders: Vec::new(),
+            every,
+            follow_up: None,
         };
         match probe {
             Some(probe) => {
@@ -493,6 +502,15 @@ impl<S: futures::Stream + Unpin> futures::Stream for Wakes<S> {
         while let std::task::Poll::Ready(Some(())) = this.fed_wakes.poll_next_unpin(cx) {
             woken = true;
         }
+        if woken {
+            this.follow_up = Some(Box::pin(tokio::time::sleep(this.every)));
+        }
+        if let Some(follow_up) = &mut this.follow_up
+            && follow_up.as_mut().poll(cx).is_ready()
+        {
+            this.follow_up = None;
+            woken = true;
+        }
         match woken {
             true => std::task::Poll::Ready(Some(())),
             false => std::task::Poll::Pending,
@@ -500,11 +518,11 @@ impl<S: futures::Stream + Unpin> futures::Stream for Wakes<S> {
     }
 }
 
-/// Wakes the worker through `wake` at the first tick of `every` in each
-/// new whole second: due times are whole seconds, so retries, and jobs
-/// nobody announced (such as those taken over from a dead worker), are
-/// found as soon as by a fetch at every tick. It sleeps until then: an
-/// idle worker's task wakes once a second, not at every tick.
+/// Wakes the worker through `wake` just after each whole second begins
+/// (or every `every`, if that is longer): due times are whole seconds, so
+/// retries, and jobs nobody announced (such as those taken over from a dead
+/// worker), are found as soon as by a fetch at every tick of `every`, and
+/// an idle worker's task wakes once a second instead of at every tick.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 async fn tick(every: Duration, wake: LocalWake) -> std::convert::Infallible {
     loop {
