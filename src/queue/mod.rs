@@ -276,22 +276,23 @@
 //!   interval ([`DEFAULT_POLL_INTERVAL`], 20 ms), one `stat` on a thread of
 //!   its own, and fetches when a commit changed them.
 //!
-//! Besides, an idle worker fetches once a second: due times are whole
+//! Besides, an idle worker fetches as each whole second begins (and once
+//! more a poll interval later, as after every wake): due times are whole
 //! seconds, so retries, jobs taken over from a dead worker, and jobs whose
 //! announcement was missed (while a subscription was down) are found
 //! within a second. Jobs this process published wake its workers at once
 //! on every backend. Measured with `cargo bench --bench throughput
 //! --all-features -- --quick xproc idle_cpu`: the worker in a child
 //! process, events published one at a time into it while it idles, on 2
-//! cores shared with other work (the range: the medians of three or four
+//! cores shared with other work (the range: the medians of four or five
 //! runs); the idle worker's CPU over 5 s, from `/proc/<pid>/stat`, whose
 //! resolution there is 0.2 %:
 //!
 //! | backend | median publish → delivered (budget) | idle worker's CPU (budget 1 %) |
 //! |---|---|---|
-//! | SQLite | 11.3 ms, 9.5–12.7 (25 ms) | 0.2 % of a core (3.4 % polling every 20 ms) |
-//! | Postgres | 4.0 ms, 1.4–4.0 (5 ms) | under 0.2 % (1.6 %) |
-//! | Redis | 0.31 ms, 0.26–0.32 (5 ms; 10 ms when it polled) | under 0.2 % (1.0 %) |
+//! | SQLite | 11.1 ms, 9.5–12.7 (25 ms) | 0.2–0.4 % of a core (3.4 % when every tick queried) |
+//! | Postgres | 3.3 ms, 1.4–4.0 (5 ms) | under 0.2 % (1.6 %) |
+//! | Redis | 0.28 ms, 0.26–0.32 (5 ms; 10 ms when it polled) | under 0.2 % (1.0 %) |
 //!
 //! # Pressure and outages
 //!

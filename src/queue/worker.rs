@@ -39,7 +39,7 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 /// another process published starts within about 10 ms on average (the Go
 /// original sleeps 1 s when idle). A look queries the backend only when it
 /// may find something: a new second began (due times are whole seconds),
-/// or SQLite's file changed; about one query a second on an idle queue.
+/// or SQLite's file changed; two queries a second on an idle queue.
 /// Announced jobs start at once: those published by this process, and on
 /// Postgres (`LISTEN/NOTIFY`) and Redis (pub/sub) by any.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
