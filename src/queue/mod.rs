@@ -284,14 +284,14 @@
 //! on every backend. Measured with `cargo bench --bench throughput
 //! --all-features -- --quick xproc idle_cpu`: the worker in a child
 //! process, events published one at a time into it while it idles, on 2
-//! cores shared with other work (the range: the medians of four or five
+//! cores shared with other work (the range: the medians of five or six
 //! runs); the idle worker's CPU over 5 s, from `/proc/<pid>/stat`, whose
 //! resolution there is 0.2 %:
 //!
 //! | backend | median publish → delivered (budget) | idle worker's CPU (budget 1 %) |
 //! |---|---|---|
 //! | SQLite | 11.1 ms, 9.5–12.7 (25 ms) | 0.2–0.4 % of a core (3.4 % when every tick queried) |
-//! | Postgres | 3.3 ms, 1.4–4.0 (5 ms) | under 0.2 % (1.6 %) |
+//! | Postgres | 3.3 ms, 1.0–4.0 (5 ms) | under 0.2 % (1.6 %) |
 //! | Redis | 0.28 ms, 0.26–0.32 (5 ms; 10 ms when it polled) | under 0.2 % (1.0 %) |
 //!
 //! # Pressure and outages
