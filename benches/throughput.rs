@@ -26,6 +26,9 @@ mod verify_scenarios;
 #[cfg(feature = "webhook")]
 #[path = "scenarios/webhook.rs"]
 mod webhook_scenarios;
+#[cfg(feature = "queue")]
+#[path = "scenarios/xproc.rs"]
+mod xproc_scenarios;
 
 use harness::{Options, Scenario};
 
@@ -36,12 +39,18 @@ fn scenarios() -> Vec<Scenario> {
     all.extend(webhook_scenarios::all());
     #[cfg(feature = "queue")]
     all.extend(queue_scenarios::all());
+    #[cfg(feature = "queue")]
+    all.extend(xproc_scenarios::all());
     #[cfg(feature = "verify")]
     all.extend(verify_scenarios::all());
     all
 }
 
 fn main() {
+    #[cfg(feature = "queue")]
+    if xproc_scenarios::child_worker() {
+        return;
+    }
     let options = Options::from_args();
     let selected: Vec<_> = scenarios()
         .into_iter()

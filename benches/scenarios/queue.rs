@@ -35,7 +35,7 @@ pub fn all() -> Vec<Scenario> {
 }
 
 #[cfg(all(feature = "sqlite", feature = "postgres", feature = "redis"))]
-mod backends {
+pub(crate) mod backends {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -133,14 +133,14 @@ mod backends {
     }
 
     #[derive(Clone, Copy, PartialEq)]
-    enum Kind {
+    pub(crate) enum Kind {
         Sqlite,
         Postgres,
         Redis,
     }
 
     impl Kind {
-        fn label(self) -> &'static str {
+        pub(crate) fn label(self) -> &'static str {
             match self {
                 Kind::Sqlite => "sqlite",
                 Kind::Postgres => "postgres",
@@ -150,7 +150,7 @@ mod backends {
 
         /// Where the backend is, or `None` (said on stdout) when its variable
         /// is unset.
-        fn location(self, scenario: &str) -> Option<String> {
+        pub(crate) fn location(self, scenario: &str) -> Option<String> {
             let var = match self {
                 Kind::Sqlite => return Some(String::new()),
                 Kind::Postgres => "EVENTSINK_POSTGRES_URL",
@@ -170,20 +170,20 @@ mod backends {
         format!("bench-{what}-{}", uuid::Uuid::now_v7().simple())
     }
 
-    fn event(n: usize) -> Event {
+    pub(crate) fn event(n: usize) -> Event {
         Event::new("bench.queue", json!({"order_id": n, "total_cents": 1250}))
     }
 
     /// A backend for one round: the queue, and what the baseline needs.
-    struct Round {
-        kind: Kind,
-        location: String,
+    pub(crate) struct Round {
+        pub(crate) kind: Kind,
+        pub(crate) location: String,
         _dir: tempfile::TempDir,
-        queue: String,
+        pub(crate) queue: String,
     }
 
     impl Round {
-        fn new(kind: Kind, location: &str, what: &str) -> Self {
+        pub(crate) fn new(kind: Kind, location: &str, what: &str) -> Self {
             Round {
                 kind,
                 location: location.to_owned(),
@@ -192,11 +192,11 @@ mod backends {
             }
         }
 
-        fn sqlite_path(&self) -> std::path::PathBuf {
+        pub(crate) fn sqlite_path(&self) -> std::path::PathBuf {
             self._dir.path().join("bench.db")
         }
 
-        async fn cleanup(&self) {
+        pub(crate) async fn cleanup(&self) {
             match self.kind {
                 Kind::Sqlite => {}
                 Kind::Postgres => {
@@ -260,6 +260,7 @@ mod backends {
             }
         };
     }
+    pub(crate) use with_queue;
 
     /// Runs `f` with a raw apalis storage of the round's backend (jobs are
     /// plain events, no idempotency key), on the same database as our queue.

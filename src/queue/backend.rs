@@ -379,14 +379,13 @@ pub(crate) use run_apalis;
 
 /// A durable backend's apalis storage `$storage` (cloned) with its config
 /// `$config`, fetching the [`WorkerRun`](ops::WorkerRun) `$run`'s
-/// `fetch_batch` jobs at once, polling every `$run.poll_interval` and
-/// whenever the stream `$wake` yields (see [`Wakes`]).
+/// `fetch_batch` jobs at once, whenever the [`Wakes`] `$wakes` wake it.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 macro_rules! polled {
-    ($storage:expr, $config:expr, $wake:expr, $run:expr) => {{
+    ($storage:expr, $config:expr, $wakes:expr, $run:expr) => {{
         use apalis_core::backend::ext::BackendExt as _;
         let config = $config.clone().batch_size($run.fetch_batch.max(1));
-        let wakes = $crate::queue::backend::Wakes::new($wake, $run.poll_interval);
+        let wakes: $crate::queue::backend::Wakes<_> = $wakes;
         $storage.clone().with_config(config).poll_with_strategy(
             apalis_core::backend::ext::poll_strategy::Strategy::new().stream(wakes),
         )
@@ -395,29 +394,96 @@ macro_rules! polled {
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) use polled;
 
-/// When an idle apalis worker polls: whenever `wake` yields, and every
-/// `every`. Each poll polls both and re-arms the timer before it answers,
-/// so a waker is always registered with both. apalis' own
-/// `IntervalStrategy` starts its next interval without polling it: when
-/// the fetch that a tick starts completes on its first poll (SQLite and
-/// Postgres often do), nothing woke the worker until its next heartbeat
-/// (5 s), and retries ran in waves 5 s apart.
+/// A backend's cheap check, run at every idle tick, of whether its jobs
+/// may have changed since the previous one (SQLite: its write-ahead log's
+/// size and modification time).
+/// Answering `true` when unsure is always safe: it only costs a fetch.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+pub(crate) type Probe = Box<dyn FnMut() -> bool + Send + Sync>;
+
+/// What wakes an idle apalis worker, which then fetches: the backend's own
+/// wake stream `S` (this process's pushes, Postgres' notifications), the
+/// ticks of the poll interval that may find something (see [`tick`] and
+/// [`watch`]), and the backend's feeders (Redis' subscription), each on a
+/// task of its own until this is dropped with the worker run.
+///
+/// apalis fetches whenever the worker's task is polled, whatever woke it,
+/// so the poll interval's timer cannot be polled in that task: every tick
+/// would be a fetch. Ticks run elsewhere and wake the worker only when a
+/// fetch may find something.
+///
+/// Each poll drains every source until it is pending, so the worker's
+/// waker is always registered with all of them; each wake is followed by
+/// one more a poll interval later (`follow_up`). (apalis' own
+/// `IntervalStrategy` starts its next interval without polling it: when the
+/// fetch that a tick starts completes on its first poll, nothing woke the
+/// worker until its next heartbeat, 5 s later, and retries ran in waves.)
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 pub(crate) struct Wakes<S> {
     wake: futures::stream::Fuse<S>,
+    /// What the ticks and feeders wake.
+    fed: LocalWake,
+    fed_wakes: std::pin::Pin<Box<dyn futures::Stream<Item = ()> + Send + Sync>>,
+    feeders: Vec<tokio::task::JoinHandle<std::convert::Infallible>>,
+    /// The poll interval: how long after a wake the follow-up comes.
     every: Duration,
-    tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// One more fetch a poll interval after the last wake: the fetch a
+    /// wake started may have begun before the job that woke it was
+    /// committed, and a wake that comes during a fetch starts none.
+    follow_up: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 impl<S: futures::Stream> Wakes<S> {
-    pub(crate) fn new(wake: S, every: Duration) -> Self {
+    /// Wakes from `wake`, and from ticks of `every` that may find jobs:
+    /// with a `probe`, those that [`watch`] lets through, on a thread of its
+    /// own; without one, a [`tick`] per second. Call it on the runtime (a
+    /// backend's `run_worker` is called there).
+    pub(crate) fn new(wake: S, every: Duration, probe: Option<Probe>) -> Self {
         use futures::StreamExt as _;
-        Wakes {
+        let fed = LocalWake::new();
+        let wakes = Wakes {
             wake: wake.fuse(),
-            // A zero interval would tick forever within one poll.
-            every: every.max(Duration::from_millis(1)),
-            tick: None,
+            fed_wakes: fed.stream(),
+            fed,
+            feeders: Vec::new(),
+            every,
+            follow_up: None,
+        };
+        match probe {
+            Some(probe) => {
+                let fed = wakes.fed.clone();
+                let watching = std::thread::Builder::new()
+                    .name("eventsink-watch".into())
+                    .spawn(move || watch(every, probe, fed));
+                if let Err(error) = watching {
+                    // Without the thread, a tick per second still finds jobs.
+                    tracing::warn!(%error, "could not start the thread that watches the queue's file");
+                    return wakes.fed_by(|fed| tick(every, fed));
+                }
+                wakes
+            }
+            None => wakes.fed_by(|fed| tick(every, fed)),
+        }
+    }
+
+    /// Also wakes whenever the future that `feeder` makes notifies the
+    /// wake it is given; the future runs on a task of its own.
+    pub(crate) fn fed_by<F>(mut self, feeder: impl FnOnce(LocalWake) -> F) -> Self
+    where
+        F: Future<Output = std::convert::Infallible> + Send + 'static,
+    {
+        let feeder = feeder(self.fed.clone());
+        self.feeders.push(tokio::spawn(feeder));
+        self
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+impl<S> Drop for Wakes<S> {
+    fn drop(&mut self) {
+        for feeder in &self.feeders {
+            feeder.abort();
         }
     }
 }
@@ -436,17 +502,62 @@ impl<S: futures::Stream + Unpin> futures::Stream for Wakes<S> {
         while let std::task::Poll::Ready(Some(_)) = this.wake.poll_next_unpin(cx) {
             woken = true;
         }
-        let every = this.every;
-        let tick = this
-            .tick
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
-        while tick.as_mut().poll(cx).is_ready() {
+        while let std::task::Poll::Ready(Some(())) = this.fed_wakes.poll_next_unpin(cx) {
             woken = true;
-            tick.as_mut().reset(tokio::time::Instant::now() + every);
+        }
+        if woken {
+            this.follow_up = Some(Box::pin(tokio::time::sleep(this.every)));
+        }
+        if let Some(follow_up) = &mut this.follow_up
+            && follow_up.as_mut().poll(cx).is_ready()
+        {
+            this.follow_up = None;
+            woken = true;
         }
         match woken {
             true => std::task::Poll::Ready(Some(())),
             false => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// Wakes the worker through `wake` just after each whole second begins
+/// (or every `every`, if that is longer): due times are whole seconds, so
+/// retries, and jobs nobody announced (such as those taken over from a dead
+/// worker), are found as soon as by a fetch at every tick of `every`, and
+/// an idle worker's task wakes once a second instead of at every tick.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+async fn tick(every: Duration, wake: LocalWake) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(every.max(until_next_second())).await;
+        wake.notify();
+    }
+}
+
+/// The wait until the next whole Unix second.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+fn until_next_second() -> Duration {
+    let into_second = Duration::from_nanos(u64::from(since_epoch().subsec_nanos()));
+    Duration::from_secs(1) - into_second
+}
+
+/// Runs `probe` every `every` and wakes the worker through `wake` when it
+/// saw a change or a new whole second began (see [`tick`]), until the
+/// worker's [`Wakes`] is dropped. On a thread of its own: a thread's sleep
+/// costs far less than a wake of the runtime, which the probe's frequent
+/// ticks would pay for nothing on an idle queue.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+fn watch(every: Duration, mut probe: Probe, wake: LocalWake) {
+    // A zero interval would spin.
+    let every = every.max(Duration::from_millis(1));
+    let mut woke_in = 0;
+    while !wake.is_unheard() {
+        std::thread::sleep(every);
+        let changed = probe();
+        let second = current_second();
+        if changed || second != woke_in {
+            woke_in = second;
+            wake.notify();
         }
     }
 }
@@ -810,14 +921,15 @@ where
     }
 }
 
-/// Wakes this process's idle workers of a queue when this process pushed a
-/// job due now, so they need not wait for their next poll. Jobs pushed by
-/// other processes are found by polling (or Postgres' `NOTIFY`).
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+/// Wakes idle workers of this process: those of a queue when this process
+/// pushed a job due now, so they need not wait for their next poll, and a
+/// worker whose [`Wakes`] feeders (its ticks, Redis' announcements) found a
+/// reason to fetch.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 #[derive(Debug, Clone)]
 pub(crate) struct LocalWake(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
 
-#[cfg(any(feature = "sqlite", feature = "redis"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 impl LocalWake {
     pub(crate) fn new() -> Self {
         LocalWake(std::sync::Arc::new(tokio::sync::watch::channel(0).0))
@@ -825,6 +937,11 @@ impl LocalWake {
 
     pub(crate) fn notify(&self) {
         self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether every stream of it was dropped.
+    pub(crate) fn is_unheard(&self) -> bool {
+        self.0.is_closed()
     }
 
     /// One item per notification (several quick ones may merge into one).

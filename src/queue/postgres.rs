@@ -12,8 +12,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, Tolerant, current_second, due_second, encode_job,
-    lease_setter, outcomes, polled, queue_handle, run_apalis,
+    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, Tolerant, Wakes, current_second, due_second,
+    encode_job, lease_setter, outcomes, polled, queue_handle, run_apalis,
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
@@ -377,12 +377,13 @@ impl<P: Payload> Ops<P> for PostgresQueue<P> {
     }
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
-        let wake = Pubsub::new(self.pool().clone(), self.name.to_string());
+        let notified = Pubsub::new(self.pool().clone(), self.name.to_string());
+        let wakes = Wakes::new(notified, run.poll_interval, None);
         let storage = PostgresStorage::<Fetched<P>>::new(self.store.pool());
         let storage = polled!(
             storage.with_config(self.config.clone()),
             self.config,
-            wake,
+            wakes,
             run
         );
         let store = self.store.clone();

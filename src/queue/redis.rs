@@ -14,9 +14,9 @@ use serde::de::DeserializeOwned;
 use super::Published;
 use super::backend::ops::{Answer, DeadPage, Jobs, Ops, Payload, Place, Store, WorkerRun};
 use super::backend::{
-    ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, abandoned_letter,
-    current_second, due_second, encode_job, lease_setter, polled, queue_handle, run_apalis,
-    undecodable_letter,
+    ABANDONED_PAGE, APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, Wakes,
+    abandoned_letter, current_second, due_second, encode_job, lease_setter, polled, queue_handle,
+    run_apalis, undecodable_letter,
 };
 use super::error::QueueError;
 use super::job::DeadLetter;
@@ -31,8 +31,10 @@ use crate::BoxError;
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A Lua function the scripts that make jobs due begin with: appends the
-/// job ids `ids` to the active list `KEYS[2]` and signals the workers
-/// (`KEYS[3]`), as apalis' push does.
+/// job ids `ids` to the active list `KEYS[2]`, signals the workers
+/// (`KEYS[3]`), as apalis' push does, and announces them, once per call, on
+/// the queue's wake channel (see [`wake_channel`]), where idle workers of
+/// every process listen.
 macro_rules! lua_activate {
     () => {
         r#"
@@ -41,10 +43,84 @@ local function activate(ids)
         redis.call("rpush", KEYS[2], unpack(ids))
         redis.call("del", KEYS[3])
         redis.call("lpush", KEYS[3], 1)
+        redis.call("publish", "tasks:" .. KEYS[2] .. ":available", #ids)
     end
 end
 "#
     };
+}
+
+/// The channel on which the scripts announce jobs made due now (in the
+/// same script that stores or moves them), and idle workers listen:
+/// apalis-redis' own (`tasks:<active list>:available`), so that apalis'
+/// shared storage listens to ours, and ours to its push.
+fn wake_channel(config: &Config) -> String {
+    format!("tasks:{}:available", config.active_jobs_list())
+}
+
+/// First wait before subscribing again after the wake channel's
+/// subscription failed or dropped; doubles up to [`MAX_RESUBSCRIBE_BACKOFF`].
+/// Meanwhile the worker still polls.
+const MIN_RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest wait between attempts to subscribe again. 5 s: a worker found
+/// without its wake-ups polls about once a second meanwhile, and Redis
+/// coming back should not wait longer than a heartbeat.
+const MAX_RESUBSCRIBE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Wakes `wake` at each announcement on the queue's wake `channel`, from
+/// any process, on a connection of its own: subscribes, and whenever the
+/// subscription fails or its connection drops, subscribes again (with
+/// backoff). It wakes once after each subscription, since announcements
+/// made without one were missed. Never returns: it is aborted with the
+/// worker run's [`Wakes`]. Polling stays the safety net throughout.
+async fn listen(
+    client: redis::Client,
+    channel: String,
+    wake: LocalWake,
+    queue: Arc<str>,
+) -> std::convert::Infallible {
+    use futures::StreamExt as _;
+    let backoff = crate::Backoff::new()
+        .min(MIN_RESUBSCRIBE_BACKOFF)
+        .max(MAX_RESUBSCRIBE_BACKOFF)
+        .jitter(0.0);
+    let mut failures = 0;
+    loop {
+        match tokio::time::timeout(CONNECTION_TIMEOUT, subscribe(&client, &channel)).await {
+            Ok(Ok(mut announced)) => {
+                failures = 0;
+                wake.notify();
+                while announced.next().await.is_some() {
+                    wake.notify();
+                }
+                tracing::warn!(
+                    %queue,
+                    "lost the Redis subscription that wakes idle workers; polling until it is back"
+                );
+            }
+            Ok(Err(error)) => tracing::warn!(
+                %queue, %error,
+                "could not subscribe to the Redis channel that wakes idle workers; polling meanwhile"
+            ),
+            Err(_) => tracing::warn!(
+                %queue,
+                "subscribing to the Redis channel that wakes idle workers timed out; polling meanwhile"
+            ),
+        }
+        tokio::time::sleep(backoff.step(failures)).await;
+        failures = failures.saturating_add(1);
+    }
+}
+
+/// A subscription to `channel` on a new connection: its messages.
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<redis::aio::PubSubStream, redis::RedisError> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub.into_on_message())
 }
 
 /// Ends stopped worker `ARGV[1]`'s hold on its jobs: those among
@@ -366,6 +442,15 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// `heartbeat × missed` ([`lease`](RedisQueueBuilder::lease), 15 s by
 /// default).
 ///
+/// Publishing a job due now announces it on the channel
+/// `tasks:<queue>:active:available` (apalis-redis' own), in the script that
+/// stores it; each worker of a queue opened with
+/// [`connect`](RedisQueueBuilder::connect) subscribes to it on a connection
+/// of its own, so an idle worker in any process starts the job at once.
+/// If the subscription drops, the worker subscribes again; meanwhile its
+/// polling, which never stops, finds the jobs within about a second, as it
+/// does for a worker of an [`attach`](RedisQueueBuilder::attach)ed queue.
+///
 /// ```no_run
 /// use eventsink::queue::{RedisQueue, ThroughTaskQueue};
 /// use eventsink::{Event, NoopSink, SinkExt};
@@ -382,13 +467,17 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RedisQueue<P = serde_json::Value> {
     name: Arc<str>,
     wake: LocalWake,
+    /// Where workers subscribe to the wake channel: the client
+    /// [`connect`](RedisQueueBuilder::connect) opened (`None` when
+    /// [`attach`](RedisQueueBuilder::attach)ed).
+    subscriber: Option<redis::Client>,
     conn: ConnectionManager,
     storage: RedisStorage<QueuedEvent<P>>,
     config: Config,
 }
 
 queue_handle! {
-    RedisQueue { name, wake, conn, storage, config }, store(self), leased,
+    RedisQueue { name, wake, subscriber, conn, storage, config }, store(self), leased,
     " let queue: eventsink::queue::RedisQueue = eventsink::queue::RedisQueue::connect(\"redis://127.0.0.1/\", \"q\").await?;"
 }
 
@@ -455,13 +544,19 @@ impl RedisQueueBuilder {
             .get_connection_manager_with_config(manager)
             .await
             .map_err(fail)?;
-        Ok(self.attach(conn))
+        let mut queue = self.attach(conn);
+        queue.subscriber = Some(client);
+        Ok(queue)
     }
 
     /// Uses `conn` (the application's, say) instead of connecting; its own
     /// response timeout applies, not
     /// [`response_timeout`](RedisQueueBuilder::response_timeout) (redis-rs'
-    /// default of 500 ms turns a busy moment into a worker failure).
+    /// default of 500 ms turns a busy moment into a worker failure). With
+    /// no URL to open a connection of their own, its workers do not
+    /// subscribe to announcements of new jobs: they find jobs published by
+    /// other processes by polling (within about a second), those published
+    /// through this queue at once.
     ///
     /// ```no_run
     /// # fn f(conn: redis::aio::ConnectionManager) {
@@ -485,6 +580,7 @@ impl RedisQueueBuilder {
         RedisQueue {
             name: self.name,
             wake: LocalWake::new(),
+            subscriber: None,
             conn,
             storage,
             config,
@@ -693,11 +789,16 @@ impl<P: Payload> Ops<P> for RedisQueue<P> {
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let promote = promote_due_jobs(self.conn.clone(), self.config.clone());
+        let mut wakes = Wakes::new(self.wake.stream(), run.poll_interval, None);
+        if let Some(client) = self.subscriber.clone() {
+            let (channel, name) = (wake_channel(&self.config), Arc::clone(&self.name));
+            wakes = wakes.fed_by(|announced| listen(client, channel, announced, name));
+        }
         let storage = RedisStorage::<Fetched<P>>::new(self.conn.clone());
         let storage = polled!(
             storage.with_config(self.config.clone()),
             self.config,
-            self.wake.stream(),
+            wakes,
             run
         );
         let queue = self.clone();

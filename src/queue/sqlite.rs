@@ -1,6 +1,6 @@
 //! [`SqliteQueue`]: the embedded durable backend, one SQLite file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
 use super::backend::{
-    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Tolerant, current_second, due_second,
-    encode_job, lease_setter, outcomes, polled, queue_handle, run_apalis,
+    APALIS_MAX_ATTEMPTS, BuryJson, Fetched, LocalWake, Probe, Tolerant, Wakes, current_second,
+    due_second, encode_job, lease_setter, outcomes, polled, queue_handle, run_apalis,
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
@@ -232,13 +232,15 @@ fn insert_statement<P: Serialize>(
 pub struct SqliteQueue<P = serde_json::Value> {
     name: Arc<str>,
     wake: LocalWake,
+    /// The file's write-ahead log (`<file>-wal`), which idle workers watch.
+    wal: Arc<Path>,
     store: SqlStore<sqlx::Sqlite>,
     storage: SqliteStorage<QueuedEvent<P>>,
     config: Config,
 }
 
 queue_handle! {
-    SqliteQueue { name, wake, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
+    SqliteQueue { name, wake, wal, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
     " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
 }
 
@@ -408,10 +410,45 @@ impl SqliteQueueBuilder {
             store: SqlStore::new(pool, Arc::clone(&name)),
             name,
             wake: LocalWake::new(),
+            wal: wal_path(path.as_ref()).into(),
             storage,
             config,
         })
     }
+}
+
+/// The write-ahead log of the SQLite file at `db`: `<db>-wal`, absolute,
+/// so that a later change of directory does not lose it.
+fn wal_path(db: &Path) -> PathBuf {
+    let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned());
+    let mut wal = db.into_os_string();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// A [`Probe`] of the write-ahead log `wal`: its size and modification
+/// time, which every commit to the file, by any connection of any process,
+/// changes (it appends to the log, or writes it again from the start after
+/// a checkpoint), and which a fetch that finds nothing leaves alone. One
+/// `stat`, no query, so an idle worker's tick costs next to nothing.
+///
+/// Never by opening the log or the WAL index: closing any descriptor of a
+/// file ends every POSIX lock the process holds on it, SQLite's included,
+/// and with its locks gone two processes overwrite each other's
+/// transactions. Two commits within one tick of the file system's clock
+/// that leave the size alone may look like one; the worker then finds the
+/// second within a second (see `Wakes`). Metadata that cannot be read
+/// counts as changed: the worker then fetches at every tick.
+fn wal_probe(wal: Arc<Path>) -> Probe {
+    let mut last = None;
+    Box::new(move || {
+        let now = std::fs::metadata(&wal)
+            .and_then(|meta| Ok((meta.len(), meta.modified()?)))
+            .ok();
+        let changed = now.is_none() || now != last;
+        last = now;
+        changed
+    })
 }
 
 /// Whether the SQLite file at `path` has apalis' `Jobs` table; read on a
@@ -512,10 +549,12 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
 
     fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
         let storage = SqliteStorage::<Fetched<P>>::new(self.store.pool());
+        let probe = wal_probe(Arc::clone(&self.wal));
+        let wakes = Wakes::new(self.wake.stream(), run.poll_interval, Some(probe));
         let storage = polled!(
             storage.with_config(self.config.clone()),
             self.config,
-            self.wake.stream(),
+            wakes,
             run
         );
         let store = self.store.clone();
@@ -525,5 +564,44 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
             deliver,
             bury
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe sees what another pool (as another process would) commits,
+    /// and not what changes nothing: a read, or an update of no rows (what
+    /// an idle worker's fetch is).
+    #[tokio::test]
+    async fn the_wal_probe_sees_commits_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("q.db");
+        let queue: SqliteQueue = SqliteQueue::open(&path, "q").await.unwrap();
+        let other: SqliteQueue = SqliteQueue::open(&path, "q").await.unwrap();
+        let mut probe = wal_probe(Arc::clone(&queue.wal));
+        assert!(probe(), "the first look counts as a change");
+        assert!(!probe(), "nothing was committed since");
+        sqlx::query("UPDATE Jobs SET status = 'Queued' WHERE job_type = 'no such queue'")
+            .execute(queue.pool())
+            .await
+            .unwrap();
+        sqlx::query("SELECT COUNT(*) FROM Jobs")
+            .execute(queue.pool())
+            .await
+            .unwrap();
+        assert!(!probe(), "an update of no rows and a read commit nothing");
+        let job = QueuedEvent::new("q", crate::Event::new("k", serde_json::json!(1)));
+        other.push(vec![(job, Duration::ZERO)]).await.unwrap();
+        assert!(probe(), "another pool's commit");
+        assert!(!probe());
+    }
+
+    #[test]
+    fn an_unreadable_wal_counts_as_a_change() {
+        let mut probe = wal_probe(Path::new("/nonexistent/q.db-wal").into());
+        assert!(probe());
+        assert!(probe());
     }
 }

@@ -37,10 +37,13 @@ pub const DEFAULT_CONCURRENCY: usize = 16;
 /// Webhooks recommends 15–30 s.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How often an idle worker asks the backend for due jobs. 20 ms: a new job
-/// starts within about 10 ms on average (the Go original sleeps 1 s when
-/// idle), at the cost of 50 cheap queries a second. Postgres also wakes on
-/// `LISTEN/NOTIFY`.
+/// How often an idle worker looks for due jobs. 20 ms: on SQLite a job
+/// another process published starts within about 10 ms on average (the Go
+/// original sleeps 1 s when idle). A look queries the backend only when it
+/// may find something: a new second began (due times are whole seconds),
+/// or SQLite's file changed; two queries a second on an idle queue.
+/// Announced jobs start at once: those published by this process, and on
+/// Postgres (`LISTEN/NOTIFY`) and Redis (pub/sub) by any.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Most jobs a worker takes from the backend in one query. 256: apalis'
