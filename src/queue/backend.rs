@@ -337,6 +337,17 @@ pub(crate) mod ops {
             Box::pin(async { Ok(()) })
         }
 
+        /// Marks done the jobs of `done` that worker `name` still holds,
+        /// ahead of apalis' own acknowledgement: apalis acknowledges a
+        /// fetched batch's jobs only once it has handed out the whole
+        /// batch, and a worker killed meanwhile would deliver them again.
+        /// `false` (nothing done: keep them for
+        /// [`release_worker`](Store::release_worker)) where apalis
+        /// acknowledges at once (memory) or the batch stays small (Redis).
+        fn mark_done(&self, _name: &str, _done: Vec<String>) -> Answer<bool> {
+            Box::pin(async { Ok(false) })
+        }
+
         /// Renews the lease of worker `name` (what apalis' heartbeat
         /// does), while it finishes its deliveries after a stop: apalis
         /// sends no heartbeats once its worker is stopping. Nothing for

@@ -787,7 +787,12 @@ impl<P: Payload> Ops<P> for RedisQueue<P> {
         4
     }
 
-    fn run_worker(&self, run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn run_worker(&self, mut run: WorkerRun<P>) -> BoxFuture<'static, Result<(), BoxError>> {
+        // apalis acknowledges a fetched batch only once it has handed it
+        // all out, and this store has no early `mark_done`: a batch the
+        // size of the deliveries at once keeps what a killed worker
+        // delivers again as small as before.
+        run.fetch_batch = run.concurrency.max(10);
         let promote = promote_due_jobs(self.conn.clone(), self.config.clone());
         let mut wakes = Wakes::new(self.wake.stream(), run.poll_interval, None);
         if let Some(client) = self.subscriber.clone() {

@@ -426,6 +426,22 @@ where
         })
     }
 
+    fn mark_done(&self, worker: &str, done: Vec<String>) -> Answer<bool> {
+        let (pool, name, fail) = self.parts("marking delivered jobs done");
+        let worker = worker.to_owned();
+        Box::pin(async move {
+            let done = serde_json::to_string(&done)
+                .map_err(|e| QueueError::backend(&name, "marking delivered jobs done", e))?;
+            sqlx::query(DB::SQL.release_done)
+                .bind(worker)
+                .bind(done)
+                .execute(&pool)
+                .await
+                .map_err(&fail)?;
+            Ok(true)
+        })
+    }
+
     fn release_worker(&self, worker: &str, done: Vec<String>) -> Answer<()> {
         let (pool, name, fail) = self.parts("releasing a stopped worker's jobs");
         let worker = worker.to_owned();

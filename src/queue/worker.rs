@@ -48,13 +48,15 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Most jobs a worker takes from the backend in one query. 256: apalis'
 /// default of 10 makes every 10 deliveries pay for a fetch and an
-/// acknowledgement, each its own transaction (a commit, and on Postgres an
-/// fsync: ~1.2 ms on this machine kind), which caps a worker at a few
-/// thousand deliveries a second. With 256, `queue_e2e_sqlite` and
-/// `queue_e2e_postgres` (`cargo bench --bench throughput`) went from 0.95
-/// and 0.75 × apalis' own worker to 1.35–2.3 and 1.3–2.0. The jobs taken
-/// stay leased to the worker until delivered (its heartbeat keeps the
-/// lease), and a worker that stops hands back the ones it has not started.
+/// acknowledgement, each its own transaction. On SQLite, where that is CPU,
+/// 256 took `queue_e2e_sqlite` (`cargo bench --bench throughput`, full size,
+/// idle machine) from 1.10 to 2.40 × apalis' own worker and a backlog drain
+/// from ~8,000 to ~22,000 events/s. On Postgres it helps only while commits
+/// are slow (an fsync each; 0.75 → 1.3–2.0 with the disk busy, no gain with
+/// it idle). Redis keeps batches the size of the deliveries at once. The
+/// jobs taken stay leased to the worker until delivered (its heartbeat keeps
+/// the lease), are marked done within 10 ms of their outcome, and
+/// a worker that stops hands back the ones it has not started.
 pub const DEFAULT_FETCH_BATCH: usize = 256;
 
 /// How long completed jobs are kept before the worker deletes them. One
@@ -382,6 +384,13 @@ where
                 fetch_batch: self.fetch_batch.max(self.concurrency),
                 stop: stopped(stop.clone()).boxed(),
             }));
+            let (end_acks, acks_ended) = tokio::sync::oneshot::channel();
+            let acks = tokio::spawn(acknowledge(
+                self.backend.clone(),
+                Arc::clone(&deliveries),
+                name.clone(),
+                acks_ended,
+            ));
             let ended = {
                 let ended = std::pin::pin!(&mut run);
                 let stopping = std::pin::pin!(stopped(stop.clone()));
@@ -424,6 +433,8 @@ where
                 }
             };
             drain(&self.backend, self.attempt_timeout, &deliveries, &name).await;
+            let _ = end_acks.send(());
+            let _ = acks.await;
             if let Err(e) = self
                 .backend
                 .store()
@@ -508,9 +519,15 @@ async fn drain<B: QueueBackend<P>, P>(
 }
 
 /// Most ids of recorded outcomes kept for [`Deliveries::take_done`]: far
-/// more than apalis leaves unacknowledged at any time (it writes its
-/// acknowledgements in batches within milliseconds).
+/// more than are recorded between two of [`acknowledge`]'s writes, or than
+/// apalis leaves unacknowledged where nothing else marks them done.
 const DONE_KEPT: usize = 4096;
+
+/// How long [`acknowledge`] gathers recorded outcomes before it marks
+/// their jobs done in one write: 10 ms. A worker killed in that window
+/// delivers those jobs again; a shorter one costs more writes (a commit
+/// each, an fsync on Postgres) while a backlog drains.
+const ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// The deliveries of one worker. Each runs on a task of its own, so that a
 /// stopping worker can drop its apalis run at once while they finish; the
@@ -522,6 +539,8 @@ pub(crate) struct Deliveries {
     count: watch::Sender<usize>,
     next: AtomicU64,
     done: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Notified when an id joins `done`.
+    recorded: tokio::sync::Notify,
 }
 
 impl Deliveries {
@@ -543,6 +562,8 @@ impl Deliveries {
                     done.pop_front();
                 }
                 done.push_back(id);
+                drop(done);
+                this.recorded.notify_one();
             }
             this.lock_running().remove(&key);
             this.count.send_modify(|n| *n = n.saturating_sub(1));
@@ -576,12 +597,59 @@ impl Deliveries {
         done.drain(..).collect()
     }
 
+    /// Puts back ids [`take_done`](Deliveries::take_done) gave, that
+    /// could not be marked done.
+    fn give_back(&self, ids: Vec<String>) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids.into_iter().rev() {
+            if done.len() == DONE_KEPT {
+                break;
+            }
+            done.push_front(id);
+        }
+    }
+
     fn lock_running(
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, tokio::task::AbortHandle>> {
         // Each update is one insert, remove or drain: a panic elsewhere
         // cannot leave the map half changed.
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Marks the jobs of the run `name` done as their outcomes are recorded,
+/// [`ACK_DELAY`] after the first of a group, until `end` resolves (a write
+/// under way finishes first). apalis acknowledges a fetched batch only once
+/// it has handed it all out, so without this a killed worker would deliver
+/// up to a whole fetch batch again, not only the deliveries under way.
+/// Ends at once where the store leaves that to apalis; ids that could not
+/// be marked are kept for the run's release.
+async fn acknowledge<B: QueueBackend<P>, P>(
+    backend: B,
+    deliveries: Arc<Deliveries>,
+    name: String,
+    mut end: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let recorded = std::pin::pin!(deliveries.recorded.notified());
+        if let futures::future::Either::Right(_) = futures::future::select(recorded, &mut end).await
+        {
+            return;
+        }
+        tokio::time::sleep(ACK_DELAY).await;
+        let ids = deliveries.take_done();
+        if ids.is_empty() {
+            continue;
+        }
+        match backend.store().mark_done(&name, ids.clone()).await {
+            Ok(true) => {}
+            Ok(false) => return deliveries.give_back(ids),
+            Err(e) => {
+                tracing::debug!(worker = %name, error = %e, "could not mark delivered jobs done");
+                deliveries.give_back(ids);
+            }
+        }
     }
 }
 
