@@ -341,11 +341,13 @@ pub(crate) mod ops {
         /// ahead of apalis' own acknowledgement: apalis acknowledges a
         /// fetched batch's jobs only once it has handed out the whole
         /// batch, and a worker killed meanwhile would deliver them again.
-        /// `false` (nothing done: keep them for
-        /// [`release_worker`](Store::release_worker)) where apalis
-        /// acknowledges at once (memory) or the batch stays small (Redis).
-        fn mark_done(&self, _name: &str, _done: Vec<String>) -> Answer<bool> {
-            Box::pin(async { Ok(false) })
+        /// Answers the ids it skipped because another transaction (apalis'
+        /// own acknowledgement) held them, to try again; `None` (nothing
+        /// done: keep them for [`release_worker`](Store::release_worker))
+        /// where apalis acknowledges at once (memory) or the batch stays
+        /// small (Redis).
+        fn mark_done(&self, _name: &str, _done: Vec<String>) -> Answer<Option<Vec<String>>> {
+            Box::pin(async { Ok(None) })
         }
 
         /// Renews the lease of worker `name` (what apalis' heartbeat

@@ -83,6 +83,22 @@ impl Dialect for sqlx::Postgres {
         release_done: "UPDATE apalis.jobs SET status = 'Done', done_at = now() \
              WHERE lock_by = $1 AND status IN ('Queued', 'Running') \
              AND id IN (SELECT jsonb_array_elements_text($2::jsonb))",
+        // apalis acknowledges in one transaction that locks the jobs it
+        // acknowledges (by id) and then those it marks running (in any
+        // order): an UPDATE that waited for those rows deadlocked with it
+        // (Postgres aborts one after `deadlock_timeout`, 1 s, and when that
+        // was apalis', its worker run ended). `SKIP LOCKED` never waits; all
+        // parts of the statement share one snapshot, so the last SELECT
+        // sees the skipped jobs as still held.
+        mark_done: "WITH wanted AS (SELECT jsonb_array_elements_text($2::jsonb) AS id), \
+             free AS (SELECT jobs.id FROM apalis.jobs AS jobs JOIN wanted ON wanted.id = jobs.id \
+                 WHERE jobs.lock_by = $1 AND jobs.status IN ('Queued', 'Running') \
+                 FOR UPDATE OF jobs SKIP LOCKED), \
+             marked AS (UPDATE apalis.jobs AS jobs SET status = 'Done', done_at = now() \
+                 FROM free WHERE jobs.id = free.id RETURNING jobs.id) \
+             SELECT jobs.id FROM apalis.jobs AS jobs JOIN wanted ON wanted.id = jobs.id \
+             WHERE jobs.lock_by = $1 AND jobs.status IN ('Queued', 'Running') \
+             AND jobs.id NOT IN (SELECT id FROM marked)",
         release_rest: "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
              WHERE lock_by = $1 AND status IN ('Queued', 'Running')",
         // apalis-postgres' keep_alive.sql, for a worker that holds its
@@ -429,4 +445,107 @@ async fn insert_jobs<P: Serialize>(
         .fetch_all(pool)
         .await
         .map_err(|e| QueueError::backend(queue, "pushing jobs", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::Event;
+
+    /// Longer than any write here takes, far shorter than the row lock
+    /// the test holds (until it commits): only a statement that waits for
+    /// the lock reaches it.
+    const LIVENESS: Duration = Duration::from_secs(10);
+
+    async fn statuses(pool: &PgPool, queue: &str) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT id, status FROM apalis.jobs WHERE job_type = $1 ORDER BY id")
+            .bind(queue)
+            .fetch_all(pool)
+            .await
+            .expect("read the jobs")
+    }
+
+    /// apalis acknowledges in a transaction that locks jobs the worker
+    /// also marks done; marking them must skip what it holds, not wait
+    /// (waiting deadlocked with apalis, which lost its worker run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(eventsink_postgres),
+        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+    )]
+    async fn marking_done_skips_jobs_another_transaction_holds() {
+        let url = std::env::var("EVENTSINK_POSTGRES_URL").expect("EVENTSINK_POSTGRES_URL");
+        let name = format!("t-mark-{}", uuid::Uuid::now_v7().simple());
+        let queue: PostgresQueue = PostgresQueue::connect(&url, &name).await.expect("connect");
+        let jobs = (0..2)
+            .map(|n| {
+                let event = Event::new("test.mark", serde_json::json!(n));
+                (QueuedEvent::new(&name, event), Duration::ZERO)
+            })
+            .collect();
+        queue.push(jobs).await.expect("push");
+        let pool = queue.pool().clone();
+        let worker = format!("{name}-w");
+        sqlx::query(
+            "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen) \
+             VALUES ($1, $2, 'test', '', now())",
+        )
+        .bind(&worker)
+        .bind(&name)
+        .execute(&pool)
+        .await
+        .expect("register worker w");
+        sqlx::query("UPDATE apalis.jobs SET status = 'Running', lock_by = $2 WHERE job_type = $1")
+            .bind(&name)
+            .bind(&worker)
+            .execute(&pool)
+            .await
+            .expect("lease the jobs to worker w");
+        let ids: Vec<String> = statuses(&pool, &name)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let (held, free) = (ids[0].clone(), ids[1].clone());
+
+        let mut apalis = pool.begin().await.expect("begin");
+        sqlx::query("SELECT id FROM apalis.jobs WHERE id = $1 FOR UPDATE")
+            .bind(&held)
+            .execute(&mut *apalis)
+            .await
+            .expect("lock one job");
+        let marked = tokio::time::timeout(
+            LIVENESS,
+            Store::<serde_json::Value>::mark_done(&queue.store, &worker, ids.clone()),
+        )
+        .await
+        .expect("marking done waited for a locked job")
+        .expect("mark done");
+        assert_eq!(
+            marked,
+            Some(vec![held.clone()]),
+            "the held job is given back"
+        );
+        apalis.commit().await.expect("commit");
+        let after = statuses(&pool, &name).await;
+        assert_eq!(
+            after,
+            vec![(held.clone(), "Running".into()), (free, "Done".into())]
+        );
+
+        let again = Store::<serde_json::Value>::mark_done(&queue.store, &worker, vec![held])
+            .await
+            .expect("mark done");
+        assert_eq!(again, Some(Vec::new()), "nothing left to skip");
+        let done = statuses(&pool, &name).await;
+        assert!(done.iter().all(|(_, s)| s == "Done"), "{done:?}");
+        for cleanup in [
+            "DELETE FROM apalis.jobs WHERE job_type = $1",
+            "DELETE FROM apalis.workers WHERE worker_type = $1",
+        ] {
+            let _ = sqlx::query(cleanup).bind(&name).execute(&pool).await;
+        }
+    }
 }

@@ -119,6 +119,12 @@ pub struct Statements {
     /// Marks done the jobs of worker `$1` whose ids are in the JSON array
     /// `$2`, if it still holds them.
     pub(crate) release_done: &'static str,
+    /// [`release_done`](Statements::release_done) while the worker runs:
+    /// never waits for a row another transaction has locked (apalis'
+    /// acknowledgement locks the same jobs, in another order: waiting would
+    /// deadlock), and returns the ids of the jobs it skipped for that
+    /// reason, to try again.
+    pub(crate) mark_done: &'static str,
     /// Puts the other jobs worker `$1` holds back in the queue.
     pub(crate) release_rest: &'static str,
     /// Renews the heartbeat of worker `$1` of queue `$2`.
@@ -426,19 +432,19 @@ where
         })
     }
 
-    fn mark_done(&self, worker: &str, done: Vec<String>) -> Answer<bool> {
+    fn mark_done(&self, worker: &str, done: Vec<String>) -> Answer<Option<Vec<String>>> {
         let (pool, name, fail) = self.parts("marking delivered jobs done");
         let worker = worker.to_owned();
         Box::pin(async move {
             let done = serde_json::to_string(&done)
                 .map_err(|e| QueueError::backend(&name, "marking delivered jobs done", e))?;
-            sqlx::query(DB::SQL.release_done)
+            let skipped = sqlx::query_scalar(DB::SQL.mark_done)
                 .bind(worker)
                 .bind(done)
-                .execute(&pool)
+                .fetch_all(&pool)
                 .await
                 .map_err(&fail)?;
-            Ok(true)
+            Ok(Some(skipped))
         })
     }
 

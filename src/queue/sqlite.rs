@@ -34,6 +34,11 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// more connections only wait on each other.
 const MAX_CONNECTIONS: u32 = 4;
 
+/// Marks done the jobs of worker `$1` in the JSON array `$2` it holds.
+const MARK_DONE: &str = "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') \
+    WHERE lock_by = $1 AND status IN ('Queued', 'Running') \
+    AND id IN (SELECT value FROM json_each($2))";
+
 impl Dialect for sqlx::Sqlite {
     const SQL: Statements = Statements {
         // Two processes opening an old file at once must not both read
@@ -57,9 +62,9 @@ impl Dialect for sqlx::Sqlite {
              OR (status = 'Failed' AND attempts >= max_attempts))",
         delete_completed: "DELETE FROM Jobs WHERE job_type = $1 AND status = 'Done' \
              AND done_at IS NOT NULL AND done_at <= CAST(strftime('%s', 'now') AS INTEGER) - $2",
-        release_done: "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') \
-             WHERE lock_by = $1 AND status IN ('Queued', 'Running') \
-             AND id IN (SELECT value FROM json_each($2))",
+        release_done: MARK_DONE,
+        // One writer at a time: nothing is ever skipped.
+        mark_done: MARK_DONE,
         release_rest: "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
              WHERE lock_by = $1 AND status IN ('Queued', 'Running')",
         // apalis-sqlite's keep_alive.sql.

@@ -643,8 +643,8 @@ async fn acknowledge<B: QueueBackend<P>, P>(
             continue;
         }
         match backend.store().mark_done(&name, ids.clone()).await {
-            Ok(true) => {}
-            Ok(false) => return deliveries.give_back(ids),
+            Ok(Some(skipped)) => deliveries.give_back(skipped),
+            Ok(None) => return deliveries.give_back(ids),
             Err(e) => {
                 tracing::debug!(worker = %name, error = %e, "could not mark delivered jobs done");
                 deliveries.give_back(ids);
