@@ -365,10 +365,8 @@ impl<S: fmt::Debug> fmt::Debug for FanOut<S> {
 /// Destinations and the treatment of unmatched events, checked by
 /// [`build`](FanOutBuilder::build). From [`FanOut::builder`].
 ///
-/// Destination names are configuration: `build` keeps each distinct list
-/// of names for the life of the process (so that reporting a failed
-/// destination costs nothing per publish). Build fan-outs once, at
-/// startup, rather than with names made per request.
+/// Destination names are configuration: every clone of the fan-out and
+/// every publish share one list of them (a reference count, no copy).
 ///
 /// ```
 /// use eventsink::fanout::FanOut;

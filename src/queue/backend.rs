@@ -228,6 +228,12 @@ pub(crate) mod ops {
             1
         }
 
+        /// How many jobs a worker fetches at once unless told
+        /// ([`QueueWorker::fetch_batch`](crate::queue::QueueWorker::fetch_batch)).
+        fn fetch_batch(&self) -> usize {
+            crate::queue::DEFAULT_FETCH_BATCH
+        }
+
         /// Whether a stopping worker drops its apalis run at once (and lets
         /// its deliveries finish on their own tasks) instead of letting
         /// apalis stop it. SQLite: a stopping apalis worker no longer polls

@@ -395,7 +395,8 @@ pub use memory::MemoryQueue;
 pub use observe::{Attempt, AttemptOutcome};
 #[cfg(feature = "postgres")]
 pub use postgres::{
-    POSTGRES_ACQUIRE_TIMEOUT, POSTGRES_MAX_CONNECTIONS, PostgresQueue, PostgresQueueBuilder,
+    POSTGRES_ACQUIRE_TIMEOUT, POSTGRES_FETCH_BATCH, POSTGRES_MAX_CONNECTIONS, PostgresQueue,
+    PostgresQueueBuilder,
 };
 #[cfg(feature = "redis")]
 pub use redis::{REDIS_RESPONSE_TIMEOUT, RedisQueue, RedisQueueBuilder};

@@ -123,7 +123,8 @@ pub struct QueueWorker<S, B, P = serde_json::Value> {
     concurrency: usize,
     attempt_timeout: Duration,
     poll_interval: Duration,
-    fetch_batch: usize,
+    /// `None`: the backend's own.
+    fetch_batch: Option<usize>,
     schedule: RetrySchedule,
     retention: Option<Duration>,
     observer: Observer,
@@ -168,7 +169,7 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
             concurrency: DEFAULT_CONCURRENCY,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
-            fetch_batch: DEFAULT_FETCH_BATCH,
+            fetch_batch: None,
             schedule: RetrySchedule::standard(),
             retention: Some(DEFAULT_RETENTION),
             observer: Observer::default(),
@@ -255,7 +256,8 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
     }
 
     /// Most jobs taken from the backend in one query
-    /// ([`DEFAULT_FETCH_BATCH`]); never fewer than the
+    /// ([`DEFAULT_FETCH_BATCH`]; on Postgres
+    /// [`POSTGRES_FETCH_BATCH`](crate::queue::POSTGRES_FETCH_BATCH)); never fewer than the
     /// [`concurrency`](QueueWorker::concurrency). Smaller spreads a short
     /// burst more evenly over several worker processes; larger saves
     /// queries when a backlog drains. The memory backend ignores it.
@@ -265,7 +267,7 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
     /// let w = w.fetch_batch(64);
     /// ```
     pub fn fetch_batch(mut self, jobs: usize) -> Self {
-        self.fetch_batch = jobs.max(1);
+        self.fetch_batch = Some(jobs.max(1));
         self
     }
 
@@ -376,14 +378,19 @@ where
             let started = tokio::time::Instant::now();
             // On its own task, so that a panic inside apalis ends this run,
             // not the supervisor.
-            let mut run = tokio::spawn(self.backend.run_worker(WorkerRun {
-                name: name.clone(),
-                deliver: deliver.clone(),
-                concurrency: self.concurrency,
-                poll_interval: self.poll_interval,
-                fetch_batch: self.fetch_batch.max(self.concurrency),
-                stop: stopped(stop.clone()).boxed(),
-            }));
+            let mut run = tokio::spawn(
+                self.backend.run_worker(WorkerRun {
+                    name: name.clone(),
+                    deliver: deliver.clone(),
+                    concurrency: self.concurrency,
+                    poll_interval: self.poll_interval,
+                    fetch_batch: self
+                        .fetch_batch
+                        .unwrap_or_else(|| self.backend.fetch_batch())
+                        .max(self.concurrency),
+                    stop: stopped(stop.clone()).boxed(),
+                }),
+            );
             let (end_acks, acks_ended) = tokio::sync::oneshot::channel();
             let acks = tokio::spawn(acknowledge(
                 self.backend.clone(),
