@@ -51,9 +51,9 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// acknowledgement, each its own transaction. On SQLite, where that is CPU,
 /// 256 took `queue_e2e_sqlite` (`cargo bench --bench throughput`, full size,
 /// idle machine) from 1.10 to 2.40 × apalis' own worker and a backlog drain
-/// from ~8,000 to ~22,000 events/s. On Postgres it helps only while commits
-/// are slow (an fsync each; 0.75 → 1.3–2.0 with the disk busy, no gain with
-/// it idle). Redis keeps batches the size of the deliveries at once. The
+/// from ~8,000 to ~22,000 events/s. Postgres fetches
+/// `POSTGRES_FETCH_BATCH` (128) unless
+/// told, and Redis batches the size of the deliveries at once. The
 /// jobs taken stay leased to the worker until delivered (its heartbeat keeps
 /// the lease), are marked done within 10 ms of their outcome, and
 /// a worker that stops hands back the ones it has not started.
@@ -257,7 +257,7 @@ impl<S, B: QueueBackend<P>, P> QueueWorker<S, B, P> {
 
     /// Most jobs taken from the backend in one query
     /// ([`DEFAULT_FETCH_BATCH`]; on Postgres
-    /// [`POSTGRES_FETCH_BATCH`](crate::queue::POSTGRES_FETCH_BATCH)); never fewer than the
+    /// `POSTGRES_FETCH_BATCH`); never fewer than the
     /// [`concurrency`](QueueWorker::concurrency). Smaller spreads a short
     /// burst more evenly over several worker processes; larger saves
     /// queries when a backlog drains. The memory backend ignores it.
