@@ -272,17 +272,7 @@ async fn an_http_leg_that_cannot_connect_fails_transiently() {
         .publish(Event::new("order.placed", ()))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Transport {
-                timed_out: false,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(err.is_retryable());
+    support::assert_transient_transport(&err, false);
     assert!(err.to_string().contains("could not be reached"), "{err}");
 }
 
@@ -298,17 +288,7 @@ async fn a_timeout_layer_on_the_http_leg_is_a_transient_timeout() {
         .publish(Event::new("order.placed", ()))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Transport {
-                timed_out: true,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert!(err.is_retryable());
+    support::assert_transient_transport(&err, true);
 }
 
 #[tokio::test]

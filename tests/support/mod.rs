@@ -85,3 +85,12 @@ pub fn read_event_files<P: DeserializeOwned>(dir: &Path) -> Vec<Event<P>> {
     events.sort_by(|a, b| a.id.cmp(&b.id));
     events
 }
+
+/// Asserts that `err` is a retryable transport error, timed out or not.
+pub fn assert_transient_transport(err: &eventsink::Error, timed_out: bool) {
+    assert!(
+        matches!(err, eventsink::Error::Transport { timed_out: t, .. } if *t == timed_out),
+        "expected a transport error (timed out: {timed_out}), got {err:?}"
+    );
+    assert!(eventsink::Retryable::is_retryable(err), "{err}");
+}
