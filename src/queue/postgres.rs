@@ -1,12 +1,13 @@
 //! [`PostgresQueue`]: many workers on many machines, one Postgres database.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use apalis_postgres::{Config, PostgresStorage, Pubsub};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 
 use super::Published;
@@ -36,6 +37,17 @@ pub const POSTGRES_MAX_CONNECTIONS: u32 = 8;
 /// 500 ms; a connection the server or a proxy closed while idle is found
 /// and replaced, one that breaks mid-use fails its statement either way.
 const POSTGRES_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Connections the publisher keeps between its batches, at most: its
+/// parallel batches ([`Ops::parallel_batches`]), and no more than a
+/// quarter of the pool, so the worker always has the rest. sqlx checks every
+/// connection given back to its pool with a round trip (`ping` on
+/// release, not configurable in 0.9.0): a publish by one caller made two
+/// round trips, and the next publish took another connection while the
+/// check ran. Kept connections skip that, and are given back to the pool
+/// once idle for [`POSTGRES_PING_AFTER_IDLE`], so the worker and the
+/// application get them when nobody publishes.
+const POSTGRES_KEPT_WRITERS: usize = 2;
 
 /// Most jobs a Postgres worker fetches at once (elsewhere
 /// [`DEFAULT_FETCH_BATCH`](super::DEFAULT_FETCH_BATCH)). apalis
@@ -182,10 +194,11 @@ pub struct PostgresQueue<P = serde_json::Value> {
     store: SqlStore<sqlx::Postgres>,
     storage: PostgresStorage<QueuedEvent<P>>,
     config: Config,
+    writers: Writers,
 }
 
 queue_handle! {
-    PostgresQueue { name, store, storage, config }, store(store: SqlStore<sqlx::Postgres>), leased,
+    PostgresQueue { name, store, storage, config, writers }, store(store: SqlStore<sqlx::Postgres>), leased,
     " let queue: eventsink::queue::PostgresQueue = eventsink::queue::PostgresQueue::connect(\"postgres://localhost/app\", \"q\").await?;"
 }
 
@@ -322,6 +335,7 @@ impl PostgresQueueBuilder {
         PostgresStorage::<()>::setup(&pool)
             .await
             .map_err(|e| QueueError::backend(&name, "migrating Postgres (needs hstore)", e))?;
+        let writers = Writers::new(pool.options().get_max_connections());
         let store = SqlStore::new(pool, Arc::clone(&name));
         Store::<P>::prepare(&store).await?;
         let config = Config::default()
@@ -334,6 +348,7 @@ impl PostgresQueueBuilder {
             store,
             storage,
             config,
+            writers,
         })
     }
 }
@@ -421,11 +436,19 @@ where
 impl<P: Payload> Ops<P> for PostgresQueue<P> {
     fn push(&self, jobs: Jobs<P>) -> Answer<Vec<Published>> {
         let (pool, name) = (self.pool().clone(), Arc::clone(&self.name));
+        let writers = self.writers.clone();
         Box::pin(async move {
+            let rows = by_size(encode_rows(&name, &jobs)?);
+            let fail = |e| QueueError::backend(&name, "pushing jobs", e);
+            let mut conn = writers.take(&pool).await.map_err(fail)?;
             let mut stored = Vec::with_capacity(jobs.len());
-            for rows in by_size(encode_rows(&name, &jobs)?) {
-                stored.extend(insert_rows(&pool, &name, rows).await?);
+            for rows in rows {
+                stored.extend(insert_rows(&mut conn, &name, rows).await.map_err(fail)?);
             }
+            // Only a connection that finished its statements is kept; one
+            // that failed, or whose push was dropped half way, goes back
+            // to the pool, which checks it.
+            writers.keep(conn);
             Ok(outcomes(&jobs, stored))
         })
     }
@@ -521,10 +544,10 @@ fn by_size(rows: Vec<Row>) -> Vec<Vec<Row>> {
 /// Stores `rows` with [`INSERT_JOBS`]; the idempotency keys of the rows
 /// stored (a duplicate is skipped).
 async fn insert_rows(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     queue: &Arc<str>,
     rows: Vec<Row>,
-) -> Result<Vec<String>, QueueError> {
+) -> Result<Vec<String>, sqlx::Error> {
     let mut ids = Vec::with_capacity(rows.len());
     let mut data = Vec::with_capacity(rows.len());
     let mut due = Vec::with_capacity(rows.len());
@@ -542,9 +565,92 @@ async fn insert_rows(
         .bind(i32::try_from(APALIS_MAX_ATTEMPTS).unwrap_or(i32::MAX))
         .bind(due)
         .bind(keys)
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
-        .map_err(|e| QueueError::backend(queue, "pushing jobs", e))
+}
+
+/// The publisher's kept connections (see [`POSTGRES_KEPT_WRITERS`]), with
+/// when each was last used; shared by the clones of a queue.
+#[derive(Clone)]
+struct Writers(Arc<Mutex<Kept>>);
+
+struct Kept {
+    /// How many may be kept.
+    most: usize,
+    idle: Vec<(PoolConnection<sqlx::Postgres>, Instant)>,
+    /// The task that gives back connections that stay idle (it ends when
+    /// none is kept, or with its runtime).
+    reaper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// Keeps up to [`POSTGRES_KEPT_WRITERS`] connections of a pool of
+    /// `pool_size`, and no more than a quarter of them.
+    fn new(pool_size: u32) -> Self {
+        let quarter = usize::try_from(pool_size / 4).unwrap_or(usize::MAX);
+        Writers(Arc::new(Mutex::new(Kept {
+            most: quarter.min(POSTGRES_KEPT_WRITERS),
+            idle: Vec::new(),
+            reaper: None,
+        })))
+    }
+
+    /// A kept connection used within [`POSTGRES_PING_AFTER_IDLE`], or one
+    /// from the pool.
+    async fn take(&self, pool: &PgPool) -> Result<PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        let kept = self.lock().idle.pop();
+        match kept {
+            Some((conn, used)) if used.elapsed() < POSTGRES_PING_AFTER_IDLE => Ok(conn),
+            // An idle one goes back to the pool, which checks it.
+            _ => pool.acquire().await,
+        }
+    }
+
+    /// Keeps `conn` for the next batch, or gives it back to the pool if
+    /// enough are kept.
+    fn keep(&self, conn: PoolConnection<sqlx::Postgres>) {
+        let mut kept = self.lock();
+        if kept.idle.len() >= kept.most {
+            return;
+        }
+        kept.idle.push((conn, Instant::now()));
+        if kept.reaper.as_ref().is_none_or(|r| r.is_finished()) {
+            kept.reaper = Some(tokio::spawn(reap(Arc::downgrade(&self.0))));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        // Nothing panics while holding it; a poisoned list is still valid.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Gives back to the pool each kept connection idle for
+/// [`POSTGRES_PING_AFTER_IDLE`]; ends when none is kept, or the queue is
+/// dropped.
+async fn reap(writers: std::sync::Weak<Mutex<Kept>>) {
+    loop {
+        tokio::time::sleep(POSTGRES_PING_AFTER_IDLE).await;
+        let Some(writers) = writers.upgrade() else {
+            return;
+        };
+        let mut kept = writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle = std::mem::take(&mut kept.idle);
+        let (stale, fresh): (Vec<_>, Vec<_>) = idle
+            .into_iter()
+            .partition(|(_, used)| used.elapsed() >= POSTGRES_PING_AFTER_IDLE);
+        let done = fresh.is_empty();
+        if done {
+            // Under the lock: the next connection kept starts a new task.
+            kept.reaper = None;
+        }
+        kept.idle = fresh;
+        drop(kept);
+        drop(stale);
+        if done {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -594,6 +700,127 @@ mod tests {
             "small events fill a statement: {}",
             cut[0].len()
         );
+    }
+
+    fn jobs(queue: &str, count: usize) -> Jobs<serde_json::Value> {
+        (0..count)
+            .map(|n| {
+                let event = Event::new("test.kept", serde_json::json!(n));
+                (QueuedEvent::new(queue, event), Duration::ZERO)
+            })
+            .collect()
+    }
+
+    /// Waits (within [`LIVENESS`]) until `pool` has `idle` idle connections.
+    async fn until_idle(pool: &PgPool, idle: usize) {
+        let waited = tokio::time::timeout(LIVENESS, async {
+            while pool.num_idle() != idle {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        waited.await.unwrap_or_else(|_| {
+            panic!(
+                "{} of {} connections idle, not {idle}",
+                pool.num_idle(),
+                pool.size()
+            )
+        });
+    }
+
+    async fn delete_queue(pool: &PgPool, queue: &str) {
+        let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+            .bind(queue)
+            .execute(pool)
+            .await;
+    }
+
+    /// The publisher keeps a quarter of the pool (at most
+    /// [`POSTGRES_KEPT_WRITERS`]) between batches and gives it back once
+    /// idle: a pool of 2 keeps none, so its worker is never left without.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(eventsink_postgres),
+        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+    )]
+    async fn publishing_keeps_connections_only_while_busy() {
+        let url = std::env::var("EVENTSINK_POSTGRES_URL").expect("EVENTSINK_POSTGRES_URL");
+        for (size, kept) in [(2, 0), (4, 1), (12, 2)] {
+            let name = format!("t-kept-{}", uuid::Uuid::now_v7().simple());
+            let queue: PostgresQueue = PostgresQueue::builder(&name)
+                .max_connections(size)
+                .connect(&url)
+                .await
+                .expect("connect");
+            let pool = queue.pool().clone();
+            let all = usize::try_from(size).expect("pool size");
+            until_idle(&pool, all).await;
+            let both =
+                futures::future::join(queue.push(jobs(&name, 3)), queue.push(jobs(&name, 3)));
+            let (a, b) = both.await;
+            assert_eq!(a.expect("push").len() + b.expect("push").len(), 6);
+            until_idle(&pool, all - kept).await;
+            queue
+                .push(jobs(&name, 1))
+                .await
+                .expect("push on a kept connection");
+            assert_eq!(pool.size(), size, "no connection was opened or lost");
+            assert_eq!(statuses(&pool, &name).await.len(), 7);
+            until_idle(&pool, all).await;
+            delete_queue(&pool, &name).await;
+        }
+    }
+
+    /// A kept connection the server closed fails one push with a
+    /// retryable error and is not kept again; a later push stores its
+    /// jobs, and nothing a push answered `Ok` for is missing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[cfg_attr(
+        not(eventsink_postgres),
+        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+    )]
+    async fn a_kept_connection_the_server_closed_fails_one_push_and_is_dropped() {
+        use crate::Retryable;
+        let url = std::env::var("EVENTSINK_POSTGRES_URL").expect("EVENTSINK_POSTGRES_URL");
+        let name = format!("t-killed-{}", uuid::Uuid::now_v7().simple());
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let queue: PostgresQueue =
+            PostgresQueue::connect(&format!("{url}{sep}application_name={name}"), &name)
+                .await
+                .expect("connect");
+        let admin = PgPool::connect(&url).await.expect("admin connection");
+        queue.push(jobs(&name, 2)).await.expect("push");
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1) AS t",
+        )
+        .bind(&name)
+        .fetch_one(&admin)
+        .await
+        .expect("terminate the queue's connections");
+        assert!(killed >= 1, "the queue's connections are found by name");
+        let mut stored = 2;
+        let mut failures = 0;
+        for _ in 0..=POSTGRES_MAX_CONNECTIONS {
+            match queue.push(jobs(&name, 1)).await {
+                Ok(published) => {
+                    stored += published.len();
+                    break;
+                }
+                Err(e) => {
+                    assert!(e.is_retryable(), "a closed connection is transient: {e}");
+                    failures += 1;
+                }
+            }
+        }
+        assert!(failures >= 1, "the killed kept connection failed a push");
+        assert!(stored == 3, "a push succeeded after the kill");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+            .bind(&name)
+            .fetch_one(&admin)
+            .await
+            .expect("count");
+        assert_eq!(rows, 3, "every job a push answered Ok for is stored");
+        delete_queue(&admin, &name).await;
     }
 
     async fn statuses(pool: &PgPool, queue: &str) -> Vec<(String, String)> {
