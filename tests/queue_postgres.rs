@@ -152,3 +152,127 @@ async fn a_busy_worker_never_restarts_nor_repeats() {
     assert_eq!(repeated, 0, "events delivered more than once");
     assert_eq!(restarts, 0, "the worker restarted");
 }
+
+/// A Postgres that hangs (an uncommitted row holds the event's key, so
+/// every insert of it waits) answers each publisher within its deadline,
+/// and is given no more writes at once than the queue's parallel
+/// batches, the write of a lone publish included. Each write goes on to
+/// its end: once the row is rolled back, the event is stored, though every
+/// publisher of it was told only that it may be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
+async fn a_hung_postgres_times_out_publishers_and_gets_no_more_writes() {
+    use std::time::{Duration, Instant};
+
+    use eventsink::queue::{QueueError, QueuedEvent};
+    use tower::ServiceExt;
+
+    /// The queue's parallel batches on Postgres.
+    const WRITERS: i64 = 2;
+    let url = backend_url("EVENTSINK_POSTGRES_URL");
+    let name = unique_name("hung");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let queue: PostgresQueue =
+        PostgresQueue::connect(&format!("{url}{sep}application_name={name}"), &name)
+            .await
+            .expect("connect");
+    let admin = sqlx::PgPool::connect(&url).await.expect("admin pool");
+    let deadline = Duration::from_secs(1);
+    let publisher = ThroughTaskQueue::new(queue.clone())
+        .publish_timeout(deadline)
+        .layer(NoopSink::new());
+    let event = Event::new("test.hung", json!({"n": 1}));
+    let key = QueuedEvent::new(&name, event.clone()).idempotency_key();
+    let mut holder = admin.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, idempotency_key) \
+         VALUES ($1, $2, '\\x00', 'Done', $3)",
+    )
+    .bind(format!("{name}-holder"))
+    .bind(&name)
+    .bind(&key)
+    .execute(&mut *holder)
+    .await
+    .expect("hold the event's key");
+
+    let guard = deadline + Duration::from_secs(2);
+    let started = Instant::now();
+    let alone = publisher.clone().oneshot(event.clone()).await;
+    assert!(
+        matches!(alone, Err(QueueError::Timeout { .. })),
+        "the lone publish: {alone:?}"
+    );
+    assert!(
+        started.elapsed() < guard,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    let mut publishes = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        publishes.spawn(publisher.clone().oneshot(event.clone()));
+    }
+    let mut most_waiting = 0;
+    let started = Instant::now();
+    while started.elapsed() < deadline / 2 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&name)
+        .fetch_one(&admin)
+        .await
+        .expect("count waiting statements");
+        most_waiting = most_waiting.max(waiting);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        (1..=WRITERS).contains(&most_waiting),
+        "{most_waiting} inserts waited at once; at most {WRITERS} writes go to a hung backend"
+    );
+    while let Some(done) = tokio::time::timeout(guard, publishes.join_next())
+        .await
+        .expect("a publisher waits past its deadline")
+    {
+        let result = done.expect("task");
+        assert!(
+            matches!(result, Err(QueueError::Timeout { .. })),
+            "{result:?}"
+        );
+    }
+    holder.rollback().await.expect("roll back");
+
+    let stored = async {
+        loop {
+            let rows: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND idempotency_key = $2",
+            )
+            .bind(&name)
+            .bind(&key)
+            .fetch_one(&admin)
+            .await
+            .expect("count");
+            if rows == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), stored)
+        .await
+        .expect("the writes that timed out went on and stored the event once");
+    let again = publisher
+        .clone()
+        .oneshot(event)
+        .await
+        .expect("publish again");
+    assert_eq!(again, Published::AlreadyQueued);
+    let fresh = publisher
+        .oneshot(Event::new("test.hung", json!({"n": 2})))
+        .await
+        .expect("a new event, once Postgres is free");
+    assert_eq!(fresh, Published::Stored);
+    support::queue::delete_postgres_rows(&url, &[name]).await;
+}
