@@ -107,7 +107,7 @@ impl<F> ResponseFuture<F> {
 
     /// Adds the call to `destination`. Done in `FanOut::call`, before the
     /// future is pinned.
-    #[inline]
+    #[inline(always)]
     pub(super) fn push(&mut self, destination: usize, future: F) {
         let call = Call::Running {
             future,

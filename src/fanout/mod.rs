@@ -86,6 +86,9 @@ use kinds::Subscription;
 pub struct FanOut<S> {
     routes: Arc<Routes>,
     destinations: Vec<Destination<S>>,
+    /// The `poll_ready` errors of the [`Readiness::Broken`] destinations,
+    /// by index.
+    broken: Vec<(usize, BoxError)>,
 }
 
 /// Who takes what: shared by the clones of a fan-out.
@@ -115,12 +118,15 @@ struct Destination<S> {
     readiness: Readiness,
 }
 
-/// Where a destination's `poll_ready` stands.
+/// Where a destination's `poll_ready` stands. One byte, so that the
+/// readiness an event consumes is cheap to read and reset.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Readiness {
     NotReady,
     Ready,
-    /// Its `poll_ready` failed; the next event routed to it reports this.
-    Broken(BoxError),
+    /// Its `poll_ready` failed (the error is in `FanOut::broken`); the
+    /// next event routed to it reports this.
+    Broken,
 }
 
 /// What a [`FanOut`] did with an event that every destination took.
@@ -259,19 +265,27 @@ enum Route {
     Reject,
 }
 
-/// Calls one destination with `event` if it is ready, or records why not.
-#[inline]
+/// Calls one destination with `event` if it is ready, or records why not
+/// (its error from `broken`).
+#[inline(always)]
 fn send<S, P>(
     destination: &mut Destination<S>,
     index: usize,
     event: Event<P>,
     future: &mut ResponseFuture<S::Future>,
+    broken: &mut Vec<(usize, BoxError)>,
 ) where
     S: Service<Event<P>>,
 {
     match std::mem::replace(&mut destination.readiness, Readiness::NotReady) {
         Readiness::Ready => future.push(index, destination.service.call(event)),
-        Readiness::Broken(e) => future.fail(index, e),
+        Readiness::Broken => {
+            let error = match broken.iter().position(|(i, _)| *i == index) {
+                Some(at) => broken.swap_remove(at).1,
+                None => Box::new(NotReady),
+            };
+            future.fail(index, error);
+        }
         Readiness::NotReady => future.fail(index, Box::new(NotReady)),
     }
 }
@@ -292,11 +306,14 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         let mut pending = false;
-        for destination in &mut self.destinations {
-            if let Readiness::NotReady = destination.readiness {
+        for (i, destination) in self.destinations.iter_mut().enumerate() {
+            if destination.readiness == Readiness::NotReady {
                 match destination.service.poll_ready(cx) {
                     Poll::Ready(Ok(())) => destination.readiness = Readiness::Ready,
-                    Poll::Ready(Err(e)) => destination.readiness = Readiness::Broken(e.into()),
+                    Poll::Ready(Err(e)) => {
+                        destination.readiness = Readiness::Broken;
+                        self.broken.push((i, e.into()));
+                    }
                     Poll::Pending => pending = true,
                 }
             }
@@ -322,15 +339,17 @@ where
             }
         };
         let routes = &self.routes;
+        let broken = &mut self.broken;
         let mut future = ResponseFuture::new(Arc::clone(&routes.names));
         for (i, destination) in self.destinations[..last].iter_mut().enumerate() {
             if routes.subscriptions[i].takes(&event.kind) {
                 // A clone costs three reference counts; the last
                 // destination gets the caller's event itself.
-                send(destination, i, event.clone(), &mut future);
+                send(destination, i, event.clone(), &mut future, broken);
             }
         }
-        send(&mut self.destinations[last], last, event, &mut future);
+        let last_one = &mut self.destinations[last];
+        send(last_one, last, event, &mut future, broken);
         future
     }
 }
@@ -348,6 +367,7 @@ impl<S: Clone> Clone for FanOut<S> {
                     readiness: Readiness::NotReady,
                 })
                 .collect(),
+            broken: Vec::new(),
         }
     }
 }
@@ -540,6 +560,7 @@ impl<S> FanOutBuilder<S> {
                     readiness: Readiness::NotReady,
                 })
                 .collect(),
+            broken: Vec::new(),
         })
     }
 }
