@@ -1,13 +1,12 @@
 //! [`PostgresQueue`]: many workers on many machines, one Postgres database.
 
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use apalis_postgres::{Config, PostgresStorage, Pubsub};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
 
 use super::Published;
@@ -18,7 +17,7 @@ use super::backend::{
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
-use super::sql::{Dialect, SqlStore, Statements, stats_statement};
+use super::sql::{Dialect, SqlStore, Statements, Writers, stats_statement};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -37,17 +36,6 @@ pub const POSTGRES_MAX_CONNECTIONS: u32 = 8;
 /// 500 ms; a connection the server or a proxy closed while idle is found
 /// and replaced, one that breaks mid-use fails its statement either way.
 const POSTGRES_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
-/// Connections the publisher keeps between its batches, at most: its
-/// parallel batches ([`Ops::parallel_batches`]), and no more than a
-/// quarter of the pool, so the worker always has the rest. sqlx checks every
-/// connection given back to its pool with a round trip (`ping` on
-/// release, not configurable in 0.9.0): a publish by one caller made two
-/// round trips, and the next publish took another connection while the
-/// check ran. Kept connections skip that, and are given back to the pool
-/// once idle for [`POSTGRES_PING_AFTER_IDLE`], so the worker and the
-/// application get them when nobody publishes.
-const POSTGRES_KEPT_WRITERS: usize = 2;
 
 /// Most jobs a Postgres worker fetches at once (elsewhere
 /// [`DEFAULT_FETCH_BATCH`](super::DEFAULT_FETCH_BATCH)). apalis
@@ -194,7 +182,7 @@ pub struct PostgresQueue<P = serde_json::Value> {
     store: SqlStore<sqlx::Postgres>,
     storage: PostgresStorage<QueuedEvent<P>>,
     config: Config,
-    writers: Writers,
+    writers: Writers<sqlx::Postgres>,
 }
 
 queue_handle! {
@@ -569,90 +557,6 @@ async fn insert_rows(
         .await
 }
 
-/// The publisher's kept connections (see [`POSTGRES_KEPT_WRITERS`]), with
-/// when each was last used; shared by the clones of a queue.
-#[derive(Clone)]
-struct Writers(Arc<Mutex<Kept>>);
-
-struct Kept {
-    /// How many may be kept.
-    most: usize,
-    idle: Vec<(PoolConnection<sqlx::Postgres>, Instant)>,
-    /// The task that gives back connections that stay idle (it ends when
-    /// none is kept, or with its runtime).
-    reaper: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    /// Keeps up to [`POSTGRES_KEPT_WRITERS`] connections of a pool of
-    /// `pool_size`, and no more than a quarter of them.
-    fn new(pool_size: u32) -> Self {
-        let quarter = usize::try_from(pool_size / 4).unwrap_or(usize::MAX);
-        Writers(Arc::new(Mutex::new(Kept {
-            most: quarter.min(POSTGRES_KEPT_WRITERS),
-            idle: Vec::new(),
-            reaper: None,
-        })))
-    }
-
-    /// A kept connection used within [`POSTGRES_PING_AFTER_IDLE`], or one
-    /// from the pool.
-    async fn take(&self, pool: &PgPool) -> Result<PoolConnection<sqlx::Postgres>, sqlx::Error> {
-        let kept = self.lock().idle.pop();
-        match kept {
-            Some((conn, used)) if used.elapsed() < POSTGRES_PING_AFTER_IDLE => Ok(conn),
-            // An idle one goes back to the pool, which checks it.
-            _ => pool.acquire().await,
-        }
-    }
-
-    /// Keeps `conn` for the next batch, or gives it back to the pool if
-    /// enough are kept.
-    fn keep(&self, conn: PoolConnection<sqlx::Postgres>) {
-        let mut kept = self.lock();
-        if kept.idle.len() >= kept.most {
-            return;
-        }
-        kept.idle.push((conn, Instant::now()));
-        if kept.reaper.as_ref().is_none_or(|r| r.is_finished()) {
-            kept.reaper = Some(tokio::spawn(reap(Arc::downgrade(&self.0))));
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
-        // Nothing panics while holding it; a poisoned list is still valid.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Gives back to the pool each kept connection idle for
-/// [`POSTGRES_PING_AFTER_IDLE`]; ends when none is kept, or the queue is
-/// dropped.
-async fn reap(writers: std::sync::Weak<Mutex<Kept>>) {
-    loop {
-        tokio::time::sleep(POSTGRES_PING_AFTER_IDLE).await;
-        let Some(writers) = writers.upgrade() else {
-            return;
-        };
-        let mut kept = writers.lock().unwrap_or_else(PoisonError::into_inner);
-        let idle = std::mem::take(&mut kept.idle);
-        let (stale, fresh): (Vec<_>, Vec<_>) = idle
-            .into_iter()
-            .partition(|(_, used)| used.elapsed() >= POSTGRES_PING_AFTER_IDLE);
-        let done = fresh.is_empty();
-        if done {
-            // Under the lock: the next connection kept starts a new task.
-            kept.reaper = None;
-        }
-        kept.idle = fresh;
-        drop(kept);
-        drop(stale);
-        if done {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -735,7 +639,7 @@ mod tests {
     }
 
     /// The publisher keeps a quarter of the pool (at most
-    /// [`POSTGRES_KEPT_WRITERS`]) between batches and gives it back once
+    /// [`KEPT_WRITERS`](super::sql::KEPT_WRITERS)) between batches and gives it back once
     /// idle: a pool of 2 keeps none, so its worker is never left without.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[cfg_attr(

@@ -6,11 +6,12 @@
 //! [`Statements`], given by its [`Dialect`].
 
 use std::marker::PhantomData;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sqlx::pool::PoolConnection;
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
 use super::backend::ops::{Answer, DeadPage, Payload, Place, Store};
@@ -528,4 +529,109 @@ where
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Connections a publisher keeps between its batches, at most (and no
+/// more than a quarter of the pool, so the worker always has the rest):
+/// Postgres' parallel batches. sqlx checks every connection given back to
+/// its pool with a round trip (`ping` on release, not configurable in
+/// 0.9.0; on SQLite a round trip to the connection's thread): one caller's
+/// publish made two, and the next publish took another connection while
+/// the check ran. Kept connections skip that, and are given back once idle
+/// for [`KEPT_IDLE`], so the worker and the application get them when
+/// nobody publishes.
+pub(crate) const KEPT_WRITERS: usize = 2;
+
+/// How long a kept connection may stay idle before it goes back to the
+/// pool: 1 s, as `POSTGRES_PING_AFTER_IDLE` (a connection idle longer is
+/// checked before use).
+pub(crate) const KEPT_IDLE: Duration = Duration::from_secs(1);
+
+/// The publisher's kept connections (see [`KEPT_WRITERS`]), with
+/// when each was last used; shared by the clones of a queue.
+pub(crate) struct Writers<DB: Database>(Arc<Mutex<Kept<DB>>>);
+
+impl<DB: Database> Clone for Writers<DB> {
+    fn clone(&self) -> Self {
+        Writers(Arc::clone(&self.0))
+    }
+}
+
+struct Kept<DB: Database> {
+    /// How many may be kept.
+    most: usize,
+    idle: Vec<(PoolConnection<DB>, Instant)>,
+    /// The task that gives back connections that stay idle (it ends when
+    /// none is kept, or with its runtime).
+    reaper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<DB: Database> Writers<DB> {
+    /// Keeps up to [`KEPT_WRITERS`] connections of a pool of
+    /// `pool_size`, and no more than a quarter of them.
+    pub(crate) fn new(pool_size: u32) -> Self {
+        let quarter = usize::try_from(pool_size / 4).unwrap_or(usize::MAX);
+        Writers(Arc::new(Mutex::new(Kept {
+            most: quarter.min(KEPT_WRITERS),
+            idle: Vec::new(),
+            reaper: None,
+        })))
+    }
+
+    /// A kept connection used within [`KEPT_IDLE`], or one
+    /// from the pool.
+    pub(crate) async fn take(&self, pool: &Pool<DB>) -> Result<PoolConnection<DB>, sqlx::Error> {
+        let kept = self.lock().idle.pop();
+        match kept {
+            Some((conn, used)) if used.elapsed() < KEPT_IDLE => Ok(conn),
+            // An idle one goes back to the pool, which checks it.
+            _ => pool.acquire().await,
+        }
+    }
+
+    /// Keeps `conn` for the next batch, or gives it back to the pool if
+    /// enough are kept.
+    pub(crate) fn keep(&self, conn: PoolConnection<DB>) {
+        let mut kept = self.lock();
+        if kept.idle.len() >= kept.most {
+            return;
+        }
+        kept.idle.push((conn, Instant::now()));
+        if kept.reaper.as_ref().is_none_or(|r| r.is_finished()) {
+            kept.reaper = Some(tokio::spawn(reap(Arc::downgrade(&self.0))));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept<DB>> {
+        // Nothing panics while holding it; a poisoned list is still valid.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Gives back to the pool each kept connection idle for
+/// [`KEPT_IDLE`]; ends when none is kept, or the queue is
+/// dropped.
+async fn reap<DB: Database>(writers: std::sync::Weak<Mutex<Kept<DB>>>) {
+    loop {
+        tokio::time::sleep(KEPT_IDLE).await;
+        let Some(writers) = writers.upgrade() else {
+            return;
+        };
+        let mut kept = writers.lock().unwrap_or_else(PoisonError::into_inner);
+        let idle = std::mem::take(&mut kept.idle);
+        let (stale, fresh): (Vec<_>, Vec<_>) = idle
+            .into_iter()
+            .partition(|(_, used)| used.elapsed() >= KEPT_IDLE);
+        let done = fresh.is_empty();
+        if done {
+            // Under the lock: the next connection kept starts a new task.
+            kept.reaper = None;
+        }
+        kept.idle = fresh;
+        drop(kept);
+        drop(stale);
+        if done {
+            return;
+        }
+    }
 }

@@ -21,7 +21,7 @@ use super::backend::{
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
-use super::sql::{Dialect, SqlStore, Statements, stats_statement};
+use super::sql::{Dialect, SqlStore, Statements, Writers, stats_statement};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -123,7 +123,7 @@ const ROWS_PER_INSERT: usize = 64;
 /// be two more round trips to sqlx's connection thread (most of a lone
 /// publish's time).
 async fn insert_jobs<P: Serialize>(
-    pool: &SqlitePool,
+    conn: &mut sqlx::SqliteConnection,
     queue: &Arc<str>,
     jobs: &[(QueuedEvent<P>, Duration)],
 ) -> Result<Vec<Published>, QueueError> {
@@ -133,13 +133,13 @@ async fn insert_jobs<P: Serialize>(
         let mut insert = insert_statement(queue, jobs, now)?;
         let stored = insert
             .build_query_scalar()
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(fail)?;
         return Ok(outcomes(jobs, stored));
     }
     let mut stored = Vec::with_capacity(jobs.len());
-    let mut tx = pool.begin().await.map_err(fail)?;
+    let mut tx = sqlx::Connection::begin(conn).await.map_err(fail)?;
     for chunk in jobs.chunks(ROWS_PER_INSERT) {
         let mut insert = insert_statement(queue, chunk, now)?;
         let keys: Vec<String> = insert
@@ -242,10 +242,11 @@ pub struct SqliteQueue<P = serde_json::Value> {
     store: SqlStore<sqlx::Sqlite>,
     storage: SqliteStorage<QueuedEvent<P>>,
     config: Config,
+    writers: Writers<sqlx::Sqlite>,
 }
 
 queue_handle! {
-    SqliteQueue { name, wake, wal, store, storage, config }, store(store: SqlStore<sqlx::Sqlite>), leased,
+    SqliteQueue { name, wake, wal, store, storage, config, writers }, store(store: SqlStore<sqlx::Sqlite>), leased,
     " let queue: eventsink::queue::SqliteQueue = eventsink::queue::SqliteQueue::open(\"queue.db\", \"q\").await?;"
 }
 
@@ -412,6 +413,7 @@ impl SqliteQueueBuilder {
             .missed_heartbeats(self.missed);
         let storage = SqliteStorage::new(&pool).with_config(config.clone());
         Ok(SqliteQueue {
+            writers: Writers::new(MAX_CONNECTIONS),
             store: SqlStore::new(pool, Arc::clone(&name)),
             name,
             wake: LocalWake::new(),
@@ -538,9 +540,14 @@ impl<P: Payload> Ops<P> for SqliteQueue<P> {
             Arc::clone(&self.name),
             self.wake.clone(),
         );
+        let writers = self.writers.clone();
         let due_now = jobs.iter().any(|(_, delay)| delay.is_zero());
         Box::pin(async move {
-            let outcomes = insert_jobs(&pool, &name, &jobs).await?;
+            let fail = |e| QueueError::backend(&name, "pushing jobs", e);
+            let mut conn = writers.take(&pool).await.map_err(fail)?;
+            let outcomes = insert_jobs(&mut conn, &name, &jobs).await?;
+            // Kept only once its statements ended (see `Writers`).
+            writers.keep(conn);
             if due_now {
                 wake.notify();
             }
