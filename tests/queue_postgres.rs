@@ -276,3 +276,40 @@ async fn a_hung_postgres_times_out_publishers_and_gets_no_more_writes() {
     assert_eq!(fresh, Published::Stored);
     support::queue::delete_postgres_rows(&url, &[name]).await;
 }
+
+/// The publisher keeps a quarter of the pool (at most 2) between batches
+/// and gives it back once idle: a pool of 2 keeps none, so its worker is
+/// never left without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
+async fn the_publisher_keeps_connections_only_while_busy() {
+    use support::queue::until_idle;
+
+    let url = backend_url("EVENTSINK_POSTGRES_URL");
+    for (size, kept) in [(2, 0), (4, 1), (12, 2)] {
+        let name = unique_name("kept");
+        let queue: PostgresQueue = PostgresQueue::builder(&name)
+            .max_connections(size)
+            .connect(&url)
+            .await
+            .expect("connect");
+        let pool = queue.pool().clone();
+        let all = usize::try_from(size).expect("pool size");
+        until_idle(&pool, all).await;
+        let publisher = ThroughTaskQueue::new(queue).layer(NoopSink::new());
+        let publishes = (0..6).map(|n| {
+            let mut publisher = publisher.clone();
+            async move { publisher.publish(Event::new("test.kept", json!(n))).await }
+        });
+        for published in futures::future::join_all(publishes).await {
+            assert_eq!(published.expect("publish"), Published::Stored);
+        }
+        until_idle(&pool, all - kept).await;
+        assert_eq!(pool.size(), size, "no connection was opened or lost");
+        until_idle(&pool, all).await;
+        support::queue::delete_postgres_rows(&url, &[name]).await;
+    }
+}

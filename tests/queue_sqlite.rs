@@ -320,31 +320,12 @@ async fn dead_letters_of_the_first_layout_are_kept_when_the_file_opens() {
 /// thread), and gives it back once nobody has published for a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publisher_keeps_one_connection_only_while_busy() {
-    use std::time::Duration;
-
     let tmp = tempfile::tempdir().unwrap();
     let name = unique_name("kept");
     let queue: SqliteQueue = SqliteQueue::open(tmp.path().join("q.db"), &name)
         .await
         .expect("open");
     let pool = queue.pool().clone();
-    let idle = |n: usize| {
-        let pool = pool.clone();
-        async move {
-            let waited = tokio::time::timeout(Duration::from_secs(10), async {
-                while pool.num_idle() != n {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            });
-            waited.await.unwrap_or_else(|_| {
-                panic!(
-                    "{} of {} connections idle, not {n}",
-                    pool.num_idle(),
-                    pool.size()
-                )
-            });
-        }
-    };
     let size = usize::try_from(pool.size()).expect("pool size");
     let mut publisher = ThroughTaskQueue::new(queue).layer(NoopSink::new());
     for n in 0..3 {
@@ -352,7 +333,7 @@ async fn the_publisher_keeps_one_connection_only_while_busy() {
             .publish(Event::new("test.kept", json!(n)))
             .await
             .expect("publish");
-        idle(size - 1).await;
+        support::queue::until_idle(&pool, size - 1).await;
     }
-    idle(size).await;
+    support::queue::until_idle(&pool, size).await;
 }

@@ -615,63 +615,11 @@ mod tests {
             .collect()
     }
 
-    /// Waits (within [`LIVENESS`]) until `pool` has `idle` idle connections.
-    async fn until_idle(pool: &PgPool, idle: usize) {
-        let waited = tokio::time::timeout(LIVENESS, async {
-            while pool.num_idle() != idle {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        });
-        waited.await.unwrap_or_else(|_| {
-            panic!(
-                "{} of {} connections idle, not {idle}",
-                pool.num_idle(),
-                pool.size()
-            )
-        });
-    }
-
     async fn delete_queue(pool: &PgPool, queue: &str) {
         let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
             .bind(queue)
             .execute(pool)
             .await;
-    }
-
-    /// The publisher keeps a quarter of the pool (at most
-    /// [`KEPT_WRITERS`](super::sql::KEPT_WRITERS)) between batches and gives it back once
-    /// idle: a pool of 2 keeps none, so its worker is never left without.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[cfg_attr(
-        not(eventsink_postgres),
-        ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
-    )]
-    async fn publishing_keeps_connections_only_while_busy() {
-        let url = std::env::var("EVENTSINK_POSTGRES_URL").expect("EVENTSINK_POSTGRES_URL");
-        for (size, kept) in [(2, 0), (4, 1), (12, 2)] {
-            let name = format!("t-kept-{}", uuid::Uuid::now_v7().simple());
-            let queue: PostgresQueue = PostgresQueue::builder(&name)
-                .max_connections(size)
-                .connect(&url)
-                .await
-                .expect("connect");
-            let pool = queue.pool().clone();
-            let all = usize::try_from(size).expect("pool size");
-            until_idle(&pool, all).await;
-            let both =
-                futures::future::join(queue.push(jobs(&name, 3)), queue.push(jobs(&name, 3)));
-            let (a, b) = both.await;
-            assert_eq!(a.expect("push").len() + b.expect("push").len(), 6);
-            until_idle(&pool, all - kept).await;
-            queue
-                .push(jobs(&name, 1))
-                .await
-                .expect("push on a kept connection");
-            assert_eq!(pool.size(), size, "no connection was opened or lost");
-            assert_eq!(statuses(&pool, &name).await.len(), 7);
-            until_idle(&pool, all).await;
-            delete_queue(&pool, &name).await;
-        }
     }
 
     /// A kept connection the server closed fails one push with a

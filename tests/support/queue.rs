@@ -860,3 +860,22 @@ macro_rules! with_child_queue {
         }
     };
 }
+
+/// Waits (at most 10 s) until `pool` has `idle` idle connections: a
+/// publisher keeps its write connections while busy and gives them back
+/// after a second idle.
+#[allow(dead_code)]
+pub async fn until_idle<DB: sqlx::Database>(pool: &sqlx::Pool<DB>, idle: usize) {
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.num_idle() != idle {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    waited.await.unwrap_or_else(|_| {
+        panic!(
+            "{} of {} connections idle, not {idle}",
+            pool.num_idle(),
+            pool.size()
+        )
+    });
+}
