@@ -566,6 +566,19 @@ struct Kept<DB: Database> {
     reaper: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl<DB: Database> Drop for Kept<DB> {
+    fn drop(&mut self) {
+        // sqlx gives a pooled connection back on a task of the runtime, and
+        // panics outside one: the last handle of a queue may be dropped
+        // after its runtime ended. Closed without the pool then.
+        if tokio::runtime::Handle::try_current().is_err() {
+            for (conn, _) in self.idle.drain(..) {
+                drop(conn.detach());
+            }
+        }
+    }
+}
+
 impl<DB: Database> Writers<DB> {
     /// Keeps up to [`KEPT_WRITERS`] connections of a pool of
     /// `pool_size`, and no more than a quarter of them.
