@@ -254,7 +254,7 @@
 //!   0.90 × a bare `INSERT` + `COMMIT` into apalis' `Jobs` table on SQLite
 //!   (3,500 commits/s in that run; the table's ten indexes are most of a
 //!   commit's cost), 0.87 × a bare autocommit `INSERT` on Postgres. On
-//!   Redis 0.52 × a bare `HSET` + `LPUSH` pipeline: the publish script
+//!   Redis about 0.5 × a bare `HSET` + `LPUSH` pipeline: the publish script
 //!   (six commands in Lua, for the duplicate check and apalis' layout)
 //!   takes ~33 µs of Redis' time, the pipeline ~4 µs, and a round trip to
 //!   that Redis ~57 µs in all.
@@ -354,7 +354,6 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -570,10 +569,6 @@ impl<S, B: Clone> Layer<S> for ThroughTaskQueue<B> {
 ///
 /// Concurrent publishes are written together: while one batch is being
 /// written, the next collects, and is written as soon as the first is done.
-/// A publish that finds no other waiting, and a writer free (Postgres and
-/// Redis write several batches at once), writes its event itself, on its
-/// own task, sparing one caller two task hops; that write, too, goes on to
-/// its end if the publish gives up.
 /// Each publisher still gets its own answer once its batch is stored. A
 /// batch that fails because of one job (a duplicate key, a payload that
 /// cannot be encoded) is retried one job at a time, so that job fails only
@@ -776,7 +771,6 @@ where
         let kind = Arc::clone(&job.event.kind);
         let sender = self.committer.sender::<B, P>(&self.backend);
         let slots = Arc::clone(&self.committer.slots);
-        let backend = self.backend.clone();
         let publishing = async move {
             let sender = sender?;
             let stopped = || QueueError::Stopped {
@@ -788,17 +782,15 @@ where
                     Some(slot) => slot,
                     None => slots.acquire_owned().await.map_err(|_| stopped())?,
                 };
-                if let Some(writer) = sender.alone() {
-                    return write_alone(backend, job, writer, slot).await;
-                }
                 let (reply, answer) = oneshot::channel();
                 sender
+                    .tx
                     .send(Pending {
                         job,
                         reply,
                         _slot: slot,
                     })
-                    .map_err(|()| stopped())?;
+                    .map_err(|_| stopped())?;
                 answer.await.map_err(|_| stopped())?
             };
             let result = match tokio::time::timeout(left.unwrap_or(timeout), publish).await {
@@ -950,12 +942,6 @@ struct BatchSender<P> {
     /// which bound the channel and the batches being written together.
     tx: mpsc::UnboundedSender<Pending<P>>,
     queue: Arc<str>,
-    /// One permit per batch being written (the backend's
-    /// `parallel_batches`); the group commit holds one while it waits for
-    /// publishes.
-    writers: Arc<Semaphore>,
-    /// Publishes sent and not yet taken into a batch.
-    waiting: Arc<AtomicUsize>,
 }
 
 impl<P> Clone for BatchSender<P> {
@@ -963,31 +949,7 @@ impl<P> Clone for BatchSender<P> {
         BatchSender {
             tx: self.tx.clone(),
             queue: Arc::clone(&self.queue),
-            writers: Arc::clone(&self.writers),
-            waiting: Arc::clone(&self.waiting),
         }
-    }
-}
-
-impl<P> BatchSender<P> {
-    /// A writer's place for a publish to write its job alone, on its own
-    /// task: when nobody waits for a batch and a writer is free (the
-    /// group commit holds another). One caller awaiting each publish then
-    /// skips two task hops, and the group commit still takes everything
-    /// that waits.
-    fn alone(&self) -> Option<OwnedSemaphorePermit> {
-        if self.waiting.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        Arc::clone(&self.writers).try_acquire_owned().ok()
-    }
-
-    /// Hands `pending` to the group commit.
-    fn send(&self, pending: Pending<P>) -> Result<(), ()> {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        self.tx.send(pending).map_err(|_| {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-        })
     }
 }
 
@@ -1017,19 +979,16 @@ impl Committer {
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| QueueError::NoRuntime)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let sender = BatchSender {
-            tx,
-            queue: backend.name().into(),
-            writers: Arc::new(Semaphore::new(backend.parallel_batches().max(1))),
-            waiting: Arc::new(AtomicUsize::new(0)),
-        };
         runtime.spawn(commit_batches(
             backend.clone(),
             rx,
-            sender.clone(),
             self.max_batch,
             self.timeout,
         ));
+        let sender = BatchSender {
+            tx,
+            queue: backend.name().into(),
+        };
         *slot = Some(Box::new(sender.clone()));
         Ok(sender)
     }
@@ -1045,30 +1004,23 @@ impl Committer {
 async fn commit_batches<B, P>(
     backend: B,
     mut rx: mpsc::UnboundedReceiver<Pending<P>>,
-    shared: BatchSender<P>,
     max_batch: usize,
     timeout: Duration,
 ) where
     B: QueueBackend<P>,
     P: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    let BatchSender {
-        writers,
-        waiting,
-        queue,
-        ..
-    } = shared;
+    let writers = Arc::new(Semaphore::new(backend.parallel_batches().max(1)));
+    let queue: Arc<str> = backend.name().into();
     loop {
         // The semaphore is never closed, so acquiring only waits.
         let Ok(writer) = Arc::clone(&writers).acquire_owned().await else {
             return;
         };
         let mut batch = Vec::with_capacity(max_batch.min(DEFAULT_MAX_BATCH));
-        let taken = rx.recv_many(&mut batch, max_batch).await;
-        if taken == 0 {
+        if rx.recv_many(&mut batch, max_batch).await == 0 {
             return;
         }
-        waiting.fetch_sub(taken, Ordering::AcqRel);
         // A publisher that gave up before its job was written (its
         // deadline passed, or it was dropped) was told the event may not
         // be stored: write nothing for it.
@@ -1125,56 +1077,6 @@ fn send_span(queue: &str, count: usize) -> tracing::Span {
         messaging.batch.message_count = count,
         otel.kind = "producer",
     )
-}
-
-/// Writes `job` as a batch of its own on the caller's task, holding
-/// `writer` (from [`BatchSender::alone`]) and the publish's `slot` until
-/// it is written. The write goes on to its end if the publish gives up
-/// or is dropped, as a batch's does (see [`Finish`]).
-async fn write_alone<B, P>(
-    backend: B,
-    job: QueuedEvent<P>,
-    writer: OwnedSemaphorePermit,
-    slot: OwnedSemaphorePermit,
-) -> Result<Published, QueueError>
-where
-    B: QueueBackend<P>,
-    P: Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    let queue: Arc<str> = backend.name().into();
-    let span = send_span(&queue, 1);
-    let write = async move {
-        let answer = push_each(&backend, vec![job]).await.pop();
-        drop((writer, slot));
-        answer.unwrap_or(Err(QueueError::Stopped { queue }))
-    };
-    Finish(Some(Box::pin(write.instrument(span)))).await
-}
-
-/// A write that is never cancelled half way: dropped before it ends, it
-/// goes on as a task of its own (a backend's connection may not survive a
-/// write cut short, and the caller was told the event may be stored).
-struct Finish(Option<BoxFuture<'static, Result<Published, QueueError>>>);
-
-impl std::future::Future for Finish {
-    type Output = Result<Published, QueueError>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(write) = self.0.as_mut() else {
-            return Poll::Pending;
-        };
-        let output = std::task::ready!(write.poll_unpin(cx));
-        self.0 = None;
-        Poll::Ready(output)
-    }
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        if let (Some(write), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn(write.map(drop));
-        }
-    }
 }
 
 /// Pushes `jobs` due now in one call. If that fails because of one job (a
