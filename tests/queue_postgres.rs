@@ -310,3 +310,124 @@ async fn the_publisher_keeps_connections_only_while_busy() {
         support::queue::delete_postgres_rows(&url, &[name]).await;
     }
 }
+
+/// Leaves one connection of `pool` inside a transaction sqlx does not
+/// track, as apalis' worker does when it stops in the middle of an
+/// acknowledgement: a `BEGIN` dropped after it was sent, before its answer
+/// came (sqlx#4393, in sqlx 0.9.0).
+async fn cancel_a_begin(pool: &sqlx::PgPool) {
+    loop {
+        let mut conn = pool.acquire().await.expect("acquire");
+        let mut begin = Box::pin(sqlx::Connection::begin(&mut *conn));
+        match futures::poll!(begin.as_mut()) {
+            // Sent, unanswered: dropped (then the connection, to its pool).
+            std::task::Poll::Pending => return,
+            // Answered at once: try again.
+            std::task::Poll::Ready(tx) => {
+                tx.expect("begin").rollback().await.expect("rollback");
+            }
+        }
+    }
+}
+
+/// Whether the session of `conn` is inside a transaction block: the
+/// transaction of a simple query starts with it.
+async fn inside_transaction(conn: &mut sqlx::PgConnection) -> bool {
+    use sqlx::Row;
+    let row = sqlx::raw_sql("SELECT statement_timestamp() <> transaction_timestamp()")
+        .fetch_one(conn)
+        .await
+        .expect("check the session");
+    row.get(0)
+}
+
+/// `url` with the session name `name`, to find its sessions on the server.
+fn named(url: &str, name: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}application_name={name}")
+}
+
+/// A connection left inside a transaction by a cancelled `BEGIN` is closed
+/// when it comes back to the queue's pool, not pooled: no statement of the
+/// queue, of apalis or of the application runs inside it later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
+async fn a_connection_left_inside_a_transaction_is_closed_not_pooled() {
+    let url = backend_url("EVENTSINK_POSTGRES_URL");
+    let name = unique_name("leak");
+    let queue: PostgresQueue = PostgresQueue::builder(&name)
+        .max_connections(2)
+        .connect(&named(&url, &name))
+        .await
+        .expect("connect");
+    let pool = queue.pool().clone();
+    for _ in 0..3 {
+        cancel_a_begin(&pool).await;
+        // Taking every connection waits for the one given back to be
+        // checked (and closed, and replaced).
+        let mut all = [
+            pool.acquire().await.expect("acquire"),
+            pool.acquire().await.expect("acquire"),
+        ];
+        for conn in &mut all {
+            assert!(
+                !inside_transaction(conn).await,
+                "the pool handed out a connection inside a transaction"
+            );
+        }
+    }
+    support::queue::delete_postgres_rows(&url, &[name]).await;
+}
+
+/// On a pool of the application's own, without the queue's check on
+/// release, a publish still never writes on a connection left inside a
+/// transaction (where its row would stay uncommitted, and be lost when the
+/// connection closes): what it answers `Ok` for, another session sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(eventsink_postgres),
+    ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
+)]
+async fn a_publish_never_writes_inside_a_transaction_left_open() {
+    let url = backend_url("EVENTSINK_POSTGRES_URL");
+    let name = unique_name("leak");
+    // One connection: the publisher must take the one left open.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&named(&url, &name))
+        .await
+        .expect("connect");
+    let queue: PostgresQueue = PostgresQueue::attach(pool.clone(), &name)
+        .await
+        .expect("attach");
+    let observer = sqlx::PgPool::connect(&url).await.expect("observer");
+    let mut publisher = ThroughTaskQueue::new(queue).layer(NoopSink::new());
+    for n in 0..3 {
+        cancel_a_begin(&pool).await;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND state = 'idle in transaction'",
+        )
+        .bind(&name)
+        .fetch_one(&observer)
+        .await
+        .expect("sessions");
+        assert_eq!(
+            open, 1,
+            "the cancelled BEGIN left no transaction open (sqlx#4393 fixed?): \
+             this test no longer sets up what it checks"
+        );
+        let published = publisher.publish(Event::new("test.leak", json!(n))).await;
+        assert_eq!(published.expect("publish"), Published::Stored);
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+            .bind(&name)
+            .fetch_one(&observer)
+            .await
+            .expect("count");
+        assert_eq!(seen, n + 1, "every publish answered Ok is committed");
+    }
+    support::queue::delete_postgres_rows(&url, &[name]).await;
+}

@@ -398,7 +398,7 @@ pub use observe::{Attempt, AttemptOutcome};
 #[cfg(feature = "postgres")]
 pub use postgres::{
     POSTGRES_ACQUIRE_TIMEOUT, POSTGRES_FETCH_BATCH, POSTGRES_MAX_CONNECTIONS, PostgresQueue,
-    PostgresQueueBuilder,
+    PostgresQueueBuilder, postgres_after_release,
 };
 #[cfg(feature = "redis")]
 pub use redis::{REDIS_RESPONSE_TIMEOUT, RedisQueue, RedisQueueBuilder};

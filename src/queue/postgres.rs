@@ -7,7 +7,8 @@ use apalis_postgres::{Config, PostgresStorage, Pubsub};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgQueryResult};
+use sqlx::pool::PoolConnectionMetadata;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgQueryResult};
 
 use super::Published;
 use super::backend::ops::{Answer, Jobs, Ops, Payload, Store, WorkerRun};
@@ -17,7 +18,7 @@ use super::backend::{
 };
 use super::error::QueueError;
 use super::job::QueuedEvent;
-use super::sql::{Dialect, SqlStore, Statements, Writers, stats_statement};
+use super::sql::{Dialect, SqlStore, Statements, Writers, outside_transaction, stats_statement};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MISSED_HEARTBEATS};
 use crate::BoxError;
 
@@ -62,6 +63,14 @@ pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// against 1.5 ms for 35); 14 KiB leaves room for the statement's framing.
 /// A job larger than this goes alone, and over TLS pays that wait.
 const INSERT_BYTES: usize = 14 * 1024;
+
+/// Whether the session is outside any transaction block (see
+/// [`acquire_clean`](super::sql::acquire_clean)). Sent as a simple query,
+/// one statement is its own transaction, which starts with it; inside a
+/// block, the transaction started with an earlier statement. (Through the
+/// extended protocol the two differ even alone: the statement's time is
+/// taken again at `Execute`.)
+const OUTSIDE_TRANSACTION: &str = "SELECT statement_timestamp() = transaction_timestamp()";
 
 /// apalis-postgres 1.0's own insert (its `queries/task/sink.sql`) with the
 /// values apalis' push gives every job of ours (priority 0, 25 attempts,
@@ -140,6 +149,7 @@ impl Dialect for sqlx::Postgres {
         ),
         migrations_exist: "SELECT to_regclass($1) IS NOT NULL",
         versions: "SELECT version FROM {table}",
+        outside_transaction: Some(OUTSIDE_TRANSACTION),
     };
 
     fn rows_affected(result: &PgQueryResult) -> u64 {
@@ -281,6 +291,7 @@ impl PostgresQueueBuilder {
                     Ok(true)
                 })
             })
+            .after_release(postgres_after_release)
             .connect_lazy(url)
             .map_err(fail)?;
         // All at once: `PgPoolOptions::connect` opens `min_connections`
@@ -295,7 +306,8 @@ impl PostgresQueueBuilder {
     /// Uses `pool` (the application's, say) instead of opening one:
     /// migrates and creates the dead-letter table. `max_connections` does
     /// not apply; give the pool an acquire timeout shorter than the publish
-    /// deadline (as [`POSTGRES_ACQUIRE_TIMEOUT`]).
+    /// deadline (as [`POSTGRES_ACQUIRE_TIMEOUT`]), and
+    /// [`postgres_after_release`] as its `after_release` check.
     ///
     /// # Errors
     ///
@@ -339,6 +351,44 @@ impl PostgresQueueBuilder {
             writers,
         })
     }
+}
+
+/// The `after_release` check of the pool [`connect`](PostgresQueueBuilder::connect)
+/// opens; give it to a pool of your own that a queue
+/// [`attach`](PostgresQueueBuilder::attach)es to. It closes a connection
+/// given back inside a transaction, instead of pooling it (one round
+/// trip per connection given back).
+///
+/// sqlx 0.9.0 gives a connection back to its pool still inside a
+/// transaction when a `BEGIN` on it was cancelled before its answer came
+/// (sqlx#4393). apalis' worker does that when it stops in the middle of
+/// an acknowledgement, and so may any task of the application that shares
+/// the pool (a request handler dropped mid-`begin`). Every statement later
+/// run on that connection runs inside that transaction: never committed,
+/// holding its row locks, and lost when the connection closes. The
+/// queue's own durable writes (publishing, dead letters) check each
+/// connection they take whatever the pool; this check keeps apalis'
+/// fetches and acknowledgements, and the application's own statements,
+/// out of such a transaction too.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = sqlx::postgres::PgPoolOptions::new()
+///     .after_release(eventsink::queue::postgres_after_release)
+///     .connect("postgres://app@db/app")
+///     .await?;
+/// let queue: eventsink::queue::PostgresQueue =
+///     eventsink::queue::PostgresQueue::attach(pool, "q").await?;
+/// # Ok(()) }
+/// ```
+pub fn postgres_after_release(
+    conn: &mut PgConnection,
+    _: PoolConnectionMetadata,
+) -> BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(outside_transaction::<sqlx::Postgres>(
+        conn,
+        OUTSIDE_TRANSACTION,
+    ))
 }
 
 /// Whether the database behind `pool` has apalis' jobs table.

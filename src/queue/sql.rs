@@ -136,6 +136,10 @@ pub struct Statements {
     pub(crate) migrations_exist: &'static str,
     /// The versions in apalis' migrations table `{table}`.
     pub(crate) versions: &'static str,
+    /// Where a pooled connection can be left inside a transaction nobody
+    /// tracks: one boolean, whether the session is outside any transaction
+    /// block, run as a simple query (see [`acquire_clean`]).
+    pub(crate) outside_transaction: Option<&'static str>,
 }
 
 /// A SQL database the queue runs on: its statements, and how many rows a
@@ -261,7 +265,7 @@ where
         let (pool, name, fail) = self.parts("storing a dead letter");
         Box::pin(async move {
             let json = encode(&name, &letter)?;
-            let mut conn = pool.acquire().await.map_err(&fail)?;
+            let mut conn = acquire_clean(&pool).await.map_err(&fail)?;
             store_letter::<DB, P>(&mut *conn, &name, &letter, json)
                 .await
                 .map_err(fail)
@@ -531,6 +535,61 @@ where
     Ok(())
 }
 
+/// A connection of `pool` that is outside any transaction, for a write
+/// that must be committed when it returns. sqlx 0.9.0 gives a Postgres
+/// connection back to its pool still inside a transaction when a `BEGIN`
+/// on it was cancelled before its answer came (sqlx#4393: apalis' worker
+/// does that when it stops in the middle of an acknowledgement, and so
+/// may any task of the application that shares the pool). What is
+/// written on such a connection is never committed, and is lost when it
+/// closes. Where the database has [`Statements::outside_transaction`],
+/// each connection taken is checked (one round trip) and one found inside
+/// a transaction is closed, which rolls that transaction back.
+pub(crate) async fn acquire_clean<DB>(pool: &Pool<DB>) -> Result<PoolConnection<DB>, sqlx::Error>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'r> bool: Decode<'r, DB> + Type<DB>,
+{
+    let Some(check) = DB::SQL.outside_transaction else {
+        return pool.acquire().await;
+    };
+    // Each connection found inside a transaction is closed: at most every
+    // connection of the pool, then a new one.
+    let mut last = None;
+    for _ in 0..=pool.options().get_max_connections() {
+        let mut conn = pool.acquire().await?;
+        match outside_transaction(&mut *conn, check).await {
+            Ok(true) => return Ok(conn),
+            Ok(false) => last = Some(sqlx::Error::Protocol(INSIDE_TRANSACTION.into())),
+            Err(e) => last = Some(e),
+        }
+        conn.close_on_drop();
+    }
+    Err(last.unwrap_or(sqlx::Error::PoolClosed))
+}
+
+/// Why [`acquire_clean`] found no connection to write on.
+const INSIDE_TRANSACTION: &str = "every connection the pool gave was inside a transaction \
+     that nobody will commit (a BEGIN cancelled before its answer, sqlx#4393); they were \
+     closed and nothing was written: try again";
+
+/// Whether the session of `conn` is outside any transaction block, by
+/// the simple query `check`.
+pub(crate) async fn outside_transaction<DB>(
+    conn: &mut DB::Connection,
+    check: &'static str,
+) -> Result<bool, sqlx::Error>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    usize: ColumnIndex<DB::Row>,
+    for<'r> bool: Decode<'r, DB> + Type<DB>,
+{
+    sqlx::raw_sql(check).fetch_one(conn).await?.try_get(0)
+}
+
 /// Connections a publisher keeps between its batches, at most (and no
 /// more than a quarter of the pool, so the worker always has the rest):
 /// Postgres' parallel batches. sqlx checks every connection given back to
@@ -592,13 +651,19 @@ impl<DB: Database> Writers<DB> {
     }
 
     /// A kept connection used within [`KEPT_IDLE`], or one
-    /// from the pool.
-    pub(crate) async fn take(&self, pool: &Pool<DB>) -> Result<PoolConnection<DB>, sqlx::Error> {
+    /// from the pool (see [`acquire_clean`]).
+    pub(crate) async fn take(&self, pool: &Pool<DB>) -> Result<PoolConnection<DB>, sqlx::Error>
+    where
+        DB: Dialect,
+        for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+        usize: ColumnIndex<DB::Row>,
+        for<'r> bool: Decode<'r, DB> + Type<DB>,
+    {
         let kept = self.lock().idle.pop();
         match kept {
             Some((conn, used)) if used.elapsed() < KEPT_IDLE => Ok(conn),
             // An idle one goes back to the pool, which checks it.
-            _ => pool.acquire().await,
+            _ => acquire_clean(pool).await,
         }
     }
 

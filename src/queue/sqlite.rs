@@ -74,6 +74,8 @@ impl Dialect for sqlx::Sqlite {
         migrations_exist: "SELECT EXISTS \
              (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
         versions: "SELECT version FROM \"{table}\"",
+        // sqlx's SQLite driver rolls back a `BEGIN` whose caller went away.
+        outside_transaction: None,
     };
 
     fn rows_affected(result: &SqliteQueryResult) -> u64 {

@@ -356,7 +356,7 @@ where
             queue: queue.as_str().into(),
             observer: self.observer.clone(),
         });
-        let maintenance =
+        let mut maintenance =
             tokio::spawn(maintain(self.backend.clone(), self.retention, stop.clone()));
         #[cfg(feature = "metrics")]
         let depth = self
@@ -472,7 +472,14 @@ where
             restarts.fetch_add(1, Ordering::Relaxed);
             failed_runs += 1;
         }
-        maintenance.abort();
+        // Stopped, not aborted: a statement it sent still ends (or its
+        // transaction is rolled back) before `shutdown` returns.
+        if tokio::time::timeout(SHUTDOWN_MARGIN, &mut maintenance)
+            .await
+            .is_err()
+        {
+            maintenance.abort();
+        }
         #[cfg(feature = "metrics")]
         if let Some(depth) = depth {
             depth.abort();
