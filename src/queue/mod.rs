@@ -251,16 +251,17 @@
 //! table):
 //!
 //! - **One caller awaiting each publish** pays about one bare commit:
-//!   0.90 × a bare `INSERT` + `COMMIT` into apalis' `Jobs` table on SQLite
-//!   (3,500 commits/s in that run; the table's ten indexes are most of a
-//!   commit's cost), 0.87 × a bare autocommit `INSERT` on Postgres. On
-//!   Redis about 0.5 × a bare `HSET` + `LPUSH` pipeline: the publish script
-//!   (six commands in Lua, for the duplicate check and apalis' layout)
-//!   takes ~33 µs of Redis' time, the pipeline ~4 µs, and a round trip to
-//!   that Redis ~57 µs in all.
-//! - **Several callers** share commits: 8 callers publish 2.6 × as many
+//!   0.96 × a bare `INSERT` + `COMMIT` into apalis' `Jobs` table on SQLite
+//!   (9,100 commits/s in that run; the table's ten indexes are most of a
+//!   commit's cost), 0.81 × a bare autocommit `INSERT` on Postgres, and
+//!   0.83 × a bare `HSET` + `LPUSH` pipeline on Redis, where the publish
+//!   script (six commands in Lua, for the duplicate check and apalis'
+//!   layout) is most of the difference. On a slower machine the same
+//!   script made Redis 0.5 ×: it took ~33 µs of Redis' time there, the
+//!   pipeline ~4 µs, in a round trip of ~57 µs.
+//! - **Several callers** share commits: 8 callers publish 2.8 × as many
 //!   events per second as one caller's bare commits on SQLite; 64 callers
-//!   6.5 × on SQLite and 6.1 × on Postgres as many as 64 callers of
+//!   8.3 × on SQLite and 7.5 × on Postgres as many as 64 callers of
 //!   apalis' own push.
 //!
 //! To get the most from group commit, publish concurrently rather than in
