@@ -15,7 +15,7 @@
 //! | `eventsink.process` | each delivery attempt of a queued event | `process` | consumer | `messaging.destination.name`, `messaging.message.id`, `eventsink.event.kind`, `eventsink.attempt`, `eventsink.outcome` (`delivered` / `retrying` / `dead`), `eventsink.next_due` (RFC 3339, when retrying), `eventsink.duration_ms` |
 //! | `eventsink.dead_letter` | an event becomes a dead letter (inside `eventsink.process`) | `settle` | internal | `messaging.destination.name`, `messaging.message.id`, `eventsink.death.cause` |
 //! | `eventsink.replay` | [`DeadLetters::replay`](crate::queue::DeadLetters::replay), `replay_all` | `send` | producer | `messaging.destination.name`, `messaging.batch.message_count` |
-//! | `webhook` | each HTTP attempt of [`WebhookSink`](crate::webhook::WebhookSink) | — | client | `http.request.method`, `url.full` (no credentials, query or fragment), `server.address`, `http.response.status_code`, `messaging.message.id`, `eventsink.event.kind`, `eventsink.duration_ms` |
+//! | `webhook` | each HTTP attempt of [`WebhookSink`](crate::webhook::WebhookSink) | — | client | `http.request.method`, `url.full` (no credentials, query or fragment; the path only with `show_path`), `server.address`, `http.response.status_code`, `messaging.message.id`, `eventsink.event.kind`, `eventsink.duration_ms` |
 //!
 //! `publish` and the legacy `messaging.operation` values are deprecated in
 //! the conventions (v1.26+); `create` is the span of one message, `send`

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -596,10 +596,7 @@ async fn an_id_that_cannot_be_a_header_is_a_permanent_error() {
 
 #[test]
 fn each_attempt_has_a_span_with_the_event_and_the_outcome() {
-    use tracing_subscriber::layer::SubscriberExt;
-    let fields = Arc::new(Mutex::new(Vec::<String>::new()));
-    let subscriber = tracing_subscriber::registry().with(FieldRecorder(Arc::clone(&fields)));
-    let _guard = tracing::subscriber::set_default(subscriber);
+    record_webhook_spans();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -609,7 +606,7 @@ fn each_attempt_has_a_span_with_the_event_and_the_outcome() {
         let receiver = Receiver::start().await;
         sink(&receiver, |b| b).publish(event.clone()).await.unwrap();
     });
-    let fields = fields.lock().unwrap().join(" ");
+    let fields = webhook_span_of("evt_span");
     for expected in [
         "messaging.message.id=evt_span",
         "eventsink.event.kind=order.placed",
@@ -623,37 +620,116 @@ fn each_attempt_has_a_span_with_the_event_and_the_outcome() {
     }
 }
 
+/// A secret in the URL's path (as Slack's, Discord's and Zapier's webhook
+/// URLs have) appears nowhere the sink shows its destination: not in its
+/// `Debug`, its errors or its span, unless the path is asked for.
+#[test]
+fn a_secret_in_the_url_path_is_never_shown() {
+    const TOKEN: &str = "xoxs3cr3tT0k3nInThePath";
+    record_webhook_spans();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = format!("/services/T0/B0/{TOKEN}");
+    let (sink, err, shown) = rt.block_on(async {
+        let receiver = Receiver::start().await;
+        receiver.script([Reply::status(500)]);
+        let sink = WebhookSink::builder(receiver.url(&path))
+            .build()
+            .expect("sink builds");
+        let event = Event::with_id("order.placed", "evt_path", json!(1));
+        let err = sink
+            .clone()
+            .publish(event)
+            .await
+            .expect_err("the receiver answers 500");
+        assert_eq!(receiver.requests()[0].path, path, "sent to the whole URL");
+        let shown = WebhookSink::builder(receiver.url(&path))
+            .show_path(true)
+            .build()
+            .expect("sink builds");
+        (sink, err, shown)
+    });
+    for (what, text) in [
+        ("the sink's Debug", format!("{sink:?}")),
+        ("the error", format!("{err} {err:?}")),
+        ("the span", webhook_span_of("evt_path")),
+    ] {
+        assert!(!text.contains(TOKEN), "{what} shows the path: {text}");
+        assert!(text.contains("/REDACTED"), "{what}: {text}");
+    }
+    assert!(shown.url().ends_with(&path), "{}", shown.url());
+}
+
+/// The fields of every `webhook` span of this test binary, by span id.
+static WEBHOOK_SPANS: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+
+/// Records every `webhook` span into [`WEBHOOK_SPANS`], with one subscriber
+/// for the whole binary: tracing caches process-wide whether a callsite is
+/// enabled, so a subscriber set for one test's thread misses spans while
+/// other tests run.
+fn record_webhook_spans() {
+    use tracing_subscriber::layer::SubscriberExt;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::registry().with(FieldRecorder);
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+    });
+}
+
+/// The fields of the `webhook` span of the event `id`, joined.
+fn webhook_span_of(id: &str) -> String {
+    let spans = WEBHOOK_SPANS.lock().unwrap();
+    let marker = format!("messaging.message.id={id}");
+    let span = spans.iter().find(|(_, field)| *field == marker);
+    let Some(&(span, _)) = span else {
+        panic!("no webhook span for {id}")
+    };
+    let fields: Vec<&str> = spans
+        .iter()
+        .filter(|(s, _)| *s == span)
+        .map(|(_, field)| field.as_str())
+        .collect();
+    fields.join(" ")
+}
+
 /// Records the fields of every `webhook` span.
-struct FieldRecorder(Arc<Mutex<Vec<String>>>);
+struct FieldRecorder;
 
-struct Visitor<'a>(&'a mut Vec<String>);
+struct Visitor(u64);
 
-impl tracing::field::Visit for Visitor<'_> {
+impl tracing::field::Visit for Visitor {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .push(format!("{}={value:?}", field.name()).replace('"', ""));
+        let field = format!("{}={value:?}", field.name()).replace('"', "");
+        WEBHOOK_SPANS.lock().unwrap().push((self.0, field));
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FieldRecorder {
+impl<S> tracing_subscriber::Layer<S> for FieldRecorder
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     fn on_new_span(
         &self,
         attrs: &tracing::span::Attributes<'_>,
-        _: &tracing::span::Id,
+        id: &tracing::span::Id,
         _: tracing_subscriber::layer::Context<'_, S>,
     ) {
         if attrs.metadata().name() == "webhook" {
-            attrs.record(&mut Visitor(&mut self.0.lock().unwrap()));
+            attrs.record(&mut Visitor(id.into_u64()));
         }
     }
 
     fn on_record(
         &self,
-        _: &tracing::span::Id,
+        id: &tracing::span::Id,
         values: &tracing::span::Record<'_>,
-        _: tracing_subscriber::layer::Context<'_, S>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
     ) {
-        values.record(&mut Visitor(&mut self.0.lock().unwrap()));
+        if ctx.metadata(id).is_some_and(|m| m.name() == "webhook") {
+            values.record(&mut Visitor(id.into_u64()));
+        }
     }
 }
 

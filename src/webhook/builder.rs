@@ -72,6 +72,7 @@ pub struct WebhookSinkBuilder<L = Identity> {
     max_body_bytes: usize,
     egress: EgressPolicy,
     https_only: bool,
+    show_path: bool,
     status_classifier: Option<StatusClassifier>,
     #[cfg(feature = "cloudevents")]
     cloudevents: Option<CloudEvents>,
@@ -177,6 +178,25 @@ impl<L> WebhookSinkBuilder<L> {
         Self { https_only, ..self }
     }
 
+    /// Whether the URL's path appears where the sink shows its destination
+    /// ([`url`](super::WebhookSink::url), `Debug`, errors, the `url.full`
+    /// span field); `false` by default, which shows it as `/REDACTED`.
+    /// Credentials, query and fragment never appear. Many services (Slack,
+    /// Discord, Zapier) put a webhook's secret in its path; show it only
+    /// where it holds none.
+    ///
+    /// ```
+    /// use eventsink::webhook::WebhookSink;
+    /// let hidden = WebhookSink::builder("https://hooks.example.com/T1/B2/s3cr3t").build()?;
+    /// assert_eq!(hidden.url(), "https://hooks.example.com/REDACTED");
+    /// let shown = WebhookSink::builder("https://example.com/hooks/orders").show_path(true).build()?;
+    /// assert_eq!(shown.url(), "https://example.com/hooks/orders");
+    /// # Ok::<(), eventsink::webhook::BuildError>(())
+    /// ```
+    pub fn show_path(self, show_path: bool) -> Self {
+        Self { show_path, ..self }
+    }
+
     /// Overrides how statuses are classified: return `Some(true)` to retry,
     /// `Some(false)` to give up, `None` to keep the default
     /// ([`is_retryable_status`](super::classify::is_retryable_status)).
@@ -229,6 +249,7 @@ impl<L> WebhookSinkBuilder<L> {
             max_body_bytes,
             egress,
             https_only,
+            show_path,
             status_classifier,
             #[cfg(feature = "cloudevents")]
             cloudevents,
@@ -245,6 +266,7 @@ impl<L> WebhookSinkBuilder<L> {
             max_body_bytes,
             egress,
             https_only,
+            show_path,
             status_classifier,
             #[cfg(feature = "cloudevents")]
             cloudevents,
@@ -362,7 +384,7 @@ impl<L> WebhookSinkBuilder<L> {
             None => None,
         };
         Ok(Arc::new(Config {
-            display_url: display_url(&url),
+            display_url: display_url(&url, self.show_path),
             uri,
             host,
             secrets: self.secrets.clone(),
@@ -391,6 +413,7 @@ impl WebhookSinkBuilder {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             egress: EgressPolicy::default(),
             https_only: false,
+            show_path: false,
             status_classifier: None,
             #[cfg(feature = "cloudevents")]
             cloudevents: None,
@@ -461,13 +484,18 @@ fn own_client(connect_timeout: Duration, egress: EgressPolicy) -> Result<Client,
     builder.build().map_err(|e| BuildError::Client(Box::new(e)))
 }
 
-fn display_url(url: &Url) -> String {
+/// How the sink shows `url`: without credentials, query or fragment, and
+/// with its path only if `show_path` (see [`WebhookSinkBuilder::show_path`]).
+fn display_url(url: &Url, show_path: bool) -> String {
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let path = match url.path() {
+        path if show_path || path == "/" => path,
+        _ => "/REDACTED",
+    };
     format!(
-        "{}://{}{port}{}",
+        "{}://{}{port}{path}",
         url.scheme(),
         url.host_str().unwrap_or_default(),
-        url.path()
     )
 }
 
@@ -476,9 +504,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn display_url_drops_credentials_query_and_fragment() {
+    fn display_url_drops_credentials_query_and_fragment_and_hides_the_path() {
         let url = Url::parse("https://user:pw@example.com:8443/a/b?token=secret#frag").unwrap();
-        assert_eq!(display_url(&url), "https://example.com:8443/a/b");
+        assert_eq!(display_url(&url, true), "https://example.com:8443/a/b");
+        assert_eq!(
+            display_url(&url, false),
+            "https://example.com:8443/REDACTED"
+        );
+        let bare = Url::parse("https://example.com").unwrap();
+        assert_eq!(display_url(&bare, false), "https://example.com/");
     }
 
     #[test]

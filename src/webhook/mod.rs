@@ -189,7 +189,7 @@ impl WebhookSink {
     ///
     /// ```
     /// let sink = eventsink::webhook::WebhookSink::builder("https://example.com/hook").build()?;
-    /// assert_eq!(sink.url(), "https://example.com/hook");
+    /// assert_eq!(sink.url(), "https://example.com/REDACTED"); // see `show_path`
     /// # Ok::<(), eventsink::webhook::BuildError>(())
     /// ```
     pub fn builder(url: impl Into<String>) -> WebhookSinkBuilder {
@@ -198,11 +198,12 @@ impl WebhookSink {
 }
 
 impl<S> WebhookSink<S> {
-    /// The destination, without credentials, query string or fragment.
+    /// The destination, without credentials, query string or fragment, and
+    /// with its path shown only if [asked](WebhookSinkBuilder::show_path).
     ///
     /// ```
     /// let sink = eventsink::webhook::WebhookSink::builder("https://u:p@example.com/h?token=x").build()?;
-    /// assert_eq!(sink.url(), "https://example.com/h");
+    /// assert_eq!(sink.url(), "https://example.com/REDACTED");
     /// # Ok::<(), eventsink::webhook::BuildError>(())
     /// ```
     pub fn url(&self) -> &str {
