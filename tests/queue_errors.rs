@@ -85,6 +85,28 @@ async fn postgres_unknown_database_is_permanent() {
     assert_each_cause_once(&chain(&err));
 }
 
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_on_a_closed_port_is_transient_and_names_the_cause_once() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://app@127.0.0.1:{port}/app");
+    let err = eventsink::queue::PostgresQueue::<serde_json::Value>::connect(&url, "q")
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(err, QueueError::Backend { .. }), "{err:?}");
+    assert!(err.is_retryable(), "the server may come up: {err}");
+    let lines = chain(&err);
+    assert!(
+        lines.iter().any(|l| l.contains("Connection refused")),
+        "not only \"pool timed out\": {lines:#?}"
+    );
+    assert_each_cause_once(&lines);
+}
+
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn redis_on_a_closed_port_is_transient_and_names_the_cause_once() {

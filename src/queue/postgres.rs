@@ -298,7 +298,9 @@ impl PostgresQueueBuilder {
         // one after another.
         let opening = (0..self.max_connections).map(|_| pool.acquire());
         for opened in futures::future::join_all(opening).await {
-            opened.map_err(fail)?;
+            if let Err(e) = opened {
+                return Err(fail(why_not_connected(&pool, e).await));
+            }
         }
         self.attach(pool).await
     }
@@ -389,6 +391,26 @@ pub fn postgres_after_release(
         conn,
         OUTSIDE_TRANSACTION,
     ))
+}
+
+/// The cause of `error`, a failure to open `pool`'s connections: when
+/// every attempt failed until the acquire timeout, sqlx answers only
+/// `PoolTimedOut`, so one more attempt, outside the pool, says why (the
+/// server refused the connection, the host is unknown, TLS failed).
+async fn why_not_connected(pool: &PgPool, error: sqlx::Error) -> sqlx::Error {
+    use sqlx::ConnectOptions;
+    if !matches!(error, sqlx::Error::PoolTimedOut) {
+        return error;
+    }
+    let options = pool.connect_options();
+    match tokio::time::timeout(POSTGRES_ACQUIRE_TIMEOUT, options.connect()).await {
+        Ok(Err(cause)) => cause,
+        Ok(Ok(conn)) => {
+            let _ = sqlx::Connection::close(conn).await;
+            error
+        }
+        Err(_) => error,
+    }
 }
 
 /// Whether the database behind `pool` has apalis' jobs table.
