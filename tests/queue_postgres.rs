@@ -429,5 +429,22 @@ async fn a_publish_never_writes_inside_a_transaction_left_open() {
             .expect("count");
         assert_eq!(seen, n + 1, "every publish answered Ok is committed");
     }
+    // A transaction left open and then failed (every statement on it
+    // fails): the connection is closed and the publish stored on another.
+    cancel_a_begin(&pool).await;
+    let failed = sqlx::query("SELECT 1 / 0").execute(&pool).await;
+    assert!(
+        failed.is_err(),
+        "division by zero fails the open transaction"
+    );
+    let last = Event::new("test.leak", json!("after a failed transaction"));
+    let published = publisher.publish(last).await;
+    assert_eq!(published.expect("publish"), Published::Stored);
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+        .bind(&name)
+        .fetch_one(&observer)
+        .await
+        .expect("count");
+    assert_eq!(seen, 4, "the three publishes above and this one");
     support::queue::delete_postgres_rows(&url, &[name]).await;
 }

@@ -555,19 +555,33 @@ where
     let Some(check) = DB::SQL.outside_transaction else {
         return pool.acquire().await;
     };
-    // Each connection found inside a transaction is closed: at most every
-    // connection of the pool, then a new one.
-    let mut last = None;
+    // Each connection found inside a transaction (or inside one that
+    // failed, where the check itself fails) is closed: at most every
+    // connection of the pool, then a new one. One the check fails on for
+    // another reason (the server is gone) is closed too, and the error
+    // answered, as for any failed statement.
     for _ in 0..=pool.options().get_max_connections() {
         let mut conn = pool.acquire().await?;
-        match outside_transaction(&mut *conn, check).await {
-            Ok(true) => return Ok(conn),
-            Ok(false) => last = Some(sqlx::Error::Protocol(INSIDE_TRANSACTION.into())),
-            Err(e) => last = Some(e),
+        let outside = outside_transaction(&mut *conn, check).await;
+        if matches!(outside, Ok(true)) {
+            return Ok(conn);
         }
         conn.close_on_drop();
+        match outside {
+            Err(e) if !in_failed_transaction(&e) => return Err(e),
+            _ => continue,
+        }
     }
-    Err(last.unwrap_or(sqlx::Error::PoolClosed))
+    Err(sqlx::Error::Protocol(INSIDE_TRANSACTION.into()))
+}
+
+/// Whether `error` is Postgres' "current transaction is aborted" (SQLSTATE
+/// `25P02`): the session is inside a transaction that failed.
+fn in_failed_transaction(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "25P02")
 }
 
 /// Why [`acquire_clean`] found no connection to write on.
