@@ -357,9 +357,11 @@ pub(crate) mod ops {
         }
 
         /// Renews the lease of worker `name` (what apalis' heartbeat
-        /// does), while it finishes its deliveries after a stop: apalis
-        /// sends no heartbeats once its worker is stopping. Nothing for
-        /// the memory backend, which has no leases.
+        /// does), every heartbeat while it runs and while it finishes its
+        /// deliveries after a stop: apalis sends no heartbeat while its
+        /// fetched jobs wait for a free delivery slot, nor once its worker
+        /// is stopping. Nothing for the memory backend, which has no
+        /// leases.
         fn keep_alive(&self, _name: &str) -> Answer<()> {
             Box::pin(async { Ok(()) })
         }

@@ -54,8 +54,8 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// from ~8,000 to ~22,000 events/s. Postgres fetches
 /// `POSTGRES_FETCH_BATCH` (128) unless
 /// told, and Redis batches the size of the deliveries at once. The
-/// jobs taken stay leased to the worker until delivered (its heartbeat keeps
-/// the lease), are marked done within 10 ms of their outcome, and
+/// jobs taken stay leased to the worker until delivered (it renews the
+/// lease every heartbeat, also while they wait for a free delivery slot), are marked done within 10 ms of their outcome, and
 /// a worker that stops hands back the ones it has not started.
 pub const DEFAULT_FETCH_BATCH: usize = 256;
 
@@ -391,6 +391,7 @@ where
                     stop: stopped(stop.clone()).boxed(),
                 }),
             );
+            let lease = tokio::spawn(renew_lease(self.backend.clone(), name.clone()));
             let (end_acks, acks_ended) = tokio::sync::oneshot::channel();
             let acks = tokio::spawn(acknowledge(
                 self.backend.clone(),
@@ -440,6 +441,8 @@ where
                 }
             };
             drain(&self.backend, self.attempt_timeout, &deliveries, &name).await;
+            // One statement at most is cut short: no transaction.
+            lease.abort();
             let _ = end_acks.send(());
             let _ = acks.await;
             if let Err(e) = self
@@ -502,6 +505,22 @@ async fn report_depth<B: QueueBackend<P>, P>(
         }
         if sleep_or_stop(every, &stop).await {
             return;
+        }
+    }
+}
+
+/// Renews the lease of the run `name` every heartbeat for as long as it
+/// runs. apalis sends its heartbeat only when it can hand out a job: while
+/// every delivery slot is busy and fetched jobs wait in its buffer (a slow
+/// sink, a fetch batch larger than the concurrency), it sends none, and
+/// after the lease other workers took over the jobs this one still held,
+/// and delivered them at the same time.
+async fn renew_lease<B: QueueBackend<P>, P>(backend: B, name: String) {
+    let (beat, _) = backend.lease();
+    loop {
+        tokio::time::sleep(beat).await;
+        if let Err(e) = backend.store().keep_alive(&name).await {
+            tracing::warn!(worker = %name, error = %e, "could not renew the worker's lease");
         }
     }
 }
