@@ -85,48 +85,42 @@ async fn postgres_unknown_database_is_permanent() {
     assert_each_cause_once(&chain(&err));
 }
 
-#[cfg(feature = "postgres")]
-#[tokio::test]
-async fn postgres_on_a_closed_port_is_transient_and_names_the_cause_once() {
-    // A port nothing listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A loopback port nothing listens on: bound, then released.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
-        .port();
-    let url = format!("postgres://app@127.0.0.1:{port}/app");
-    let err = eventsink::queue::PostgresQueue::<serde_json::Value>::connect(&url, "q")
-        .await
-        .expect_err("nothing listens");
-    assert!(matches!(err, QueueError::Backend { .. }), "{err:?}");
-    assert!(err.is_retryable(), "the server may come up: {err}");
-    let lines = chain(&err);
-    assert!(
-        lines.iter().any(|l| l.contains("Connection refused")),
-        "not only \"pool timed out\": {lines:#?}"
-    );
-    assert_each_cause_once(&lines);
+        .port()
 }
 
-#[cfg(feature = "redis")]
-#[tokio::test]
-async fn redis_on_a_closed_port_is_transient_and_names_the_cause_once() {
-    // A port nothing listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let url = format!("redis://127.0.0.1:{port}/");
-    let err = eventsink::queue::RedisQueue::<serde_json::Value>::connect(&url, "q")
-        .await
-        .expect_err("nothing listens");
+/// `opened` failed because nothing listens: a transient backend error
+/// whose chain says so (not only that a wait timed out), each cause once.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+fn assert_refused<T: std::fmt::Debug>(opened: Result<T, QueueError>) {
+    let err = opened.expect_err("nothing listens");
     assert!(matches!(err, QueueError::Backend { .. }), "{err:?}");
-    assert!(err.is_retryable(), "the backend may come up: {err}");
+    assert!(err.is_retryable(), "the server may come up: {err}");
     let lines = chain(&err);
     assert!(
         lines.iter().any(|l| l.contains("Connection refused")),
         "{lines:#?}"
     );
     assert_each_cause_once(&lines);
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_on_a_closed_port_is_transient_and_names_the_cause_once() {
+    let url = format!("postgres://app@127.0.0.1:{}/app", closed_port());
+    assert_refused(eventsink::queue::PostgresQueue::<serde_json::Value>::connect(&url, "q").await);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_on_a_closed_port_is_transient_and_names_the_cause_once() {
+    let url = format!("redis://127.0.0.1:{}/", closed_port());
+    assert_refused(eventsink::queue::RedisQueue::<serde_json::Value>::connect(&url, "q").await);
 }
 
 #[cfg(feature = "redis")]

@@ -319,16 +319,14 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
     const LEASE_BEATS: usize = 3;
     let _watchdog = Watchdog::new(Duration::from_secs(120), "drain test hung");
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("q.db");
     // A 6 s lease (2 s heartbeat × 3), far shorter than the drain below.
-    let open = || async {
-        SqliteQueue::builder("drain")
-            .lease(Duration::from_secs(HEARTBEAT_SECS), LEASE_BEATS)
-            .open(&path)
-            .await
-            .expect("open")
-    };
-    let (queue_a, queue_b): (SqliteQueue, SqliteQueue) = (open().await, open().await);
+    let (queue_a, queue_b) = two_handles(
+        &tmp.path().join("q.db"),
+        "drain",
+        HEARTBEAT_SECS,
+        LEASE_BEATS,
+    )
+    .await;
 
     let (started_tx, mut started) = mpsc::unbounded_channel::<(&'static str, String)>();
     let release = Arc::new(Semaphore::new(0));
@@ -347,13 +345,7 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
             }
         })
     };
-    let quick = tower::service_fn(move |event: Event| {
-        let started_tx = started_tx.clone();
-        async move {
-            let _ = started_tx.send(("b", event.id.to_string()));
-            Ok::<(), eventsink::Error>(())
-        }
-    });
+    let quick = reports_as_b(started_tx);
 
     let event = Event::new("test.drain", json!(1));
     ThroughTaskQueue::new(queue_a.clone())
@@ -466,16 +458,14 @@ async fn a_busy_worker_keeps_its_lease_while_fetched_jobs_wait() {
     const EVENTS: usize = 3;
     let _watchdog = Watchdog::new(Duration::from_secs(120), "busy-lease test hung");
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("q.db");
     // A 3 s lease (1 s heartbeat × 3), far shorter than a's delivery.
-    let open = || async {
-        SqliteQueue::builder("busy")
-            .lease(Duration::from_secs(HEARTBEAT_SECS), LEASE_BEATS)
-            .open(&path)
-            .await
-            .expect("open")
-    };
-    let (queue_a, queue_b): (SqliteQueue, SqliteQueue) = (open().await, open().await);
+    let (queue_a, queue_b) = two_handles(
+        &tmp.path().join("q.db"),
+        "busy",
+        HEARTBEAT_SECS,
+        LEASE_BEATS,
+    )
+    .await;
     let (started_tx, mut started) = mpsc::unbounded_channel::<(&'static str, String)>();
     let release = Arc::new(Semaphore::new(0));
     let slow = {
@@ -489,13 +479,7 @@ async fn a_busy_worker_keeps_its_lease_while_fetched_jobs_wait() {
             }
         })
     };
-    let quick = tower::service_fn(move |event: Event| {
-        let started_tx = started_tx.clone();
-        async move {
-            let _ = started_tx.send(("b", event.id.to_string()));
-            Ok::<(), eventsink::Error>(())
-        }
-    });
+    let quick = reports_as_b(started_tx);
     let mut publisher = ThroughTaskQueue::new(queue_a.clone()).layer(slow.clone());
     for event in events("test.busy", EVENTS) {
         publisher.ready().await.expect("ready");
@@ -551,6 +535,37 @@ async fn a_busy_worker_keeps_its_lease_while_fetched_jobs_wait() {
     let unique: HashSet<_> = delivered.iter().collect();
     assert_eq!(unique.len(), EVENTS, "each event once: {delivered:?}");
     assert!(started.try_recv().is_err(), "no event delivered again");
+}
+
+/// Two handles (two workers' instances) of the queue `name` in the SQLite
+/// file `path`, with a lease of `beats` heartbeats of `heartbeat_secs`.
+async fn two_handles(
+    path: &Path,
+    name: &str,
+    heartbeat_secs: u64,
+    beats: usize,
+) -> (SqliteQueue, SqliteQueue) {
+    let open = || async {
+        SqliteQueue::builder(name)
+            .lease(Duration::from_secs(heartbeat_secs), beats)
+            .open(path)
+            .await
+            .expect("open")
+    };
+    (open().await, open().await)
+}
+
+/// A sink for worker `b`: reports each delivery it starts on `started`.
+fn reports_as_b(
+    started: mpsc::UnboundedSender<(&'static str, String)>,
+) -> impl Service<Event, Response = (), Error = eventsink::Error, Future: Send> + Clone + Send {
+    tower::service_fn(move |event: Event| {
+        let started = started.clone();
+        async move {
+            let _ = started.send(("b", event.id.to_string()));
+            Ok::<(), eventsink::Error>(())
+        }
+    })
 }
 
 /// Marks a delivery of worker `a` as running for as long as it lives
