@@ -449,120 +449,68 @@ async fn a_publish_never_writes_inside_a_transaction_left_open() {
     support::queue::delete_postgres_rows(&url, &[name]).await;
 }
 
-/// As `queue_pressure::a_busy_worker_keeps_its_lease_while_fetched_jobs_wait`
-/// on Postgres: worker `a` delivers one job at a time and has fetched three,
-/// so apalis sends no heartbeat while its one delivery runs; worker `b`, on
-/// another pool, must not take over `a`'s jobs meanwhile.
+/// `support::lease::busy_worker_keeps_its_lease` on Postgres, two pools,
+/// with a 3 s lease (1 s heartbeat × 3), far shorter than a's delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
     not(eventsink_postgres),
     ignore = "set EVENTSINK_POSTGRES_URL to run against Postgres"
 )]
 async fn a_busy_worker_keeps_its_lease_while_fetched_jobs_wait() {
+    use futures::FutureExt;
     use std::sync::Arc;
     use std::time::Duration;
 
-    use eventsink::queue::QueueWorker;
-    use tokio::sync::{Semaphore, mpsc};
-    use tower::{Service, ServiceExt};
-
-    const HEARTBEAT: Duration = Duration::from_secs(1);
-    const BEATS: usize = 3;
-    const EVENTS: usize = 3;
-    let _watchdog = support::Watchdog::new(Duration::from_secs(120), "busy-lease test hung");
     let url = backend_url("EVENTSINK_POSTGRES_URL");
     let name = unique_name("busy");
     let open = || async {
         PostgresQueue::builder(&name)
-            .lease(HEARTBEAT, BEATS)
+            .lease(Duration::from_secs(1), 3)
             .max_connections(4)
             .connect(&url)
             .await
             .expect("connect")
     };
     let (queue_a, queue_b): (PostgresQueue, PostgresQueue) = (open().await, open().await);
-    let (started_tx, mut started) = mpsc::unbounded_channel::<(&'static str, String)>();
-    let release = Arc::new(Semaphore::new(0));
-    let slow = {
-        let (started_tx, release) = (started_tx.clone(), Arc::clone(&release));
-        tower::service_fn(move |event: Event| {
-            let (started_tx, release) = (started_tx.clone(), Arc::clone(&release));
+    let (pool, queue): (sqlx::PgPool, Arc<str>) = (queue_b.pool().clone(), name.as_str().into());
+    let held = {
+        let (pool, queue) = (pool.clone(), Arc::clone(&queue));
+        move || {
+            let (pool, queue) = (pool.clone(), Arc::clone(&queue));
             async move {
-                let _ = started_tx.send(("a", event.id.to_string()));
-                release.acquire().await.expect("not closed").forget();
-                Ok::<(), eventsink::Error>(())
+                let held: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 \
+                     AND status IN ('Queued', 'Running')",
+                )
+                .bind(&*queue)
+                .fetch_one(&pool)
+                .await
+                .expect("jobs");
+                usize::try_from(held).expect("a count")
             }
-        })
+            .boxed()
+        }
     };
-    let quick = tower::service_fn(move |event: Event| {
-        let started_tx = started_tx.clone();
+    let idle_seen = move || {
+        let (pool, queue) = (pool.clone(), Arc::clone(&queue));
         async move {
-            let _ = started_tx.send(("b", event.id.to_string()));
-            Ok::<(), eventsink::Error>(())
+            sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM MAX(last_seen))::float8 FROM apalis.workers \
+                 WHERE worker_type = $1 AND id NOT IN \
+                 (SELECT lock_by FROM apalis.jobs WHERE job_type = $1 AND lock_by IS NOT NULL)",
+            )
+            .bind(&*queue)
+            .fetch_one(&pool)
+            .await
+            .expect("read workers")
         }
-    });
-    let mut publisher = ThroughTaskQueue::new(queue_a.clone()).layer(slow.clone());
-    for n in 0..EVENTS {
-        publisher.ready().await.expect("ready");
-        let event = Event::new("test.busy", json!(n));
-        publisher.call(event).await.expect("publish");
-    }
-    let a = QueueWorker::new(queue_a.clone(), slow)
-        .concurrency(1)
-        .fetch_batch(EVENTS)
-        .attempt_timeout(Duration::from_secs(60))
-        .spawn();
-    let (who, first) = started.recv().await.expect("a delivers");
-    assert_eq!(who, "a");
-    let held: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM apalis.jobs WHERE job_type = $1 \
-         AND status IN ('Queued', 'Running')",
-    )
-    .bind(&name)
-    .fetch_one(queue_a.pool())
-    .await
-    .expect("jobs");
-    assert_eq!(held, EVENTS as i64, "a fetched every job");
-    let b = QueueWorker::new(queue_b.clone(), quick)
-        .poll_interval(Duration::from_millis(50))
-        .spawn();
-    // Until b has sent heartbeats past the moment a's lease would have
-    // lapsed without one from a (each of b's takes over the jobs of workers
-    // silent for the lease), and then one more.
-    let past_lease: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM now())::float8")
-        .fetch_one(queue_b.pool())
-        .await
-        .expect("now");
-    let past_lease = past_lease + (HEARTBEAT * (BEATS as u32 + 2)).as_secs_f64();
-    loop {
-        if let Ok((who, id)) = started.try_recv() {
-            panic!("worker {who} started delivering {id} while worker a held it");
-        }
-        let b_seen: Option<f64> = sqlx::query_scalar(
-            "SELECT EXTRACT(EPOCH FROM MAX(last_seen))::float8 FROM apalis.workers \
-             WHERE worker_type = $1 AND id NOT IN \
-             (SELECT lock_by FROM apalis.jobs WHERE job_type = $1 AND lock_by IS NOT NULL)",
-        )
-        .bind(&name)
-        .fetch_one(queue_b.pool())
-        .await
-        .expect("read workers");
-        if b_seen.is_some_and(|seen| seen >= past_lease) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    release.add_permits(EVENTS);
-    let mut delivered = vec![first];
-    while delivered.len() < EVENTS {
-        let (who, id) = started.recv().await.expect("deliveries");
-        assert_eq!(who, "a", "b delivered {id}, which a held");
-        delivered.push(id);
-    }
-    a.shutdown().await;
-    b.shutdown().await;
-    let unique: std::collections::HashSet<_> = delivered.iter().collect();
-    assert_eq!(unique.len(), EVENTS, "each event once: {delivered:?}");
-    assert!(started.try_recv().is_err(), "no event delivered again");
+        .boxed()
+    };
+    let probe = support::lease::Probe {
+        held: Box::new(held),
+        idle_seen: Box::new(idle_seen),
+    };
+    support::lease::busy_worker_keeps_its_lease(queue_a, queue_b, Duration::from_secs(1), 3, probe)
+        .await;
     support::queue::delete_postgres_rows(&url, &[name]).await;
 }

@@ -446,95 +446,50 @@ async fn draining_worker_keeps_its_lease_so_no_other_worker_takes_its_job() {
     );
 }
 
-/// Worker `a` delivers one job at a time and has fetched three: while its
-/// one delivery runs, two jobs wait in its buffer, and apalis sends no
-/// heartbeat until it can hand them out. Worker `b`, another instance on
-/// the same file, must not take over `a`'s jobs meanwhile: `a` keeps its
-/// lease for as long as it runs, however long its deliveries take.
+/// `support::lease::busy_worker_keeps_its_lease` on a SQLite file, with a
+/// 3 s lease (1 s heartbeat × 3), far shorter than a's delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_worker_keeps_its_lease_while_fetched_jobs_wait() {
-    const HEARTBEAT_SECS: u64 = 1;
-    const LEASE_BEATS: usize = 3;
-    const EVENTS: usize = 3;
-    let _watchdog = Watchdog::new(Duration::from_secs(120), "busy-lease test hung");
     let tmp = tempfile::tempdir().unwrap();
-    // A 3 s lease (1 s heartbeat × 3), far shorter than a's delivery.
-    let (queue_a, queue_b) = two_handles(
-        &tmp.path().join("q.db"),
-        "busy",
-        HEARTBEAT_SECS,
-        LEASE_BEATS,
-    )
-    .await;
-    let (started_tx, mut started) = mpsc::unbounded_channel::<(&'static str, String)>();
-    let release = Arc::new(Semaphore::new(0));
-    let slow = {
-        let (started_tx, release) = (started_tx.clone(), Arc::clone(&release));
-        tower::service_fn(move |event: Event| {
-            let (started_tx, release) = (started_tx.clone(), Arc::clone(&release));
+    let (queue_a, queue_b) = two_handles(&tmp.path().join("q.db"), "busy", 1, 3).await;
+    let pool = queue_b.pool().clone();
+    let held = {
+        let pool = pool.clone();
+        move || {
+            let pool = pool.clone();
             async move {
-                let _ = started_tx.send(("a", event.id.to_string()));
-                release.acquire().await.expect("not closed").forget();
-                Ok::<(), eventsink::Error>(())
+                let (held,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM Jobs WHERE job_type = 'busy' \
+                     AND status IN ('Queued', 'Running')",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("jobs");
+                usize::try_from(held).expect("a count")
             }
-        })
+            .boxed()
+        }
     };
-    let quick = reports_as_b(started_tx);
-    let mut publisher = ThroughTaskQueue::new(queue_a.clone()).layer(slow.clone());
-    for event in events("test.busy", EVENTS) {
-        publisher.ready().await.expect("ready");
-        publisher.call(event).await.expect("publish");
-    }
-    let a = QueueWorker::new(queue_a.clone(), slow)
-        .concurrency(1)
-        .fetch_batch(EVENTS)
-        .attempt_timeout(Duration::from_secs(60))
-        .spawn();
-    let (who, first) = started.recv().await.expect("a delivers");
-    assert_eq!(who, "a");
-    let (held,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM Jobs WHERE job_type = 'busy' AND status IN ('Queued', 'Running')",
-    )
-    .fetch_one(queue_a.pool())
-    .await
-    .expect("jobs");
-    assert_eq!(held, EVENTS as i64, "a fetched every job");
-    let b = QueueWorker::new(queue_b.clone(), quick)
-        .poll_interval(Duration::from_millis(50))
-        .spawn();
-    // Wait until b has sent heartbeats past the moment a's lease would have
-    // lapsed without a heartbeat from a (each of b's heartbeats takes over
-    // the jobs of workers silent for the lease), and then one more.
-    let past_lease = unix_now() + (HEARTBEAT_SECS as i64) * (LEASE_BEATS as i64 + 2);
-    loop {
-        if let Ok((who, id)) = started.try_recv() {
-            panic!("worker {who} started delivering {id} while worker a held it");
+    let idle_seen = move || {
+        let pool = pool.clone();
+        async move {
+            let (seen,): (Option<i64>,) = sqlx::query_as(
+                "SELECT MAX(last_seen) FROM Workers WHERE worker_type = 'busy' AND id NOT IN \
+                 (SELECT lock_by FROM Jobs WHERE job_type = 'busy' AND lock_by IS NOT NULL)",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("read workers");
+            seen.map(|s| s as f64)
         }
-        let (b_seen,): (Option<i64>,) = sqlx::query_as(
-            "SELECT MAX(last_seen) FROM Workers WHERE worker_type = 'busy' AND id NOT IN \
-             (SELECT lock_by FROM Jobs WHERE job_type = 'busy' AND lock_by IS NOT NULL)",
-        )
-        .fetch_one(queue_b.pool())
-        .await
-        .expect("read workers");
-        if b_seen.is_some_and(|seen| seen >= past_lease) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // a delivers all three, and nobody else does.
-    release.add_permits(EVENTS);
-    let mut delivered = vec![first];
-    while delivered.len() < EVENTS {
-        let (who, id) = started.recv().await.expect("deliveries");
-        assert_eq!(who, "a", "b delivered {id}, which a held");
-        delivered.push(id);
-    }
-    a.shutdown().await;
-    b.shutdown().await;
-    let unique: HashSet<_> = delivered.iter().collect();
-    assert_eq!(unique.len(), EVENTS, "each event once: {delivered:?}");
-    assert!(started.try_recv().is_err(), "no event delivered again");
+        .boxed()
+    };
+    let probe = support::lease::Probe {
+        held: Box::new(held),
+        idle_seen: Box::new(idle_seen),
+    };
+    support::lease::busy_worker_keeps_its_lease(queue_a, queue_b, Duration::from_secs(1), 3, probe)
+        .await;
 }
 
 /// Two handles (two workers' instances) of the queue `name` in the SQLite

@@ -3,6 +3,8 @@
 
 pub mod conformance;
 #[cfg(feature = "test-util")]
+pub mod lease;
+#[cfg(feature = "test-util")]
 pub mod queue;
 pub mod receiver;
 
