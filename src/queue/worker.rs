@@ -55,8 +55,9 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// `POSTGRES_FETCH_BATCH` (128) unless
 /// told, and Redis batches the size of the deliveries at once. The
 /// jobs taken stay leased to the worker until delivered (it renews the
-/// lease every heartbeat, also while they wait for a free delivery slot), are marked done within 10 ms of their outcome, and
-/// a worker that stops hands back the ones it has not started.
+/// lease every heartbeat, also while they wait for a free delivery slot),
+/// are marked done within 10 ms of their outcome, and a worker that stops
+/// hands back the ones it has not started.
 pub const DEFAULT_FETCH_BATCH: usize = 256;
 
 /// How long completed jobs are kept before the worker deletes them. One
